@@ -1,0 +1,175 @@
+"""The one registration file: every ``sbfast`` op's schema, fake, and per-device implementation.
+
+Faces of an op (see DESIGN.md):
+- schema + fake: defined here, so the op exists (and traces under ``torch.compile``) even
+  where ``sbfast._C`` was not built;
+- CPU: the C++ kernel from ``sbfast._C`` (``TORCH_LIBRARY_IMPL(sbfast, CPU)``), else the
+  plain-PyTorch reference registered here;
+- CUDA: the CUDA C++ kernel from ``sbfast._C``, or the Triton kernel registered as its own
+  op ``sbfast::<op>_triton`` with ``torch.library.triton_op`` (visible to ``torch.compile``).
+  ``SBFAST_CUDA_BACKEND`` picks one: ``auto`` (CUDA C++ where built, else Triton), ``cuda``
+  or ``triton``. Where neither exists the op raises an error naming what is missing.
+
+``sbfast.ops`` calls :func:`op_for` to get the callable that serves a device; use
+:func:`backends` to see the choice for every op.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.library import Library
+
+from sbfast import reference
+
+# Keeps the Python registrations alive for the life of the process.
+_lib = Library("sbfast", "DEF")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op: its schema, its plain-PyTorch twin and the module of its Triton kernel."""
+
+    name: str
+    schema: str
+    reference: Callable
+    triton_module: str | None
+
+
+OPS: dict[str, OpSpec] = {}
+
+
+def _define(spec: OpSpec) -> None:
+    OPS[spec.name] = spec
+    _lib.define(f"{spec.name}{spec.schema}")
+
+
+# ----------------------------------------------------------------------------------------
+# Schemas and fakes
+# ----------------------------------------------------------------------------------------
+
+_define(
+    OpSpec(
+        name="global_sq_norm",
+        schema="(Tensor[] tensors) -> Tensor",
+        reference=reference.global_sq_norm,
+        triton_module="global_sq_norm",
+    )
+)
+
+
+@torch.library.register_fake("sbfast::global_sq_norm")
+def _global_sq_norm_fake(tensors: list[torch.Tensor]) -> torch.Tensor:
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return tensors[0].new_empty((), dtype=acc)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading the extension and filling the gaps
+# ----------------------------------------------------------------------------------------
+
+EXTENSION_ERROR: str | None = None
+try:
+    from sbfast import _C  # noqa: F401  (import registers the C++/CUDA kernels)
+except ImportError as exc:  # a pure-Python install (SBFAST_NO_EXT=1) or a failed build
+    EXTENSION_ERROR = str(exc)
+    warnings.warn(
+        f"sbfast._C is not available ({exc}); CPU ops use the plain-PyTorch reference and CUDA "
+        "ops use Triton. Rebuild with `pip install --no-build-isolation -e .` for the C++ kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+try:
+    import triton  # noqa: F401
+
+    TRITON_ERROR: str | None = None
+except ImportError as exc:
+    TRITON_ERROR = str(exc)
+
+_TRITON_OPS: dict[str, Callable] = {}
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"sbfast::{name}", dispatch_key)
+
+
+def _missing_cuda_stub(name: str) -> Callable:
+    def stub(*args, **kwargs):
+        raise RuntimeError(
+            f"sbfast::{name} has no CUDA implementation in this install: sbfast._C was built "
+            f"without CUDA ({EXTENSION_ERROR or 'nvcc not found or SBFAST_CUDA=0 at build time'}) "
+            f"and Triton is unavailable ({TRITON_ERROR}). Install triton or rebuild with nvcc."
+        )
+
+    return stub
+
+
+# Where _C registered nothing for a device, this file fills the key: these sets say which.
+_CPU_FROM_REFERENCE: set[str] = set()
+_CUDA_FROM_PYTHON: set[str] = set()
+
+for _spec in OPS.values():
+    if not _has_kernel(_spec.name, "CPU"):
+        _lib.impl(_spec.name, _spec.reference, "CPU")
+        _CPU_FROM_REFERENCE.add(_spec.name)
+    if TRITON_ERROR is None and _spec.triton_module is not None:
+        _module = importlib.import_module(f"sbfast.kernels.{_spec.triton_module}")
+        _TRITON_OPS[_spec.name] = torch.library.triton_op(
+            f"sbfast::{_spec.name}_triton", getattr(_module, _spec.name), mutates_args=()
+        )
+    if not _has_kernel(_spec.name, "CUDA"):
+        _lib.impl(_spec.name, _TRITON_OPS.get(_spec.name) or _missing_cuda_stub(_spec.name), "CUDA")
+        _CUDA_FROM_PYTHON.add(_spec.name)
+
+
+# ----------------------------------------------------------------------------------------
+# Which implementation serves which device
+# ----------------------------------------------------------------------------------------
+
+_CUDA_BACKENDS = ("auto", "cuda", "triton")
+
+
+def cuda_backend_setting() -> str:
+    """The value of ``SBFAST_CUDA_BACKEND`` (auto, cuda or triton), validated."""
+    value = os.environ.get("SBFAST_CUDA_BACKEND", "auto").strip().lower()
+    if value not in _CUDA_BACKENDS:
+        raise ValueError(f"SBFAST_CUDA_BACKEND={value!r}: expected one of {_CUDA_BACKENDS}")
+    return value
+
+
+def _cuda_choice(name: str) -> str:
+    setting = cuda_backend_setting()
+    has_cpp = name not in _CUDA_FROM_PYTHON
+    if setting == "triton" or (setting == "auto" and not has_cpp):
+        return "triton" if name in _TRITON_OPS else "missing"
+    return "cuda-c++" if has_cpp else "missing"
+
+
+def op_for(name: str, device: torch.device) -> Callable:
+    """The callable that runs op ``name`` on ``device``: a ``torch.ops.sbfast`` overload."""
+    if device.type == "cuda" and _cuda_choice(name) == "triton":
+        return _TRITON_OPS[name]
+    return getattr(torch.ops.sbfast, name).default
+
+
+def triton_op(name: str) -> Callable:
+    """The Triton face of op ``name`` (any device; CPU tensors need ``TRITON_INTERPRET=1``)."""
+    if name not in _TRITON_OPS:
+        raise RuntimeError(f"sbfast::{name} has no Triton implementation here: {TRITON_ERROR}")
+    return _TRITON_OPS[name]
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """Per op, the implementation each device uses, e.g. ``{"global_sq_norm": {"cpu": "c++",
+    "cuda": "triton"}}``. CPU: ``c++`` or ``reference``; CUDA: ``cuda-c++``, ``triton`` or
+    ``missing``."""
+    return {
+        name: {"cpu": "reference" if name in _CPU_FROM_REFERENCE else "c++", "cuda": _cuda_choice(name)}
+        for name in OPS
+    }

@@ -1,0 +1,35 @@
+"""Shared grids and fixtures.
+
+Triton kernels run on CPU tensors under the Triton interpreter: where no GPU exists this
+file sets TRITON_INTERPRET=1 before anything imports triton, so a plain `pytest` runs every
+Triton test too (CI also runs them as their own leg with `-m triton`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# Sizes every op is tried on: one element, odd sizes that straddle vector and block widths.
+ODD_SIZES = [1, 7, 129, 4097]
+
+# Devices for the C++/CUDA faces: the CUDA twin skips only where no GPU exists.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
+]
+
+# Device for Triton faces: the GPU where there is one, else CPU under the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,118 @@
+"""sbfast::global_sq_norm: every face (C++ CPU, CUDA C++, Triton, reference) against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, ODD_SIZES, TRITON_DEVICE
+from helpers import assert_within_plain_error
+
+import sbfast
+from sbfast import _ops, ops, reference
+
+# (dtype, atol): atol covers the cases where plain PyTorch is exact and only scales with |x|^2.
+DTYPES = [
+    (torch.float32, 1e-6),
+    (torch.float64, 1e-12),
+    (torch.bfloat16, 1e-6),
+    (torch.float16, 1e-6),
+]
+
+
+def _plain(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """What a user would write in plain PyTorch, in the tensors' own dtype."""
+    return torch.stack([t.pow(2).sum() for t in tensors]).sum()
+
+
+def _exact(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return sum((t.double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
+
+
+def _lists(dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
+    return [
+        [torch.randn(n, dtype=dtype, device=device)] for n in ODD_SIZES
+    ] + [
+        [torch.randn(n, 3, dtype=dtype, device=device) for n in ODD_SIZES],  # several shapes
+        [torch.randn(5, dtype=dtype, device=device) for _ in range(40)],  # many small tensors
+        [torch.randn(0, dtype=dtype, device=device), torch.randn(7, dtype=dtype, device=device)],  # an empty one
+        [torch.randn(64, 33, dtype=dtype, device=device).t()],  # non-contiguous
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_dispatched_op_matches_float64(device, dtype, atol):
+    for tensors in _lists(dtype, device):
+        out = ops.global_sq_norm(tensors)
+        assert out.shape == () and out.device.type == device
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        exact = _exact(tensors)
+        assert_within_plain_error(out, _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_reference_matches_float64(dtype, atol):
+    for tensors in _lists(dtype, "cpu"):
+        exact = _exact(tensors)
+        assert_within_plain_error(reference.global_sq_norm(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_triton_matches_float64(dtype, atol):
+    triton_face = _ops.triton_op("global_sq_norm")
+    for tensors in _lists(dtype, TRITON_DEVICE):
+        exact = _exact(tensors)
+        assert_within_plain_error(triton_face(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_tensor_accumulates_accurately(device):
+    # 2^22 float32 values: a naive float32 running sum drifts; chunked accumulation must not.
+    t = torch.rand(1 << 22, device=device)
+    exact = _exact([t])
+    assert abs(ops.global_sq_norm([t]).item() - exact.item()) / exact.item() < 1e-6
+
+
+def test_mixed_dtypes_accumulate_in_float64():
+    tensors = [torch.randn(7, dtype=torch.float32), torch.randn(9, dtype=torch.float64)]
+    out = ops.global_sq_norm(tensors)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _exact(tensors), rtol=1e-7, atol=0)
+
+
+def test_empty_list_is_zero():
+    out = ops.global_sq_norm([])
+    assert out.shape == () and out.item() == 0.0
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(TypeError, match="floating dtype"):
+        ops.global_sq_norm([torch.ones(3, dtype=torch.int64)])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.global_sq_norm([torch.ones(3), [1.0, 2.0]])
+    with pytest.raises(TypeError, match="sparse"):
+        ops.global_sq_norm([torch.ones(3).to_sparse()])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            ops.global_sq_norm([torch.ones(3), torch.ones(3, device="cuda")])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    tensors = [torch.randn(7, device=device), torch.randn(3, 5, device=device)]
+    torch.library.opcheck(torch.ops.sbfast.global_sq_norm.default, (tensors,))
+
+
+def test_no_host_sync_under_compile():
+    tensors = [torch.randn(129), torch.randn(7, 3)]
+    compiled = torch.compile(ops.global_sq_norm, fullgraph=True)
+    torch.testing.assert_close(compiled(tensors), ops.global_sq_norm(tensors))
+
+
+def test_backends_report_every_op():
+    table = sbfast.backends()
+    assert set(table) == set(_ops.OPS)
+    for choice in table.values():
+        assert choice["cpu"] in ("c++", "reference")
+        assert choice["cuda"] in ("cuda-c++", "triton", "missing")
