@@ -37,8 +37,9 @@ class OpSpec:
 
     name: str
     schema: str
-    reference: Callable
-    triton_module: str | None
+    reference: Callable  # same signature as the schema; the CPU kernel where _C has none
+    triton_module: str | None  # sbfast.kernels.<module>.<name> is the Triton launcher
+    mutates_args: tuple[str, ...] = ()  # names of the (a!) arguments, for triton_op
 
 
 OPS: dict[str, OpSpec] = {}
@@ -68,6 +69,8 @@ def _global_sq_norm_fake(tensors: list[torch.Tensor]) -> torch.Tensor:
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     return tensors[0].new_empty((), dtype=acc)
 
+
+# (new ops: add their OpSpec and fake above this line, one block per op)
 
 # ----------------------------------------------------------------------------------------
 # Loading the extension and filling the gaps
@@ -121,7 +124,7 @@ for _spec in OPS.values():
     if TRITON_ERROR is None and _spec.triton_module is not None:
         _module = importlib.import_module(f"sbfast.kernels.{_spec.triton_module}")
         _TRITON_OPS[_spec.name] = torch.library.triton_op(
-            f"sbfast::{_spec.name}_triton", getattr(_module, _spec.name), mutates_args=()
+            f"sbfast::{_spec.name}_triton", getattr(_module, _spec.name), mutates_args=_spec.mutates_args
         )
     if not _has_kernel(_spec.name, "CUDA"):
         _lib.impl(_spec.name, _TRITON_OPS.get(_spec.name) or _missing_cuda_stub(_spec.name), "CUDA")
