@@ -36,7 +36,7 @@ def global_sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     num_blocks = [triton.cdiv(t.numel(), BLOCK) for t in tensors]
     partials = torch.zeros(max(sum(num_blocks), 1), dtype=acc_dtype, device=tensors[0].device)
     offset = 0
-    for t, blocks in zip(tensors, num_blocks):
+    for t, blocks in zip(tensors, num_blocks, strict=True):
         if blocks == 0:
             continue
         wrap_triton(_sq_sum_partials_kernel)[(blocks,)](

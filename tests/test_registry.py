@@ -1,0 +1,80 @@
+"""The op registry: ops exist without _C, report their backends, and fail clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import sbfast
+from sbfast import _ops
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+def test_import_without_extension_warns_once_and_falls_back_to_reference():
+    result = _run_python(
+        """
+        import sys, warnings, json
+        sys.modules["sbfast._C"] = None  # as if the extension had not been built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import sbfast
+            import sbfast.ops
+        messages = [str(w.message) for w in caught if "sbfast._C" in str(w.message)]
+        import torch
+        x = [torch.arange(5.0), torch.ones(3, 2)]
+        print(json.dumps({"warnings": len(messages), "backends": sbfast.backends(),
+                          "norm": sbfast.ops.global_sq_norm(x).item()}))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["warnings"] == 1
+    assert all(choice["cpu"] == "reference" for choice in payload["backends"].values())
+    assert payload["norm"] == 30.0 + 6.0
+
+
+def test_extension_serves_cpu_when_built():
+    if _ops.EXTENSION_ERROR is not None:
+        pytest.fail(f"sbfast._C did not import in this install: {_ops.EXTENSION_ERROR}")
+    assert sbfast.backends()["global_sq_norm"]["cpu"] == "c++"
+
+
+def test_triton_kernels_ship_inside_the_package():
+    import sbfast.kernels.global_sq_norm as module
+
+    assert module.__name__ == "sbfast.kernels.global_sq_norm"
+    assert "global_sq_norm" in _ops._TRITON_OPS
+
+
+def test_bad_cuda_backend_setting_names_the_choices(monkeypatch):
+    monkeypatch.setenv("SBFAST_CUDA_BACKEND", "opencl")
+    with pytest.raises(ValueError, match="SBFAST_CUDA_BACKEND='opencl'"):
+        sbfast.backends()
+
+
+def test_cuda_backend_setting_selects_triton(monkeypatch):
+    monkeypatch.setenv("SBFAST_CUDA_BACKEND", "triton")
+    assert all(choice["cuda"] == "triton" for name, choice in sbfast.backends().items() if name in _ops._TRITON_OPS)
+    assert _ops.op_for("global_sq_norm", torch.device("cuda")) is _ops.triton_op("global_sq_norm")
+    assert _ops.op_for("global_sq_norm", torch.device("cpu")) is torch.ops.sbfast.global_sq_norm.default
+
+
+def test_missing_cuda_kernel_stub_names_the_missing_build():
+    with pytest.raises(RuntimeError, match="no CUDA implementation"):
+        _ops._missing_cuda_stub("global_sq_norm")([torch.ones(1)])
