@@ -1,0 +1,76 @@
+"""Data for sbfast: every data set yields ``(index, x, y)`` with a stable int64 index.
+
+* :mod:`sbfast.data.datasets`: the container (:class:`IndexedTensorDataset`), the embedded
+  digits set and a synthetic set, batching (:func:`make_loader`), augmentation, normalisation.
+* :mod:`sbfast.data.readers`: CIFAR-10/100, CIFAR-10-C/100-C and image folders already on disk
+  (nothing is ever downloaded).
+* :mod:`sbfast.data.corruptions`: CIFAR-10-C corruptions for any image set.
+"""
+
+from sbfast.data.corruptions import (
+    CIFAR_C_BENCHMARK,
+    CORRUPTIONS,
+    NOT_IMPLEMENTED,
+    corrupt,
+    corruption_seed,
+    make_corrupted_sets,
+)
+from sbfast.data.datasets import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    DIGITS_SPLIT_SIZES,
+    TINY_IMAGENET_MEAN,
+    TINY_IMAGENET_STD,
+    IndexedTensorDataset,
+    RandomCropFlip,
+    augment_batch,
+    denormalize,
+    load_digits_splits,
+    make_loader,
+    make_synthetic_images,
+    normalize,
+    train_transform_for,
+)
+from sbfast.data.readers import (
+    LazyMapping,
+    list_cifar_c,
+    load_cifar10,
+    load_cifar100,
+    load_cifar_c,
+    load_image_folder,
+    load_tiny_imagenet,
+)
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "CIFAR_C_BENCHMARK",
+    "CORRUPTIONS",
+    "DIGITS_SPLIT_SIZES",
+    "NOT_IMPLEMENTED",
+    "TINY_IMAGENET_MEAN",
+    "TINY_IMAGENET_STD",
+    "IndexedTensorDataset",
+    "LazyMapping",
+    "RandomCropFlip",
+    "augment_batch",
+    "corrupt",
+    "corruption_seed",
+    "denormalize",
+    "list_cifar_c",
+    "load_cifar10",
+    "load_cifar100",
+    "load_cifar_c",
+    "load_digits_splits",
+    "load_image_folder",
+    "load_tiny_imagenet",
+    "make_corrupted_sets",
+    "make_loader",
+    "make_synthetic_images",
+    "normalize",
+    "train_transform_for",
+]
