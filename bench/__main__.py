@@ -1,8 +1,10 @@
-"""``python -m bench [--ops NAME ...] [--device cpu|cuda] [--quick]``: print the table, write JSON."""
+"""``python -m bench [--ops NAME ...] [--device cpu|cuda] [--min-run-time S] [--output PATH]``:
+print the table, write JSON (rows of ops not benched this time are kept in the file)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += harness.run_case(case, device, args.min_run_time)
     print(f"\nsbfast bench on {harness.device_name(device)} (torch {torch.__version__})\n")
     print(harness.format_table(rows))
-    path = harness.write_results(rows, device, args.output and __import__("pathlib").Path(args.output))
+    path = harness.write_results(rows, device, Path(args.output) if args.output else None)
     print(f"\nwrote {path}")
     return 0
 

@@ -113,12 +113,21 @@ def results_path(device: torch.device) -> Path:
 
 
 def write_results(rows: list[dict], device: torch.device, path: Path | None = None) -> Path:
+    """Write ``rows`` to the device's results file. Rows of ops that this run did not bench
+    are kept from the existing file, so ``--ops X`` refreshes X's rows only."""
     path = path or results_path(device)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fresh_ops = {row["op"] for row in rows}
+    kept = []
+    if path.exists():
+        try:
+            kept = [row for row in json.loads(path.read_text()).get("rows", []) if row.get("op") not in fresh_ops]
+        except (json.JSONDecodeError, AttributeError):
+            kept = []
     payload = {
         "device": device_name(device),
         "torch": torch.__version__,
-        "rows": rows,
+        "rows": kept + rows,
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
