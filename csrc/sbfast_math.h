@@ -33,5 +33,180 @@ SBFAST_HD acc_t square_accumulate(acc_t acc, acc_t x) {
   return acc + x * x;
 }
 
+// ---- issue 6: top-k subset selection (csrc/cpu/select.cpp, csrc/cuda/select.cu) ----------
+
+// Order-preserving unsigned key of a float: a < b as reals iff order_key(a) < order_key(b).
+// -0.0 and +0.0 share a key and every NaN gets the largest key, which is how torch.sort ranks
+// them, so a radix select on keys (ties by index) reproduces a stable ascending sort exactly.
+// A negative float flips every bit (larger magnitude = smaller); a non-negative one sets the
+// sign bit (above every negative). Union punning: gcc and nvcc both define it.
+SBFAST_HD uint32_t order_key(float x) {
+  union {
+    float f;
+    uint32_t u;
+  } pun;
+  pun.f = (x == 0.0f) ? 0.0f : x;
+  // Selects, not branches, so a loop of keys vectorises.
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(pun.u) >> 31) | 0x80000000u;
+  return (x != x) ? 0xFFFFFFFFu : (pun.u ^ flip);
+}
+SBFAST_HD uint64_t order_key(double x) {
+  union {
+    double f;
+    uint64_t u;
+  } pun;
+  pun.f = (x == 0.0) ? 0.0 : x;
+  const uint64_t flip = static_cast<uint64_t>(static_cast<int64_t>(pun.u) >> 63) | 0x8000000000000000ull;
+  return (x != x) ? 0xFFFFFFFFFFFFFFFFull : (pun.u ^ flip);
+}
+
+// The key type of a score dtype: float64 keeps 64 bits; float32, float16 and bfloat16 widen to
+// float exactly (order and equality kept) and use 32.
+template <typename scalar_t>
+struct score_key {
+  using type = uint32_t;
+  static SBFAST_HD type of(scalar_t x) { return order_key(static_cast<float>(x)); }
+};
+template <>
+struct score_key<double> {
+  using type = uint64_t;
+  static SBFAST_HD type of(double x) { return order_key(x); }
+};
+
+// One radix-select step: among the keys counted in hist[0..bins), the bucket d that holds the
+// take-th smallest (1 <= take <= total); *below = the number of keys in buckets < d.
+template <typename count_t>
+SBFAST_HD int radix_pick_bucket(const count_t* hist, int bins, count_t take, count_t* below) {
+  count_t acc = 0;
+  for (int d = 0; d < bins - 1; ++d) {
+    if (acc + hist[d] >= take) {
+      *below = acc;
+      return d;
+    }
+    acc += hist[d];
+  }
+  *below = acc;
+  return bins - 1;
+}
+
+// Whether a key is among the k smallest once the radix select has settled: its top bits
+// (prefix_mask) are below `prefix`, or equal to it and it is one of the first `take` such keys
+// in index order (eq_rank = how many keys with that prefix come before it).
+template <typename key_t>
+SBFAST_HD bool ksmallest_take(key_t key, key_t prefix_mask, key_t prefix, int64_t eq_rank, int64_t take) {
+  const key_t top = key & prefix_mask;
+  return top < prefix || (top == prefix && eq_rank < take);
+}
+
+// SharpBalance SAM flag of `member` for one sample (ALGORITHM.md section 4). flat_count members
+// hold the sample in their flat set F_j (own_flat: this member does). flat_count == 0 puts it in
+// R, where r_owner = (its rank in R, ascending index) mod M names the member whose R_i holds it:
+// balance takes R_i, boost takes R minus R_i. Elsewhere the flag is A_i: held by another member,
+// i.e. flat_count - own_flat > 0. int_t: any integer type that holds M (uint8 vectorises best).
+template <typename int_t>
+SBFAST_HD bool sharpbalance_flag(int_t flat_count, bool own_flat, int_t r_owner, int_t member, bool boost) {
+  // Both sides evaluated and combined with & and |: no branch or select, so gcc vectorises a
+  // loop over samples.
+  const bool in_rest = flat_count == 0;
+  const bool rest_flag = (r_owner == member) != boost;
+  const bool others_flag = flat_count > static_cast<int_t>(own_flat);
+  return (in_rest & rest_flag) | (!in_rest & others_flag);
+}
+
+// ---- issue 4: fused SAM optimizer (csrc/cpu/sam.cpp, csrc/cuda/sam.cu) -------------------
+//
+// The CPU kernels round exactly as torch's CPU kernels do for the reference's ops, so that
+// float64 parity with sbfast.reference.SAM + torch.optim.SGD is bit for bit (torch.equal):
+// - where torch rounds twice (a tensor product, then an add) nothing may be contracted: these
+//   _rn helpers use the _rn intrinsics on the device (nvcc contracts a * b + c by default) and
+//   the CPU kernel file turns contraction off (#pragma GCC optimize("fp-contract=off"));
+// - where torch rounds once, fma_rn does too: x.add(y, alpha=a) is vec::fmadd(y, a, x) in
+//   torch's vectorised CPU loop, and its scalar tail contracts to an fma as well (measured on
+//   the AVX2/AVX512 builds of torch 2.14: every element of add(alpha=) equals fma(y, a, x)).
+// Host builtins rather than std::fma keep this header free of <cmath>.
+SBFAST_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SBFAST_HD double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+SBFAST_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+SBFAST_HD double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+// a * b + c with one rounding.
+SBFAST_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+SBFAST_HD double fma_rn(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return __builtin_fma(a, b, c);
+#endif
+}
+
+// SAM's perturbed weight w + e, e = (adaptive ? w^2 * g : g) * s, in the reference's order
+// (e_w = (pow(p, 2) * grad) * scale; p.add_(e_w)): every product rounded, then the add.
+// s = rho / (||g|| + 1e-12) (ASAM: rho / (|| |w| g || + 1e-12)), one scalar per param group.
+template <typename T>
+SBFAST_HD T sam_perturbed_weight(T w, T g, T s, bool adaptive) {
+  const T direction = adaptive ? mul_rn(mul_rn(w, w), g) : g;
+  return add_rn(w, mul_rn(direction, s));
+}
+
+// torch.optim.SGD (single-tensor path) one element at a time, each line one torch op:
+//   d = g + wd * w                       grad.add(param, alpha=wd)          (if wd != 0)
+//   buf = m * buf + (1 - dampening) * d  buf.mul_(m).add_(d, alpha=1 - dampening)
+//   d = d + m * buf  (nesterov)  or buf  grad.add(buf, alpha=m)
+//   w = w - lr * d                       param.add_(d, alpha=-lr)
+// On a buffer's first step torch clones d instead of the momentum line (the caller selects).
+template <typename T>
+SBFAST_HD T sgd_weight_decay(T g, T w, T weight_decay) {
+  return fma_rn(w, weight_decay, g);
+}
+template <typename T>
+SBFAST_HD T sgd_momentum(T buf, T d, T momentum, T one_minus_dampening) {
+  return fma_rn(d, one_minus_dampening, mul_rn(buf, momentum));
+}
+template <typename T>
+SBFAST_HD T sgd_nesterov(T d, T buf, T momentum) {
+  return fma_rn(buf, momentum, d);
+}
+template <typename T>
+SBFAST_HD T sgd_apply(T w, T d, T neg_lr) {
+  return fma_rn(d, neg_lr, w);
+}
+
+// ---- issue 5: per-sample gradient norms (csrc/cpu/per_sample_norm.cpp) -------------------
+
+// acc + x * y, the step of the Gram form sum_{t,s} (A A^T)_{ts} (G G^T)_{ts}.
+template <typename acc_t>
+SBFAST_HD acc_t product_accumulate(acc_t acc, acc_t x, acc_t y) {
+  return acc + x * y;
+}
+
 }  // namespace math
 }  // namespace sbfast

@@ -70,6 +70,119 @@ def _global_sq_norm_fake(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].new_empty((), dtype=acc)
 
 
+# issue 6: top-k subset selection. Two ops rather than one fused: the k-smallest mask is a
+# primitive of its own (a stable sort's first k), the mask algebra needs only the flat sets,
+# and the split costs one extra bool [M, N] write and read.
+_define(
+    OpSpec(
+        name="ksmallest_mask",
+        schema="(Tensor scores, int k) -> Tensor",
+        reference=reference.ksmallest_mask,
+        triton_module="select",
+    )
+)
+
+
+@torch.library.register_fake("sbfast::ksmallest_mask")
+def _ksmallest_mask_fake(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+_define(
+    OpSpec(
+        name="sharpbalance_masks",
+        schema="(Tensor flat_mask, int variant) -> Tensor",
+        reference=reference.sharpbalance_masks,
+        triton_module="select",
+    )
+)
+
+
+@torch.library.register_fake("sbfast::sharpbalance_masks")
+def _sharpbalance_masks_fake(flat_mask: torch.Tensor, variant: int) -> torch.Tensor:
+    return flat_mask.new_empty(flat_mask.shape, dtype=torch.bool)
+
+
+# issue 5: per-sample squared norm of a layer's weight gradient, s_i = ||G_i^T A_i||_F^2 for
+# a [B, T, d] and g [B, T, p], in its two forms (direct product, Gram/ghost norm). Same value;
+# fisher_scores picks the cheaper one per layer (sbfast.sharpness.choose_form).
+for _form in ("direct", "gram"):
+    _define(
+        OpSpec(
+            name=f"per_sample_grad_sq_norm_{_form}",
+            schema="(Tensor a, Tensor g) -> Tensor",
+            reference=getattr(reference, f"per_sample_grad_sq_norm_{_form}"),
+            triton_module="per_sample_norm",
+        )
+    )
+
+    @torch.library.register_fake(f"sbfast::per_sample_grad_sq_norm_{_form}")
+    def _per_sample_grad_sq_norm_fake(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        acc = torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+        return a.new_empty((a.shape[0],), dtype=acc)
+
+
+# issue 4: the fused SAM optimizer's two passes over a flat parameter run (sbfast.optim).
+# Both mutate in place and return nothing; lr, skip and inv_scale are device tensors so that
+# LR schedules and device-side skips need no recompilation or re-capture.
+_define(
+    OpSpec(
+        name="sam_perturb_",
+        schema="(Tensor(a!) param, Tensor(b!) backup, Tensor grad, Tensor scale, bool adaptive) -> ()",
+        reference=reference.sam_perturb_,
+        triton_module="sam",
+        mutates_args=("param", "backup"),
+    )
+)
+
+
+@torch.library.register_fake("sbfast::sam_perturb_")
+def _sam_perturb_fake(param, backup, grad, scale, adaptive) -> None:
+    return None
+
+
+_define(
+    OpSpec(
+        name="sam_restore_sgd_",
+        schema=(
+            "(Tensor(a!) param, Tensor? backup, Tensor(b!) grad, Tensor? normal_grad, "
+            "Tensor(c!)? momentum_buf, Tensor(d!)? momentum_ready, Tensor lr, Tensor skip, "
+            "Tensor inv_scale, float weight_decay, float momentum, float dampening, bool nesterov, "
+            "bool write_grad_sum) -> ()"
+        ),
+        reference=reference.sam_restore_sgd_,
+        triton_module="sam",
+        mutates_args=("param", "grad", "momentum_buf", "momentum_ready"),
+    )
+)
+
+
+@torch.library.register_fake("sbfast::sam_restore_sgd_")
+def _sam_restore_sgd_fake(param, backup, grad, normal_grad, momentum_buf, momentum_ready, lr, skip,
+                          inv_scale, weight_decay, momentum, dampening, nesterov, write_grad_sum) -> None:
+    return None
+
+
+# issue 5: the direct form for a convolution without materialising its unfold on CPU (the C++
+# kernel uses the convolution library's weight-gradient kernel per sample); Triton unfolds and
+# runs the direct kernel.
+_define(
+    OpSpec(
+        name="per_sample_conv_grad_sq_norm",
+        schema="(Tensor x, Tensor g, int[] weight_size, int[] stride, int[] padding, int[] dilation, "
+        "int groups) -> Tensor",
+        reference=reference.per_sample_conv_grad_sq_norm,
+        triton_module="per_sample_norm",
+    )
+)
+
+
+@torch.library.register_fake("sbfast::per_sample_conv_grad_sq_norm")
+def _per_sample_conv_grad_sq_norm_fake(x, g, weight_size, stride, padding, dilation, groups):
+    acc = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
+    return x.new_empty((x.shape[0],), dtype=acc)
+
+
 # (new ops: add their OpSpec and fake above this line, one block per op)
 
 # ----------------------------------------------------------------------------------------

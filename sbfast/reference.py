@@ -364,6 +364,20 @@ def fisher_scores(
                           num_samples=num_samples)
 
 
+def _perturbed_params(
+    params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], rho: float, adaptive: bool
+) -> dict[str, torch.Tensor]:
+    """w + e for a functional_call, e the SAM perturbation of ``grads`` (section 2), computed in
+    SAM.first_step's operation order so that w + e is the same bits; names without a gradient
+    keep w. Raises ValueError on a non-finite gradient norm."""
+    norm = _sam_grad_norm([(params[n], gi, adaptive) for n, gi in grads.items()])
+    if not bool(torch.isfinite(norm)):
+        raise ValueError(f"the batch's gradient norm is not finite ({norm.item()})")
+    scale = rho / (norm + _SAM_EPS)
+    return {n: (p + (torch.pow(p, 2) if adaptive else 1.0) * grads[n] * scale.to(p)) if n in grads else p
+            for n, p in params.items()}
+
+
 def sam_loss_gap_scores(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -393,13 +407,7 @@ def sam_loss_gap_scores(
         g = {n: gi for n, gi in zip(w, grads, strict=True) if gi is not None}
         if not g:
             raise ValueError("the loss does not depend on any trainable parameter")
-        norm = _sam_grad_norm([(params[n], gi, adaptive) for n, gi in g.items()])
-        if not bool(torch.isfinite(norm)):
-            raise ValueError(f"the batch's gradient norm is not finite ({norm.item()})")
-        scale = rho / (norm + _SAM_EPS)
-        # same operation order as SAM.first_step, so w + e is the same bits
-        w_e = {n: (p + (torch.pow(p, 2) if adaptive else 1.0) * g[n] * scale.to(p)) if n in g else p
-               for n, p in params.items()}
+        w_e = _perturbed_params(params, g, rho, adaptive)
         with torch.no_grad():
             loss_e = F.cross_entropy(functional_call(model, (w_e, fixed), (x,)), y, reduction="none")
         return loss_e - loss.detach()
@@ -570,6 +578,353 @@ def mixed_step(
 
 
 # --------------------------------------------------------------------------------------------
-# Section 6: train_ensemble -- reserved. To be added by the training-loop work of issue 3;
-# not written yet.
+# Section 6: train_ensemble (issue 3, the training loop). The slow, plain baseline of
+# sbfast.train.train_ensemble: reference SAM over torch.optim.SGD, one shuffled DataLoader per
+# member (the release's random batches, augmentation as a data-set transform), reference scoring
+# and selection, the members trained one after another within each epoch of one process and
+# meeting at the start of epoch T_d + 1 to share their scores. Data loading, model construction,
+# the LR schedule and the final evaluation are shared with sbfast.train, so the two trainers
+# differ only in how they train.
 # --------------------------------------------------------------------------------------------
+
+
+def train_member_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    phase: str,
+    *,
+    sam_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """One epoch of one member, written like the release's loop.
+
+    Args:
+        optimizer: torch.optim.SGD for phase "sgd"; a SAM for "sam" and "mixed".
+        loader: yields (index [b], x [b, ...] float32, y [b]); batches move to device/dtype here.
+        phase: "sgd" (plain SGD), "sam" (SAM on every sample) or "mixed" (``mixed_step`` with
+            ``sam_mask[index]``; sam_mask: bool [N], True = SAM for this member).
+    Returns:
+        the mean over batches of the batch-mean loss at w.
+    """
+    if phase not in ("sgd", "sam", "mixed"):
+        raise ValueError(f"phase must be 'sgd', 'sam' or 'mixed', got {phase!r}")
+    if phase == "mixed" and sam_mask is None:
+        raise ValueError("phase 'mixed' needs sam_mask (bool [N])")
+    model.train()
+    losses = []
+    for index, x, y in loader:
+        x = x.to(device=device, dtype=dtype)
+        y = y.to(device)
+        if phase == "sgd":
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        elif phase == "sam":
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.first_step(zero_grad=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.second_step(zero_grad=True)
+            losses.append(loss.item())
+        else:
+            losses.append(mixed_step(model, optimizer, x, y, sam_mask[index]))
+    if not losses:
+        raise ValueError("loader yielded no batches")
+    return sum(losses) / len(losses)
+
+
+def train_ensemble(config: Any, callbacks: Sequence[Any] | None = None, *, data: Any = None) -> Any:
+    """Section 6 for ``de``, ``de_sam`` and ``sharpbalance``, plainly (see the section header).
+
+    Args:
+        config: a ``sbfast.train.TrainConfig`` (or a dict of its fields). Its ``backend``,
+            ``batching``, ``compile`` and ``cuda_graphs`` are ignored: this twin always runs the
+            reference components on the release's random batches, and the returned config says
+            so (backend "reference", batching "exact").
+        callbacks: as ``sbfast.train.train_ensemble``. data: a ``sbfast.train.TrainData`` to reuse.
+    Returns:
+        ``sbfast.train.EnsembleResult``. Same seeds as the fast trainer (member j: seed + j for
+        its initialisation and batch order, seed + j + AUG_SEED_OFFSET for its augmentation), so
+        ``sbfast.train.train_ensemble`` with backend "reference" and batching "exact" gives the
+        same parameters.
+    """
+    import time
+
+    from sbfast import train as T
+    from sbfast.data import RandomCropFlip, make_loader
+
+    config = T.as_config(config).replace(backend="reference", batching="exact", compile=False, cuda_graphs=False)
+    device, dtype = config.check_device(), config.torch_dtype
+    cbs = T._CallbackList(callbacks)
+    data = data if data is not None else T.load_data(config)
+    n = len(data.train)
+    m_count = config.members
+    t_start = time.perf_counter()
+
+    def test_batches() -> Iterator[torch.Tensor]:
+        return (x.to(device) for _, x, _ in make_loader(data.test, config.eval_batch_size, shuffle=False))
+
+    with T._threads(config.num_threads, device):
+        models, optimizers, schedulers, loaders = [], [], [], []
+        for j in range(m_count):
+            model = T.build_member(config, data, j, device)
+            if config.method == "de":
+                opt: torch.optim.Optimizer = torch.optim.SGD(
+                    model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+                )
+            else:
+                opt = SAM(model.parameters(), torch.optim.SGD, rho=config.rho, adaptive=config.adaptive,
+                          lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)  # fmt: skip
+            seeds = T.member_seeds(config, j)
+            transform = None
+            if config.augment:
+                transform = RandomCropFlip(config.augment_pad, seeds["augment"], flip=config.augment_flip,
+                                           mean=data.train.mean, std=data.train.std)  # fmt: skip
+            models.append(model)
+            optimizers.append(opt)
+            schedulers.append(T.make_lr_scheduler(opt, config))
+            loaders.append(make_loader(data.train.with_transform(transform), config.batch_size, shuffle=True,
+                                       seed=seeds["order"]))  # fmt: skip
+        cbs.call("on_train_start", config, models)
+
+        scores = masks = None
+        history = []
+        train_s = score_s = eval_s = 0.0
+        for epoch in T._progress(range(config.epochs), config.progress, f"{config.method} [reference trainer]"):
+            phase = config.phase_of(epoch)
+            cbs.call("on_epoch_start", epoch, phase)
+            score_time = None
+            if config.method == "sharpbalance" and epoch == config.swap_epoch + 1:
+                t0 = time.perf_counter()
+                plain = make_loader(data.train, config.scoring_batch_size, shuffle=False)
+                scores = torch.stack([
+                    fisher_scores(m, plain, trials=config.fisher_trials, device=device, num_samples=n).float().cpu()
+                    for m in models
+                ])  # fmt: skip
+                seeds_all = [T.member_seeds(config, j)["init"] for j in range(m_count)]
+                masks = select_sam_masks(scores, config.ratio, config.variant, seeds_all)
+                score_time = time.perf_counter() - t0
+                score_s += score_time
+                cbs.call("on_scores", epoch, scores, masks)
+            lr = float(optimizers[0].param_groups[0]["lr"])
+            t1 = time.perf_counter()
+            losses = []
+            for j in range(m_count):
+                mask = masks[j] if masks is not None else None
+                losses.append(train_member_epoch(models[j], optimizers[j], loaders[j], phase, sam_mask=mask,
+                                                 device=device, dtype=dtype))  # fmt: skip
+                schedulers[j].step()
+            t2 = time.perf_counter()
+            train_s += t2 - t1
+            record: dict[str, Any] = {
+                "epoch": epoch, "phase": phase, "lr": lr, "train_loss": losses, "test_acc": None,
+                "ensemble_test_acc": None, "time_s": t2 - t1, "score_s": score_time,
+                "samples_per_s": m_count * n / max(t2 - t1, 1e-12),
+            }  # fmt: skip
+            if (epoch + 1) % config.eval_every == 0 or epoch == config.epochs - 1:
+                probs = T.predict_probs(models, test_batches, dtype)
+                record["test_acc"], record["ensemble_test_acc"] = T._accuracies(probs, data.test.y)
+            record["eval_s"] = time.perf_counter() - t2
+            eval_s += record["eval_s"]
+            history.append(record)
+            cbs.call("on_epoch_end", epoch, record)
+
+        ev = T.evaluate_ensemble(models, data, config, device, T._reference_fisher, test_batches=test_batches)
+    timing = {"total_s": time.perf_counter() - t_start, "train_s": train_s, "score_s": score_s,
+              "epoch_eval_s": eval_s, **ev["timing"]}  # fmt: skip
+    components = {
+        "optimizer": "torch.optim.SGD" if config.method == "de" else "reference.SAM(torch.optim.SGD)",
+        "fisher": "reference.fisher_scores", "select": "reference.select_sam_masks",
+        "batching": "exact", "device": str(device), "trainer": "reference.train_ensemble",
+    }  # fmt: skip
+    result = T.EnsembleResult(
+        config=config, metrics=ev["metrics"], ood=ev["ood"], history=history, sharpness=ev["sharpness"],
+        scores=scores, masks=masks, timing=timing, components=components, models=models, probs=ev["probs"],
+    )  # fmt: skip
+    cbs.call("on_train_end", result)
+    if config.output_dir:
+        result.save(config.output_dir)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 6: op-level twins of select_sam_masks' two stages, sbfast::ksmallest_mask and
+# sbfast::sharpbalance_masks (the CPU fallback where sbfast._C is missing). Same rules as
+# select_sam_masks above: select_sam_masks(s, r, v) == sharpbalance_masks(ksmallest_mask(s, k), v)
+# with k = _floor_count(N, r) and v = 0 (balance) or 1 (boost).
+# --------------------------------------------------------------------------------------------
+
+
+def ksmallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [M, N]: per row of floating ``scores`` [M, N], True at its k smallest (0 <= k <= N),
+    ties by ascending index: the first k of a stable ascending sort (so -0.0 == +0.0, NaN last)."""
+    m, n = scores.shape
+    flat = torch.zeros(m, n, dtype=torch.bool, device=scores.device)
+    flat.scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :k], True)
+    return flat
+
+
+def sharpbalance_masks(flat_mask: torch.Tensor, variant: int) -> torch.Tensor:
+    """Bool [M, N] SAM masks from the members' flat sets ``flat_mask`` (bool [M, N], row j = F_j).
+
+    variant 0 (balance): A_i | R_i; 1 (boost): A_i | (R minus R_i); R = samples in no F_j, in
+    ascending index, R_i = R[i::M]; A_i = union of F_j over j != i.
+    """
+    m, n = flat_mask.shape
+    device = flat_mask.device
+    flat_count = flat_mask.sum(0)
+    rest = torch.nonzero(flat_count == 0).squeeze(1)
+    mask = torch.zeros(m, n, dtype=torch.bool, device=device)
+    for i in range(m):
+        others = (flat_count - flat_mask[i].long()) > 0
+        in_r_i = torch.zeros(n, dtype=torch.bool, device=device)
+        in_r_i[rest[i::m]] = True
+        if variant == 0:
+            mask[i] = others | in_r_i
+        else:
+            in_r = torch.zeros(n, dtype=torch.bool, device=device)
+            in_r[rest] = True
+            mask[i] = others | (in_r & ~in_r_i)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 5: per-sample gradient-norm ops (the per-layer identities behind fast fisher_scores)
+# --------------------------------------------------------------------------------------------
+
+
+def _per_sample_acc_dtype(a: torch.Tensor, g: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (a.dtype, g.dtype) else torch.float32
+
+
+def per_sample_grad_sq_norm_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """s_i = ||G_i^T A_i||_F^2 = ||sum_t g_it a_it^T||_F^2, by forming each per-sample gradient.
+
+    Args:
+        a: [B, T, d] layer inputs (activations), floating.
+        g: [B, T, p] gradients of the layer's outputs, floating.
+    Returns:
+        [B], float64 if either input is float64, else float32.
+    """
+    acc = _per_sample_acc_dtype(a, g)
+    return torch.bmm(g.to(acc).transpose(1, 2), a.to(acc)).pow(2).sum((1, 2))
+
+
+def per_sample_grad_sq_norm_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The same s_i by the Gram ("ghost norm") identity: sum_{t,s} (a_t . a_s)(g_t . g_s).
+
+    Args and return as :func:`per_sample_grad_sq_norm_direct`.
+    """
+    acc = _per_sample_acc_dtype(a, g)
+    a, g = a.to(acc), g.to(acc)
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+
+
+def per_sample_conv_grad_sq_norm(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    weight_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """s_i = ||dW_i||_F^2, dW_i the weight gradient of a 1-D/2-D convolution for sample i alone.
+
+    The input unfolded to [B, T, C_in/groups * k] per group is a Linear's input, so
+    s_i = sum over groups of ||G_ig^T A_ig||_F^2 (:func:`per_sample_grad_sq_norm_direct`).
+
+    Args:
+        x: [B, C_in, *S] the convolution's input (explicit padding modes already applied),
+        g: [B, C_out, *S'] the gradient of its output; weight_size: [C_out, C_in/groups, *k];
+        stride, padding (zeros), dilation: one int per spatial dim; groups.
+    Returns:
+        [B], float64 if either input is float64, else float32.
+    """
+    b = x.shape[0]
+    acc = _per_sample_acc_dtype(x, g)
+    if b == 0 or x.numel() == 0 or g.numel() == 0:
+        return torch.zeros(b, dtype=acc, device=x.device)
+    kernel = tuple(weight_size[2:])
+    if x.dim() == 3:  # Conv1d as a 2-D unfold with a height-1 kernel
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    cols = F.unfold(x.to(acc), kernel, dilation=tuple(dilation), padding=tuple(padding), stride=tuple(stride))
+    t = cols.shape[2]
+    a = cols.view(b, groups, -1, t).transpose(2, 3).reshape(b * groups, t, -1)
+    gg = g.to(acc).reshape(b, groups, -1, t).transpose(2, 3).reshape(b * groups, t, -1)
+    return per_sample_grad_sq_norm_direct(a, gg).view(b, groups).sum(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 4: op-level twins of the fused SAM optimizer's two passes, sbfast::sam_perturb_ and
+# sbfast::sam_restore_sgd_ (the CPU fallback where sbfast._C is missing). Each line is the
+# torch op that SAM.first_step / SAM.second_step + torch.optim.SGD run on one parameter, so in
+# float32/float64 they give the same bits; the fast kernels compute in float for bfloat16/float16.
+# --------------------------------------------------------------------------------------------
+
+
+def sam_perturb_(
+    param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, adaptive: bool
+) -> None:
+    """backup <- w; w <- w + e, e = (adaptive ? w^2 * g : g) * s (SAM.first_step's order).
+
+    Args:
+        param, backup, grad: contiguous, same dtype and shape; ``param`` and ``backup`` are written.
+        scale: 0-d s = rho / (||g|| + 1e-12); s == 0 (rho = 0, or a step skipped for a non-finite
+            norm) leaves w untouched, also where g is infinite.
+    """
+    backup.copy_(param)
+    e = (torch.pow(param, 2) * grad if adaptive else grad) * scale.to(param)
+    param.add_(torch.where(scale != 0, e, torch.zeros_like(e)))
+
+
+def sam_restore_sgd_(
+    param: torch.Tensor,
+    backup: torch.Tensor | None,
+    grad: torch.Tensor,
+    normal_grad: torch.Tensor | None,
+    momentum_buf: torch.Tensor | None,
+    momentum_ready: torch.Tensor | None,
+    lr: torch.Tensor,
+    skip: torch.Tensor,
+    inv_scale: torch.Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    write_grad_sum: bool,
+) -> None:
+    """w <- backup (exactly; w itself when backup is None), then one torch.optim.SGD step on
+    g = (g' + g_n) * inv_scale (g' alone when normal_grad is None).
+
+    SGD, as torch's single-tensor path: d = g + wd * w; buf = d on the buffer's first step
+    (momentum_ready[0] == 0), else momentum * buf + (1 - dampening) * d; d = d + momentum * buf
+    (nesterov) or buf; w = w - lr * d. After the step momentum_ready is set to 1.
+    With skip != 0 only the restore happens (buffers, flags and grads untouched).
+    write_grad_sum stores g' + g_n (before inv_scale) into grad, the gradient the reference
+    leaves in p.grad after the step. The scalars are read with float() (this twin serves CPU).
+    """
+    w0 = backup if backup is not None else param
+    if float(skip) != 0:
+        param.copy_(w0)
+        return
+    g = grad if normal_grad is None else grad + normal_grad
+    if write_grad_sum and normal_grad is not None:
+        grad.copy_(g)
+    g = g * inv_scale.to(g.dtype)
+    d = g.add(w0, alpha=weight_decay) if weight_decay != 0 else g
+    if momentum != 0:
+        if int(momentum_ready.reshape(-1)[0]) == 0:
+            momentum_buf.copy_(d)
+        else:
+            momentum_buf.mul_(momentum).add_(d, alpha=1 - dampening)
+        momentum_ready.fill_(1)
+        d = d.add(momentum_buf, alpha=momentum) if nesterov else momentum_buf
+    param.copy_(w0.add(d, alpha=-float(lr)))
+

@@ -1,0 +1,169 @@
+"""Triton kernels of the fused SAM optimizer: ``sbfast::sam_perturb_`` and ``sbfast::sam_restore_sgd_``.
+
+Math (see ``sbfast.reference.sam_perturb_`` / ``sam_restore_sgd_``):
+- perturb: backup = w; w = w + e, e = (adaptive ? w^2 * g : g) * s; s == 0 leaves w as it is.
+- restore + SGD: w0 = backup (or w); g = (g' + g_n) * inv_scale; d = g + wd * w0;
+  buf = d (first step) or momentum * buf + (1 - dampening) * d; d = d + momentum * buf
+  (nesterov) or buf; w = w0 - lr * d. skip != 0: w = w0 only.
+
+One program per BLOCK elements of a flat contiguous run; bfloat16/float16 compute in float32,
+float64 in float64. lr, skip and inv_scale are read from device tensors (so an LR schedule or
+a device-side skip never recompiles or re-captures). The float hyperparameters travel as the
+int64 bits of their float64 value and are bit-cast back in the kernel: a Python float argument
+would reach Triton as a float32 and lose the float64 value. Triton may contract a * b + c into
+an fma on the GPU, so its float64 results can differ from torch's in the last bit; the CPU
+kernel is the bit-exact one.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+BLOCK = 1024
+# Under the interpreter (CPU tensors) each program is a handful of numpy calls: fewer, larger
+# programs run the same math ~100x faster.
+INTERPRETER_BLOCK = 1 << 16
+
+
+def _block(t: torch.Tensor) -> int:
+    return BLOCK if t.is_cuda else INTERPRETER_BLOCK
+
+
+def _bits(x: float) -> int:
+    """The float64 ``x`` as the signed int64 with the same bits (undone in-kernel by bitcast)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+@triton.jit
+def _f64_from_bits(bits):
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _round(x, dtype, BF16: tl.constexpr):
+    """x (float32/float64) to the storage dtype, rounding to nearest even. bfloat16 is rounded
+    by hand: the Triton interpreter truncates float32 -> bfloat16 (the GPU path does not), and
+    the tests run the interpreter."""
+    if BF16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _perturb_kernel(w_ptr, backup_ptr, g_ptr, scale_ptr, n, ADAPTIVE: tl.constexpr,
+                    ACC_FP64: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.float64 if ACC_FP64 else tl.float32
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    w_raw = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(acc)
+    tl.store(backup_ptr + offsets, w_raw, mask=mask)
+    s = tl.load(scale_ptr).to(acc)
+    w = w_raw.to(acc)
+    if ADAPTIVE:
+        direction = (w * w) * g
+    else:
+        direction = g
+    perturbed = w + direction * s
+    # s == 0 (rho = 0 or a skipped step): keep w bit for bit, even where g is infinite
+    out = tl.where(s != 0, _round(perturbed, w_raw.dtype, BF16), w_raw)
+    tl.store(w_ptr + offsets, out, mask=mask)
+
+
+@triton.jit
+def _restore_sgd_kernel(w_ptr, src_ptr, g_ptr, gn_ptr, buf_ptr, ready_ptr, lr_ptr, skip_ptr, inv_ptr, n,
+                        wd_bits, momentum_bits, omd_bits,
+                        HAS_NORMAL: tl.constexpr, WRITE_SUM: tl.constexpr, HAS_WD: tl.constexpr,
+                        HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr,
+                        BF16: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.float64 if ACC_FP64 else tl.float32
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    src_raw = tl.load(src_ptr + offsets, mask=mask, other=0.0)
+    w0 = src_raw.to(acc)
+    skip = tl.load(skip_ptr)
+    if skip != 0:
+        tl.store(w_ptr + offsets, src_raw, mask=mask)
+    else:
+        g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(acc)
+        if HAS_NORMAL:
+            g = g + tl.load(gn_ptr + offsets, mask=mask, other=0.0).to(acc)
+            if WRITE_SUM:
+                tl.store(g_ptr + offsets, _round(g, src_raw.dtype, BF16), mask=mask)
+        g = g * tl.load(inv_ptr).to(acc)
+        d = g
+        if HAS_WD:
+            d = tl.fma(w0, _f64_from_bits(wd_bits).to(acc), g)
+        if HAS_MOMENTUM:
+            momentum = _f64_from_bits(momentum_bits).to(acc)
+            buf_old = tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(acc)
+            first = tl.load(ready_ptr) == 0
+            b = tl.where(first, d, tl.fma(d, _f64_from_bits(omd_bits).to(acc), buf_old * momentum))
+            tl.store(buf_ptr + offsets, _round(b, src_raw.dtype, BF16), mask=mask)
+            if NESTEROV:
+                d = tl.fma(b, momentum, d)
+            else:
+                d = b
+        neg_lr = -(tl.load(lr_ptr).to(tl.float64)).to(acc)
+        tl.store(w_ptr + offsets, _round(tl.fma(d, neg_lr, w0), src_raw.dtype, BF16), mask=mask)
+
+
+@triton.jit
+def _mark_ready_kernel(ready_ptr, skip_ptr, n, BLOCK: tl.constexpr):
+    # after the step, in a launch of its own: no program of the step may still read the flag
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    old = tl.load(ready_ptr + offsets, mask=mask, other=0)
+    new = tl.where(tl.load(skip_ptr) != 0, old, 1).to(old.dtype)
+    tl.store(ready_ptr + offsets, new, mask=mask)
+
+
+def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
+                 adaptive: bool) -> None:
+    """backup = w; w = w + e in place over one flat run (contiguous, same dtype and size)."""
+    n = param.numel()
+    if n == 0:
+        return
+    block = _block(param)
+    wrap_triton(_perturb_kernel)[(triton.cdiv(n, block),)](
+        param, backup, grad, scale, n, ADAPTIVE=bool(adaptive), ACC_FP64=param.dtype == torch.float64,
+        BF16=param.dtype == torch.bfloat16, BLOCK=block,
+    )
+
+
+def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: torch.Tensor,
+                     normal_grad: torch.Tensor | None, momentum_buf: torch.Tensor | None,
+                     momentum_ready: torch.Tensor | None, lr: torch.Tensor, skip: torch.Tensor,
+                     inv_scale: torch.Tensor, weight_decay: float, momentum: float, dampening: float,
+                     nesterov: bool, write_grad_sum: bool) -> None:
+    """Restore w and take one SGD step in place over one flat run (see the module docstring)."""
+    n = param.numel()
+    has_momentum = momentum != 0
+    if n > 0:
+        block = _block(param)
+        wrap_triton(_restore_sgd_kernel)[(triton.cdiv(n, block),)](
+            param,
+            backup if backup is not None else param,
+            grad,
+            normal_grad if normal_grad is not None else grad,
+            momentum_buf if has_momentum else param,
+            momentum_ready if has_momentum else skip,
+            lr, skip, inv_scale, n,
+            _bits(weight_decay), _bits(momentum), _bits(1.0 - dampening),
+            HAS_NORMAL=normal_grad is not None, WRITE_SUM=bool(write_grad_sum) and normal_grad is not None,
+            HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
+            ACC_FP64=param.dtype == torch.float64, BF16=param.dtype == torch.bfloat16, BLOCK=block,
+        )
+    if has_momentum:
+        wrap_triton(_mark_ready_kernel)[(1,)](
+            momentum_ready, skip, momentum_ready.numel(),
+            BLOCK=triton.next_power_of_2(max(momentum_ready.numel(), 1)),
+        )
