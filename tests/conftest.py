@@ -33,3 +33,14 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small problems: on the shared 2-core machine extra
+    threads only add contention, and float64 sums keep one order. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

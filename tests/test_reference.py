@@ -25,13 +25,7 @@ F64 = torch.float64
 EPS = 1e-12  # the release's SAM denominator guard
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: threads only add overhead (and keep float64 sums in one order)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------- helpers

@@ -78,3 +78,11 @@ def test_cuda_backend_setting_selects_triton(monkeypatch):
 def test_missing_cuda_kernel_stub_names_the_missing_build():
     with pytest.raises(RuntimeError, match="no CUDA implementation"):
         _ops._missing_cuda_stub("global_sq_norm")([torch.ones(1)])
+
+
+def test_public_api_names_resolve():
+    for name in sbfast.__all__:
+        assert getattr(sbfast, name) is not None, name
+    assert sbfast.select_sam_masks is sbfast.select.select_sam_masks
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        sbfast.nonexistent  # noqa: B018
