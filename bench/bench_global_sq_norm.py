@@ -6,29 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.harness import BenchCase, pytest_params, run_pytest_benchmark
+from bench.harness import BenchCase, pytest_params, resnet18_param_shapes, run_pytest_benchmark
 from sbfast import _ops, ops, reference
-
-
-def _resnet18_like(device: torch.device) -> list[torch.Tensor]:
-    # Parameter shapes of the CIFAR ResNet18 (width 64, 10 classes): 62 tensors, 11.17M values.
-    shapes = [(64, 3, 3, 3), (64,), (64,)]
-    in_c = 64
-    for out_c, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-        for block in range(2):
-            c_in = in_c if block == 0 else out_c
-            shapes += [(out_c, c_in, 3, 3), (out_c,), (out_c,), (out_c, out_c, 3, 3), (out_c,), (out_c,)]
-            if block == 0 and (stride != 1 or c_in != out_c):
-                shapes += [(out_c, c_in, 1, 1), (out_c,), (out_c,)]
-        in_c = out_c
-    shapes += [(10, 512), (10,)]
-    return [torch.randn(s, device=device) for s in shapes]
 
 
 def cases(device: torch.device) -> list[BenchCase]:
     out = []
     for label, tensors in [
-        ("resnet18 grads (62 tensors, 11.2M)", _resnet18_like(device)),
+        ("resnet18 grads (62 tensors, 11.2M)", [torch.randn(s, device=device) for s in resnet18_param_shapes()]),
         ("one flat buffer (100M)", [torch.randn(100_000_000, device=device)]),
     ]:
         faces = {"dispatched": lambda t=tensors: ops.global_sq_norm(t)}

@@ -21,26 +21,12 @@ import os
 import pytest
 import torch
 
-from bench.harness import BenchCase, pytest_params, run_pytest_benchmark
+from bench.harness import BenchCase, pytest_params, resnet18_param_shapes, run_pytest_benchmark
 from sbfast import _ops, reference
 from sbfast.optim import SharpBalanceSAM
 
 SETTINGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.05)
 PASSES = 10
-
-
-def _resnet18_shapes() -> list[tuple[int, ...]]:
-    # the CIFAR ResNet18 at width 64, 10 classes: 62 tensors, 11,173,962 values
-    shapes: list[tuple[int, ...]] = [(64, 3, 3, 3), (64,), (64,)]
-    in_c = 64
-    for out_c, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-        for block in range(2):
-            c_in = in_c if block == 0 else out_c
-            shapes += [(out_c, c_in, 3, 3), (out_c,), (out_c,), (out_c, out_c, 3, 3), (out_c,), (out_c,)]
-            if block == 0 and (stride != 1 or c_in != out_c):
-                shapes += [(out_c, c_in, 1, 1), (out_c,), (out_c,)]
-        in_c = out_c
-    return shapes + [(10, 512), (10,)]
 
 
 def _params(shapes, device, seed=0) -> list[torch.nn.Parameter]:
@@ -87,7 +73,7 @@ def _copy_case(device: torch.device) -> BenchCase:
 def cases(device: torch.device) -> list[BenchCase]:
     out = [_copy_case(device)]
     for label, shapes in [
-        ("resnet18 params (62 tensors, 11.2M)", _resnet18_shapes()),
+        ("resnet18 params (62 tensors, 11.2M)", resnet18_param_shapes()),
         ("100M stack (100 x [1000, 1000])", [(1000, 1000)] * 100),
     ]:
         ref = reference.SAM(_params(shapes, device), torch.optim.SGD, **SETTINGS)

@@ -45,6 +45,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
+#include "../sam_checks.h"
 #include "../sbfast_math.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -298,15 +299,6 @@ void restore_sgd_dispatch(const RestoreArgs<scalar_t>& a, const SgdCoeffs<comput
 // Checks
 // ---------------------------------------------------------------------------------------
 
-void check_array(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), ", expected cpu");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " must be a dense (strided) tensor");
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", param has ", param.scalar_type());
-  TORCH_CHECK(t.numel() == param.numel(), op, ": ", name, " has ", t.numel(), " elements, param has ",
-              param.numel());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
 
 void check_scalar(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), ", expected cpu");
@@ -333,8 +325,8 @@ void sam_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::T
   TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ",
               param.scalar_type());
   TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  check_array(backup, param, op, "backup");
-  check_array(grad, param, op, "grad");
+  sam_checks::check_array(backup, param, op, "backup");
+  sam_checks::check_array(grad, param, op, "grad");
   check_scalar(scale, op, "scale");
   const int64_t n = param.numel();
   if (n == 0) return;
@@ -371,19 +363,8 @@ void sam_restore_sgd_(const at::Tensor& param, const std::optional<at::Tensor>& 
   TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ",
               param.scalar_type());
   TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  if (backup) check_array(*backup, param, op, "backup");
-  check_array(grad, param, op, "grad");
-  if (normal_grad) check_array(*normal_grad, param, op, "normal_grad");
-  TORCH_CHECK(!write_grad_sum || normal_grad, op, ": write_grad_sum needs a normal_grad");
-  const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || (momentum_buf && momentum_ready), op,
-              ": momentum != 0 needs momentum_buf and momentum_ready");
-  if (has_momentum) {
-    check_array(*momentum_buf, param, op, "momentum_buf");
-    TORCH_CHECK(momentum_ready->device().is_cpu() && momentum_ready->scalar_type() == at::kByte &&
-                    momentum_ready->numel() >= 1 && momentum_ready->is_contiguous(),
-                op, ": momentum_ready must be a contiguous uint8 cpu tensor with >= 1 element");
-  }
+  const bool has_momentum = sam_checks::check_restore_sgd_arrays(
+      param, backup, grad, normal_grad, momentum_buf, momentum_ready, momentum, write_grad_sum, op);
   check_scalar(lr, op, "lr");
   check_scalar(skip, op, "skip");
   check_scalar(inv_scale, op, "inv_scale");

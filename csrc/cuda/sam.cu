@@ -15,6 +15,7 @@
 
 #include <optional>
 
+#include "../sam_checks.h"
 #include "../sbfast_math.h"
 
 namespace sbfast {
@@ -116,15 +117,6 @@ __global__ void mark_ready_kernel(uint8_t* ready, DeviceScalar skip, int64_t n) 
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ready[i] = 1;
 }
 
-void check_array(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == param.device(), op, ": ", name, " is on ", t.device(), ", param on ",
-              param.device());
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", param has ", param.scalar_type());
-  TORCH_CHECK(t.numel() == param.numel(), op, ": ", name, " has ", t.numel(), " elements, param has ",
-              param.numel());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
 
 template <typename scalar_t, bool HasNormal, bool WriteSum, bool HasMomentum>
 void launch_restore(scalar_t* w, const scalar_t* src, scalar_t* grad, const scalar_t* normal, scalar_t* buf,
@@ -140,8 +132,8 @@ void sam_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::T
   constexpr const char* op = "sbfast::sam_perturb_";
   TORCH_CHECK(param.is_cuda(), op, " (CUDA kernel): param is on ", param.device());
   TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  check_array(backup, param, op, "backup");
-  check_array(grad, param, op, "grad");
+  sam_checks::check_array(backup, param, op, "backup");
+  sam_checks::check_array(grad, param, op, "grad");
   TORCH_CHECK(scale.device() == param.device(), op, ": scale is on ", scale.device(), ", param on ",
               param.device());
   const DeviceScalar s = device_scalar(scale, op, "scale");
@@ -166,19 +158,8 @@ void sam_restore_sgd_(const at::Tensor& param, const std::optional<at::Tensor>& 
   constexpr const char* op = "sbfast::sam_restore_sgd_";
   TORCH_CHECK(param.is_cuda(), op, " (CUDA kernel): param is on ", param.device());
   TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  if (backup) check_array(*backup, param, op, "backup");
-  check_array(grad, param, op, "grad");
-  if (normal_grad) check_array(*normal_grad, param, op, "normal_grad");
-  TORCH_CHECK(!write_grad_sum || normal_grad, op, ": write_grad_sum needs a normal_grad");
-  const bool has_momentum = momentum != 0.0;
-  TORCH_CHECK(!has_momentum || (momentum_buf && momentum_ready), op,
-              ": momentum != 0 needs momentum_buf and momentum_ready");
-  if (has_momentum) {
-    check_array(*momentum_buf, param, op, "momentum_buf");
-    TORCH_CHECK(momentum_ready->device() == param.device() && momentum_ready->scalar_type() == at::kByte &&
-                    momentum_ready->numel() >= 1 && momentum_ready->is_contiguous(),
-                op, ": momentum_ready must be a contiguous uint8 tensor on the param's device");
-  }
+  const bool has_momentum = sam_checks::check_restore_sgd_arrays(
+      param, backup, grad, normal_grad, momentum_buf, momentum_ready, momentum, write_grad_sum, op);
   for (const at::Tensor* t : {&lr, &skip, &inv_scale}) {
     TORCH_CHECK(t->device() == param.device(), op, ": lr, skip and inv_scale must be on ", param.device(),
                 ", got ", t->device());
