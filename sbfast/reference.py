@@ -495,23 +495,8 @@ def select_sam_masks(
         return mask.to(device)
 
     k = _floor_count(n, ratio)
-    flat = torch.zeros(m, n, dtype=torch.bool, device=device)  # flat[j] = F_j
-    order = torch.argsort(scores, dim=1, stable=True)
-    flat.scatter_(1, order[:, :k], True)
-    flat_count = flat.sum(0)
-    rest = torch.nonzero(flat_count == 0).squeeze(1)  # R, ascending
-    mask = torch.zeros(m, n, dtype=torch.bool, device=device)
-    for i in range(m):
-        others = (flat_count - flat[i].long()) > 0  # A_i
-        in_r_i = torch.zeros(n, dtype=torch.bool, device=device)
-        in_r_i[rest[i::m]] = True
-        if variant == "balance":
-            mask[i] = others | in_r_i
-        else:
-            in_r = torch.zeros(n, dtype=torch.bool, device=device)
-            in_r[rest] = True
-            mask[i] = others | (in_r & ~in_r_i)
-    return mask
+    flat = ksmallest_mask(scores, k)  # row j = F_j, the k flattest samples of member j
+    return sharpbalance_masks(flat, 0 if variant == "balance" else 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -755,8 +740,8 @@ def train_ensemble(config: Any, callbacks: Sequence[Any] | None = None, *, data:
 # --------------------------------------------------------------------------------------------
 # Issue 6: op-level twins of select_sam_masks' two stages, sbfast::ksmallest_mask and
 # sbfast::sharpbalance_masks (the CPU fallback where sbfast._C is missing). Same rules as
-# select_sam_masks above: select_sam_masks(s, r, v) == sharpbalance_masks(ksmallest_mask(s, k), v)
-# with k = _floor_count(N, r) and v = 0 (balance) or 1 (boost).
+# select_sam_masks above, which is built from them: select_sam_masks(s, r, v) ==
+# sharpbalance_masks(ksmallest_mask(s, k), v), k = _floor_count(N, r), v = 0 (balance) or 1 (boost).
 # --------------------------------------------------------------------------------------------
 
 

@@ -66,7 +66,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from sbfast import ops
-from sbfast.reference import _check_rho, _module_modes, _perturbed_params, _restore_modes
+from sbfast.reference import _check_rho, _module_modes, _perturbed_params, _restore_modes, _split_params
 
 __all__ = ["FORMS", "choose_form", "fisher_scores", "sam_loss_gap_scores", "sample_fisher_scores"]
 
@@ -890,14 +890,7 @@ def sam_loss_gap_scores(
     if num_samples is not None:
         _check_positive_int(num_samples, "num_samples", 0)
     loader = _as_loader(data, batch_size)
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        raise ValueError("model has no trainable parameters (requires_grad=True); nothing to score")
-    first = next(iter(trainable.values()))
-    dev = torch.device(device) if device is not None else first.device
-    params = {n: p.detach().to(dev) for n, p in trainable.items()}
-    fixed = {n: p.detach().to(dev) for n, p in model.named_parameters() if not p.requires_grad}
-    fixed.update({n: b.to(dev) for n, b in model.named_buffers()})
+    params, fixed, dev, param_dtype = _split_params(model, device)
     chunk: list[int | None] = [None]
 
     def forward(w: dict, x: torch.Tensor) -> torch.Tensor:
@@ -952,7 +945,7 @@ def sam_loss_gap_scores(
             index, x, y = _check_batch(batch)
             if index.numel() == 0:
                 continue
-            xb = x.to(dev, first.dtype) if x.is_floating_point() else x.to(dev)
+            xb = x.to(dev, param_dtype) if x.is_floating_point() else x.to(dev)
             values.append(gap_split(xb, y.to(dev).long(), y).detach())
             indices.append(index.to(dev).long())
     finally:
