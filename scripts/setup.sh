@@ -4,7 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pip install --quiet -r requirements.txt
+# SBFAST_SKIP_REQUIREMENTS=1 keeps the packages already installed (e.g. a GPU image whose torch
+# differs from requirements.txt and that has no package registry); the build still uses them.
+if [ "${SBFAST_SKIP_REQUIREMENTS:-0}" != "1" ]; then
+  python -m pip install --quiet -r requirements.txt
+fi
 # --no-build-isolation: compile against the torch installed above (an isolated build env
 # would fetch another torch and the extension would then fail to import).
 MAX_JOBS="${MAX_JOBS:-2}" python -m pip install --quiet --no-build-isolation --no-deps -e .
