@@ -218,19 +218,31 @@ class _BatchNormRule(_Rule):
         return [ctx[0]]
 
     def score(self, module, calls, names, form):
-        gw = gb = None
-        for (x, mean, var, eps), g in calls:
-            b, c = x.shape[0], x.shape[1]
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            g3 = g.reshape(b, c, -1)
-            if "weight" in names:
-                x_hat = (x - mean.view(shape)).mul_(torch.rsqrt(var.view(shape) + eps))  # one temporary
-                w = (g3 * x_hat.reshape(b, c, -1)).sum(2)
-                gw = w if gw is None else gw + w
-            if "bias" in names:
-                s = g3.sum(2)
-                gb = s if gb is None else gb + s
-        return _norm_total(gw, gb)
+        def normalised(call):
+            x, mean, var, eps = call
+            shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+            return (x - mean.view(shape)).mul_(torch.rsqrt(var.view(shape) + eps))  # one temporary
+
+        return _channel_affine_total(calls, names, lambda ctx: ctx[0], normalised)
+
+
+def _channel_affine_total(calls, names, input_of, normalise) -> torch.Tensor:
+    """Per-sample squared norm of a per-channel affine (weight, bias) gradient, summed over the
+    layer's calls. ``calls`` yields (ctx, g) with g the output gradient [B, C, ...];
+    ``input_of(ctx)`` is the input and ``normalise(ctx)`` the normalised input, computed only
+    where the weight is scored."""
+    gw = gb = None
+    for ctx, g in calls:
+        x = input_of(ctx)
+        b, c = x.shape[0], x.shape[1]
+        g3 = g.reshape(b, c, -1)
+        if "weight" in names:
+            w = (g3 * normalise(ctx).reshape(b, c, -1)).sum(2)
+            gw = w if gw is None else gw + w
+        if "bias" in names:
+            s = g3.sum(2)
+            gb = s if gb is None else gb + s
+    return _norm_total(gw, gb)
 
 
 def _norm_total(gw: torch.Tensor | None, gb: torch.Tensor | None) -> torch.Tensor:
@@ -271,18 +283,9 @@ class _RMSNormRule(_Rule):
 
 class _GroupNormRule(_Rule):
     def score(self, module, calls, names, form):
-        gw = gb = None
-        for x, g in calls:
-            b, c = x.shape[0], x.shape[1]
-            g3 = g.reshape(b, c, -1)
-            if "weight" in names:
-                x_hat = F.group_norm(x, module.num_groups, None, None, module.eps)
-                w = (g3 * x_hat.reshape(b, c, -1)).sum(2)
-                gw = w if gw is None else gw + w
-            if "bias" in names:
-                s = g3.sum(2)
-                gb = s if gb is None else gb + s
-        return _norm_total(gw, gb)
+        return _channel_affine_total(
+            calls, names, lambda x: x, lambda x: F.group_norm(x, module.num_groups, None, None, module.eps)
+        )
 
 
 class _EmbeddingRule(_Rule):
