@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bench.harness import BenchCase, pytest_params, resnet18_param_shapes, run_pytest_benchmark
-from sbfast import _ops, ops, reference
+from sbfast import ops, reference, registry
 
 
 def cases(device: torch.device) -> list[BenchCase]:
@@ -19,8 +19,8 @@ def cases(device: torch.device) -> list[BenchCase]:
         faces = {"dispatched": lambda t=tensors: ops.global_sq_norm(t)}
         if device.type == "cuda":
             faces["cuda-c++"] = lambda t=tensors: torch.ops.sbfast.global_sq_norm.default(t)
-            if "global_sq_norm" in _ops._TRITON_OPS:
-                faces["triton"] = lambda t=tensors: _ops.triton_op("global_sq_norm")(t)
+            if "global_sq_norm" in registry._TRITON_OPS:
+                faces["triton"] = lambda t=tensors: registry.triton_op("global_sq_norm")(t)
         out.append(
             BenchCase(
                 op="global_sq_norm",

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bench.harness import BenchCase, pytest_params, resnet18_param_shapes, run_pytest_benchmark
-from sbfast import _ops, reference
+from sbfast import reference, registry
 from sbfast.optim import SharpBalanceSAM
 
 SETTINGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.05)
@@ -82,7 +82,7 @@ def cases(device: torch.device) -> list[BenchCase]:
         faces = {"fused (dispatched)": _sam_step(fused), "fused, global norm, skip": _sam_step(fused_global)}
         if device.type == "cuda":
             faces["fused cuda-c++"] = _with_backend("cuda", _sam_step(fused))
-            if "sam_perturb_" in _ops._TRITON_OPS:
+            if "sam_perturb_" in registry._TRITON_OPS:
                 faces["fused triton"] = _with_backend("triton", _sam_step(fused))
         n = sum(torch.Size(s).numel() for s in shapes)
         out.append(BenchCase(

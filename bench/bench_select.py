@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bench.harness import BenchCase, pytest_params, run_pytest_benchmark
-from sbfast import _ops, reference, select
-from sbfast.reference import _floor_count
+from sbfast import reference, registry, select
+from sbfast.common import floor_count
 
 SHAPES = [(3, 50_000), (8, 50_000), (8, 1_280_000)]
 RATIO = 0.5
@@ -28,18 +28,18 @@ def _scores(m: int, n: int, device: torch.device) -> torch.Tensor:
 def cases(device: torch.device) -> list[BenchCase]:
     out = []
     cuda_ks, cuda_alg = torch.ops.sbfast.ksmallest_mask.default, torch.ops.sbfast.sharpbalance_masks.default
-    has_triton = "ksmallest_mask" in _ops._TRITON_OPS
+    has_triton = "ksmallest_mask" in registry._TRITON_OPS
     if has_triton:
-        tri_ks, tri_alg = _ops.triton_op("ksmallest_mask"), _ops.triton_op("sharpbalance_masks")
+        tri_ks, tri_alg = registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks")
     for m, n in SHAPES:
         scores = _scores(m, n, device)
-        k = _floor_count(n, RATIO)
+        k = floor_count(n, RATIO)
         flat = reference.ksmallest_mask(scores, k)
         shape = f"{m} x {n:,}"
 
         pipeline = {"dispatched": lambda s=scores: select.select_sam_masks(s, RATIO, "balance")}
-        ks_faces = {"dispatched": lambda s=scores, k=k: _ops.op_for("ksmallest_mask", s.device)(s, k)}
-        alg_faces = {"dispatched": lambda f=flat: _ops.op_for("sharpbalance_masks", f.device)(f, 0)}
+        ks_faces = {"dispatched": lambda s=scores, k=k: registry.op_for("ksmallest_mask", s.device)(s, k)}
+        alg_faces = {"dispatched": lambda f=flat: registry.op_for("sharpbalance_masks", f.device)(f, 0)}
         if device.type == "cuda":
             pipeline["cuda-c++ ops"] = lambda s=scores, k=k: cuda_alg(cuda_ks(s, k), 0)
             ks_faces["cuda-c++"] = lambda s=scores, k=k: cuda_ks(s, k)

@@ -20,7 +20,7 @@ import importlib
 from typing import Any
 
 from sbfast import ops, reference
-from sbfast._ops import backends
+from sbfast.registry import backends
 
 __version__ = "0.1.0"
 

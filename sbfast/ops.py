@@ -1,7 +1,7 @@
 """Thin typed wrappers over ``torch.ops.sbfast.*``: validate, then dispatch.
 
 Validation raises ``ValueError``/``TypeError`` naming the problem before any kernel runs;
-which kernel serves a device is decided in :mod:`sbfast._ops` (see ``sbfast.backends()``).
+which kernel serves a device is decided in :mod:`sbfast.registry` (see ``sbfast.backends()``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sbfast import _ops
+from sbfast import registry
 
 
 def _check_floating_same_device(tensors: Sequence[torch.Tensor], op: str) -> None:
@@ -39,7 +39,7 @@ def global_sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     _check_floating_same_device(tensors, "global_sq_norm")
-    return _ops.op_for("global_sq_norm", tensors[0].device)(tensors)
+    return registry.op_for("global_sq_norm", tensors[0].device)(tensors)
 
 
 # issue 5: per-sample squared norms of a layer's weight gradient
@@ -63,14 +63,14 @@ def per_sample_grad_sq_norm_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Te
         [B], float64 if either input is float64, else float32. Costs ~B*T*d*p multiply-adds.
     """
     _check_per_sample_pair(a, g, "per_sample_grad_sq_norm_direct")
-    return _ops.op_for("per_sample_grad_sq_norm_direct", a.device)(a, g)
+    return registry.op_for("per_sample_grad_sq_norm_direct", a.device)(a, g)
 
 
 def per_sample_grad_sq_norm_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The same per-sample squared norms as :func:`per_sample_grad_sq_norm_direct` by the Gram
     ("ghost norm") identity ``sum_{t,s} (a_t . a_s)(g_t . g_s)``; ~B*T^2*(d+p) multiply-adds."""
     _check_per_sample_pair(a, g, "per_sample_grad_sq_norm_gram")
-    return _ops.op_for("per_sample_grad_sq_norm_gram", a.device)(a, g)
+    return registry.op_for("per_sample_grad_sq_norm_gram", a.device)(a, g)
 
 
 def per_sample_conv_grad_sq_norm(
@@ -105,7 +105,7 @@ def per_sample_conv_grad_sq_norm(
     if x.shape[0] != g.shape[0] or weight_size[0] != g.shape[1] or weight_size[1] * groups != x.shape[1]:
         raise ValueError(f"{op}: x {tuple(x.shape)}, g {tuple(g.shape)}, weight {tuple(weight_size)} and "
                          f"groups={groups} do not fit one convolution")
-    return _ops.op_for(op, x.device)(x, g, list(weight_size), list(stride), list(padding), list(dilation), groups)
+    return registry.op_for(op, x.device)(x, g, list(weight_size), list(stride), list(padding), list(dilation), groups)
 
 
 # ---- issue 6: top-k subset selection ------------------------------------------------------
@@ -135,7 +135,7 @@ def ksmallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     k = k.__index__()  # numpy and 0-d integer tensors' ints too
     if not 0 <= k <= scores.shape[1]:
         raise ValueError(f"{op}: k = {k} outside [0, N = {scores.shape[1]}]")
-    return _ops.op_for(op, scores.device)(scores, k)
+    return registry.op_for(op, scores.device)(scores, k)
 
 
 def sharpbalance_masks(flat_mask: torch.Tensor, variant: str | int = "balance") -> torch.Tensor:
@@ -161,7 +161,7 @@ def sharpbalance_masks(flat_mask: torch.Tensor, variant: str | int = "balance") 
         code = variant
     else:
         raise ValueError(f"{op}: variant = {variant!r}, expected one of {SHARPBALANCE_VARIANTS} or 0, 1")
-    return _ops.op_for(op, flat_mask.device)(flat_mask, code)
+    return registry.op_for(op, flat_mask.device)(flat_mask, code)
 
 
 # ---- issue 4: the fused SAM optimizer's two passes (sbfast.optim.SharpBalanceSAM) -------------
@@ -208,7 +208,7 @@ def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, 
     op = "sam_perturb_"
     _check_sam_arrays(op, param, backup=backup, grad=grad)
     _check_sam_scalar(op, "scale", scale, param.device)
-    _ops.op_for(op, param.device)(param, backup, grad, scale, bool(adaptive))
+    registry.op_for(op, param.device)(param, backup, grad, scale, bool(adaptive))
 
 
 def sam_restore_sgd_(
@@ -257,6 +257,6 @@ def sam_restore_sgd_(
                              f"element on {param.device}")
     if write_grad_sum and normal_grad is None:
         raise ValueError(f"{op}: write_grad_sum needs a normal_grad")
-    _ops.op_for(op, param.device)(param, backup, grad, normal_grad, momentum_buf, momentum_ready, lr, skip,
+    registry.op_for(op, param.device)(param, backup, grad, normal_grad, momentum_buf, momentum_ready, lr, skip,
                                   inv_scale, float(weight_decay), float(momentum), float(dampening),
                                   bool(nesterov), bool(write_grad_sum))

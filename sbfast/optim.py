@@ -116,7 +116,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sbfast import _ops, ops
+from sbfast import ops, registry
 
 __all__ = ["SharpBalanceSAM"]
 
@@ -683,7 +683,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
                 if device_side:
                     s = torch.where(bad, torch.zeros_like(s), s)
                 scales[key] = s
-            _ops.op_for("sam_perturb_", self._device)(
+            registry.op_for("sam_perturb_", self._device)(
                 self._slice(run, bucket.param), self._slice(run, bucket.backup),
                 self._slice(run, bucket.grads[self._st.cur]), scales[key], bool(group["adaptive"]))
         self._st.perturbed = present
@@ -774,7 +774,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
     def _sgd(self, runs: list[_Run], grad_scaler: Any, args_of: Callable[[_Run], dict[str, Any]],
              lrs: dict[int, torch.Tensor]) -> None:
         inv_scale = self._inv_scale(grad_scaler)
-        op = _ops.op_for("sam_restore_sgd_", self._device)
+        op = registry.op_for("sam_restore_sgd_", self._device)
         for run in runs:
             a = args_of(run)
             bucket = self._buckets[run.bucket]

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sbfast import _ops
-from sbfast.reference import VARIANTS, _floor_count
+from sbfast import registry
+from sbfast.common import VARIANTS, floor_count
 
 _MASK_VARIANTS = {"balance": 0, "boost": 1}  # variant codes of sbfast::sharpbalance_masks
 
@@ -121,16 +121,16 @@ def select_sam_masks(
 
     if variant in ("random", "same"):
         # The reference's draws, exactly: CPU generator, randperm, first n_normal are normal.
-        n_normal = _floor_count(n, 1.0 - ratio)
+        n_normal = floor_count(n, 1.0 - ratio)
         member_seeds = seeds if variant == "random" else [0] * m
         mask = torch.ones(m, n, dtype=torch.bool)
         for i, seed in enumerate(member_seeds):
             mask[i, torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_normal]] = False
         return mask.to(scores.device)
 
-    k = _floor_count(n, ratio)
-    flat = _ops.op_for("ksmallest_mask", scores.device)(scores, k)
-    return _ops.op_for("sharpbalance_masks", scores.device)(flat, _MASK_VARIANTS[variant])
+    k = floor_count(n, ratio)
+    flat = registry.op_for("ksmallest_mask", scores.device)(scores, k)
+    return registry.op_for("sharpbalance_masks", scores.device)(flat, _MASK_VARIANTS[variant])
 
 
 def sam_index_split(mask_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Dataset
 
 from sbfast import ops
-from sbfast.reference import _check_rho, _module_modes, _perturbed_params, _restore_modes, _split_params
+from sbfast.common import check_rho, module_modes, perturbed_params, restore_modes, split_params
 
 __all__ = ["FORMS", "choose_form", "fisher_scores", "sam_loss_gap_scores", "sample_fisher_scores"]
 
@@ -774,11 +774,11 @@ def _length(loader: Iterable, trials: int) -> int | None:
 
 
 def _eval_mode(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    modes = _module_modes(model)
+    modes = module_modes(model)
     model.eval()  # BatchNorm on running statistics, no dropout; running stats stay untouched
     stuck = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if stuck:
-        _restore_modes(modes)
+        restore_modes(modes)
         raise ValueError(f"{', '.join(stuck)} stayed in training mode after model.eval(): batch statistics "
                          "would mix samples; per-sample scores need eval-mode normalisation")
     return modes
@@ -847,7 +847,7 @@ def fisher_scores(
                     values.append(scorer.score_split(xb, y[sl].to(scorer.device).long(), y[sl]).detach())
                     indices.append(index[sl].to(scorer.device).long())
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
     return _scores_by_index(indices, values, num_samples, scorer.device)
 
 
@@ -861,7 +861,7 @@ def sample_fisher_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
             xb = x.to(scorer.device, scorer.dtype) if x.is_floating_point() else x.to(scorer.device)
             return scorer.score_split(xb, y.to(scorer.device).long(), y).detach()
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
 
 
 def sam_loss_gap_scores(
@@ -888,12 +888,12 @@ def sam_loss_gap_scores(
     Returns:
         float32 [N] on the compute device, NaN for unseen indices.
     """
-    _check_rho(rho)
+    check_rho(rho)
     _check_positive_int(batch_size, "batch_size")
     if num_samples is not None:
         _check_positive_int(num_samples, "num_samples", 0)
     loader = _as_loader(data, batch_size)
-    params, fixed, dev, param_dtype = _split_params(model, device)
+    params, fixed, dev, param_dtype = split_params(model, device)
     chunk: list[int | None] = [None]
 
     def forward(w: dict, x: torch.Tensor) -> torch.Tensor:
@@ -921,7 +921,7 @@ def sam_loss_gap_scores(
         g = {n: gi for n, gi in zip(w, grads, strict=True) if gi is not None}
         if not g:
             raise ValueError("the loss does not depend on any trainable parameter")
-        w_e = _perturbed_params(params, g, rho, adaptive)
+        w_e = perturbed_params(params, g, rho, adaptive)
         with torch.no_grad():
             loss_e = torch.cat([F.cross_entropy(forward(w_e, x[s:s + size]), y[s:s + size], reduction="none")
                                 for s in range(0, b, size)])
@@ -952,5 +952,5 @@ def sam_loss_gap_scores(
             values.append(gap_split(xb, y.to(dev).long(), y).detach())
             indices.append(index.to(dev).long())
     finally:
-        _restore_modes(modes)
+        restore_modes(modes)
     return _scores_by_index(indices, values, num_samples, dev)

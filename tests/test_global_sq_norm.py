@@ -8,7 +8,7 @@ from conftest import DEVICES, ODD_SIZES, TRITON_DEVICE
 from helpers import assert_within_plain_error
 
 import sbfast
-from sbfast import _ops, ops, reference
+from sbfast import ops, reference, registry
 
 # (dtype, atol): atol covers the cases where plain PyTorch is exact and only scales with |x|^2.
 DTYPES = [
@@ -60,7 +60,7 @@ def test_reference_matches_float64(dtype, atol):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 def test_triton_matches_float64(dtype, atol):
-    triton_face = _ops.triton_op("global_sq_norm")
+    triton_face = registry.triton_op("global_sq_norm")
     for tensors in _lists(dtype, TRITON_DEVICE):
         exact = _exact(tensors)
         assert_within_plain_error(triton_face(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
@@ -112,7 +112,7 @@ def test_no_host_sync_under_compile():
 
 def test_backends_report_every_op():
     table = sbfast.backends()
-    assert set(table) == set(_ops.OPS)
+    assert set(table) == set(registry.OPS)
     for choice in table.values():
         assert choice["cpu"] in ("c++", "reference")
         assert choice["cuda"] in ("cuda-c++", "triton", "missing")

@@ -12,7 +12,7 @@ import torch
 from conftest import DEVICES, TRITON_DEVICE
 from helpers import assert_within_plain_error
 
-from sbfast import _ops, ops, reference
+from sbfast import ops, reference, registry
 
 FORMS = ["direct", "gram"]
 
@@ -119,7 +119,7 @@ TRITON_SHAPES = [(3, t, d, p) for t, d, p in itertools.product([1, 7], [1, 7, 33
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-13), (torch.float16, 1e-6)])
 def test_triton_matches_float64(form, dtype, atol):
-    face = _ops.triton_op(f"per_sample_grad_sq_norm_{form}")
+    face = registry.triton_op(f"per_sample_grad_sq_norm_{form}")
     for shape in TRITON_SHAPES:
         a, g = _inputs(shape, dtype, TRITON_DEVICE, seed=sum(shape))
         _check(face(a, g), a, g, dtype, atol)
@@ -128,7 +128,7 @@ def test_triton_matches_float64(form, dtype, atol):
 @pytest.mark.triton
 @pytest.mark.parametrize("form", FORMS)
 def test_triton_strided_and_mixed_dtype(form):
-    face = _ops.triton_op(f"per_sample_grad_sq_norm_{form}")
+    face = registry.triton_op(f"per_sample_grad_sq_norm_{form}")
     a = torch.randn(3, 33, 7, device=TRITON_DEVICE).transpose(1, 2)  # [3, 7, 33], T stride 1
     g = torch.randn(3, 7, 9, device=TRITON_DEVICE, dtype=torch.float64)
     out = face(a, g)
@@ -233,7 +233,7 @@ def test_conv_reference_matches_float64():
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_triton_conv_matches_float64(dtype, rtol):
-    face = _ops.triton_op("per_sample_conv_grad_sq_norm")
+    face = registry.triton_op("per_sample_conv_grad_sq_norm")
     for case in [c for c in CONVS if c[0][-1] < 16]:  # the interpreter is slow
         x, g, geometry = _conv_case(case, dtype, TRITON_DEVICE)
         torch.testing.assert_close(face(x, g, *geometry).double().cpu(), _conv_exact(x, g, *geometry),

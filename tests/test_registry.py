@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sbfast
-from sbfast import _ops
+from sbfast import registry
 
 
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -50,8 +50,8 @@ def test_import_without_extension_warns_once_and_falls_back_to_reference():
 
 
 def test_extension_serves_cpu_when_built():
-    if _ops.EXTENSION_ERROR is not None:
-        pytest.fail(f"sbfast._C did not import in this install: {_ops.EXTENSION_ERROR}")
+    if registry.EXTENSION_ERROR is not None:
+        pytest.fail(f"sbfast._C did not import in this install: {registry.EXTENSION_ERROR}")
     assert sbfast.backends()["global_sq_norm"]["cpu"] == "c++"
 
 
@@ -59,7 +59,7 @@ def test_triton_kernels_ship_inside_the_package():
     import sbfast.kernels.global_sq_norm as module
 
     assert module.__name__ == "sbfast.kernels.global_sq_norm"
-    assert "global_sq_norm" in _ops._TRITON_OPS
+    assert "global_sq_norm" in registry._TRITON_OPS
 
 
 def test_bad_cuda_backend_setting_names_the_choices(monkeypatch):
@@ -70,14 +70,14 @@ def test_bad_cuda_backend_setting_names_the_choices(monkeypatch):
 
 def test_cuda_backend_setting_selects_triton(monkeypatch):
     monkeypatch.setenv("SBFAST_CUDA_BACKEND", "triton")
-    assert all(choice["cuda"] == "triton" for name, choice in sbfast.backends().items() if name in _ops._TRITON_OPS)
-    assert _ops.op_for("global_sq_norm", torch.device("cuda")) is _ops.triton_op("global_sq_norm")
-    assert _ops.op_for("global_sq_norm", torch.device("cpu")) is torch.ops.sbfast.global_sq_norm.default
+    assert all(choice["cuda"] == "triton" for name, choice in sbfast.backends().items() if name in registry._TRITON_OPS)
+    assert registry.op_for("global_sq_norm", torch.device("cuda")) is registry.triton_op("global_sq_norm")
+    assert registry.op_for("global_sq_norm", torch.device("cpu")) is torch.ops.sbfast.global_sq_norm.default
 
 
 def test_missing_cuda_kernel_stub_names_the_missing_build():
     with pytest.raises(RuntimeError, match="no CUDA implementation"):
-        _ops._missing_cuda_stub("global_sq_norm")([torch.ones(1)])
+        registry._missing_cuda_stub("global_sq_norm")([torch.ones(1)])
 
 
 def test_public_api_names_resolve():

@@ -14,7 +14,7 @@ import torch
 from conftest import DEVICES, ODD_SIZES, TRITON_DEVICE
 from helpers import assert_within_plain_error
 
-from sbfast import _ops, reference
+from sbfast import reference, registry
 
 # (dtype, bit-exact for the C++ faces, atol of the plain-error rule)
 DTYPES = [
@@ -139,14 +139,14 @@ def test_perturb_huge_and_many_small(device, dtype, n, offset):
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype,bit_exact,atol", DTYPES)
 def test_perturb_triton_matches_reference(dtype, bit_exact, atol):
-    _check_perturb_face(_ops.triton_op("sam_perturb_"), TRITON_DEVICE, dtype, False, atol, [0, *ODD_SIZES])
+    _check_perturb_face(registry.triton_op("sam_perturb_"), TRITON_DEVICE, dtype, False, atol, [0, *ODD_SIZES])
 
 
 @pytest.mark.triton
 def test_triton_huge_and_many_small():
     # ~4M elements in one launch, and 40 small tensors launched one by one (float64 rule: the
     # interpreter's fma is two roundings, so within a few ulps of the twins rather than equal)
-    tp, tr = _ops.triton_op("sam_perturb_"), _ops.triton_op("sam_restore_sgd_")
+    tp, tr = registry.triton_op("sam_perturb_"), registry.triton_op("sam_restore_sgd_")
     cases = [((1 << 22) + 3, torch.float32)] + [(5, torch.float64)] * 40
     for n, dtype in cases:
         w, g, s = _perturb_inputs(n, dtype, TRITON_DEVICE)
@@ -176,7 +176,7 @@ def test_perturb_zero_scale_keeps_w_even_for_infinite_g(device):
 def test_perturb_triton_zero_scale():
     w = torch.randn(129, device=TRITON_DEVICE)
     g = torch.full_like(w, float("inf"))
-    out, _ = _run_perturb(_ops.triton_op("sam_perturb_"), w, g, torch.zeros((), device=TRITON_DEVICE), False)
+    out, _ = _run_perturb(registry.triton_op("sam_perturb_"), w, g, torch.zeros((), device=TRITON_DEVICE), False)
     assert torch.equal(out, w)
 
 
@@ -228,13 +228,13 @@ def test_restore_sgd_huge_and_many_small(device, dtype, n, offset):
 @pytest.mark.parametrize("dtype,bit_exact,atol", DTYPES)
 def test_restore_sgd_triton_matches_reference(dtype, bit_exact, atol):
     # the interpreter emulates fma with two roundings: held to the float64 rule, not to bits
-    _check_sgd_face(_ops.triton_op("sam_restore_sgd_"), TRITON_DEVICE, dtype, False, max(atol, 1e-7), [0, *ODD_SIZES])
+    _check_sgd_face(registry.triton_op("sam_restore_sgd_"), TRITON_DEVICE, dtype, False, max(atol, 1e-7), [0, *ODD_SIZES])
 
 
 @pytest.mark.parametrize("face", ["dispatched", "reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_restore_sgd_skip_restores_only(face):
     fn = {"dispatched": torch.ops.sbfast.sam_restore_sgd_, "reference": reference.sam_restore_sgd_,
-          "triton": _ops.triton_op("sam_restore_sgd_")}[face]
+          "triton": registry.triton_op("sam_restore_sgd_")}[face]
     device = TRITON_DEVICE if face == "triton" else "cpu"
     inputs = _sgd_inputs(129, torch.float32, device, SGD_CONFIGS[1])
     inputs["skip"] = torch.ones((), device=device)
@@ -334,5 +334,5 @@ def test_wrappers_validate_before_any_kernel():
 
 
 def test_backends_list_both_ops():
-    table = _ops.backends()
+    table = registry.backends()
     assert table["sam_perturb_"]["cpu"] == "c++" and table["sam_restore_sgd_"]["cpu"] == "c++"

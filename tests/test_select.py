@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sbfast
-from sbfast import _ops, ops, reference, select
-from sbfast.reference import _floor_count
+from sbfast import ops, reference, registry, select
+from sbfast.common import floor_count
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 MASK_VARIANTS = ["balance", "boost"]
@@ -158,7 +158,7 @@ def test_kernels_split_across_threads():
 def test_reference_twins_compose_to_select_sam_masks():
     scores = _scores(3, 1000, "ties")
     for ratio in (0.0, 0.3, 1.0):
-        flat = reference.ksmallest_mask(scores, _floor_count(1000, ratio))
+        flat = reference.ksmallest_mask(scores, floor_count(1000, ratio))
         for code, variant in enumerate(MASK_VARIANTS):
             assert torch.equal(reference.sharpbalance_masks(flat, code), reference.select_sam_masks(scores, ratio, variant))
 
@@ -169,7 +169,7 @@ def test_reference_twins_compose_to_select_sam_masks():
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_triton_ksmallest_mask(dtype):
-    face = _ops.triton_op("ksmallest_mask")
+    face = registry.triton_op("ksmallest_mask")
     for kind in ("ties", "special", "random"):
         for m, n in [(1, 1), (3, 7), (2, 129)] + ([(1, 4097)] if kind == "ties" else []):
             scores = _scores(m, n, kind, dtype=dtype, device=TRITON_DEVICE)
@@ -180,7 +180,7 @@ def test_triton_ksmallest_mask(dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("variant", MASK_VARIANTS)
 def test_triton_sharpbalance_masks(variant):
-    face = _ops.triton_op("sharpbalance_masks")
+    face = registry.triton_op("sharpbalance_masks")
     g = torch.Generator().manual_seed(6)
     code = MASK_VARIANTS.index(variant)
     for m in (1, 3, 8):
@@ -192,10 +192,10 @@ def test_triton_sharpbalance_masks(variant):
 
 @pytest.mark.triton
 def test_triton_pipeline_matches_select_sam_masks():
-    ks_face, alg_face = _ops.triton_op("ksmallest_mask"), _ops.triton_op("sharpbalance_masks")
+    ks_face, alg_face = registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks")
     scores = _scores(3, 1000, "ties", device=TRITON_DEVICE)
     for ratio in (0.01, 0.5):
-        flat = ks_face(scores, _floor_count(1000, ratio))
+        flat = ks_face(scores, floor_count(1000, ratio))
         for code, variant in enumerate(MASK_VARIANTS):
             assert torch.equal(alg_face(flat, code).cpu(), reference.select_sam_masks(scores.cpu(), ratio, variant))
 
@@ -247,7 +247,7 @@ def test_triton_ksmallest_mask_property(m, n, levels, data):
     k = data.draw(st.integers(0, n))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
     scores = torch.randint(0, levels, (m, n), generator=g).float() - 1.0
-    out = _ops.triton_op("ksmallest_mask")(scores.to(TRITON_DEVICE), k)
+    out = registry.triton_op("ksmallest_mask")(scores.to(TRITON_DEVICE), k)
     assert torch.equal(out.cpu(), _stable_first_k(scores, k))
 
 
@@ -262,10 +262,10 @@ def test_opcheck(device):
     flat = ops.ksmallest_mask(scores, 40)
     for code in (0, 1):
         torch.library.opcheck(torch.ops.sbfast.sharpbalance_masks.default, (flat, code))
-    if device == "cuda" and "ksmallest_mask" in _ops._TRITON_OPS:
+    if device == "cuda" and "ksmallest_mask" in registry._TRITON_OPS:
         # The Triton faces too (on CPU the interpreter cannot run under fake tensors).
-        torch.library.opcheck(_ops.triton_op("ksmallest_mask"), (scores, 40))
-        torch.library.opcheck(_ops.triton_op("sharpbalance_masks"), (flat, 1))
+        torch.library.opcheck(registry.triton_op("ksmallest_mask"), (scores, 40))
+        torch.library.opcheck(registry.triton_op("sharpbalance_masks"), (flat, 1))
 
 
 def test_no_host_sync_under_compile():
@@ -279,8 +279,8 @@ def test_no_host_sync_under_compile():
 
 
 def test_cpu_kernels_are_served_by_the_extension():
-    if _ops.EXTENSION_ERROR is not None:
-        pytest.fail(f"sbfast._C did not import: {_ops.EXTENSION_ERROR}")
+    if registry.EXTENSION_ERROR is not None:
+        pytest.fail(f"sbfast._C did not import: {registry.EXTENSION_ERROR}")
     table = sbfast.backends()
     assert table["ksmallest_mask"]["cpu"] == "c++" and table["sharpbalance_masks"]["cpu"] == "c++"
 
@@ -355,8 +355,8 @@ def test_op_wrappers_reject_bad_inputs():
 
 def _kernel_faces(device: str) -> list:
     faces = [(torch.ops.sbfast.ksmallest_mask, torch.ops.sbfast.sharpbalance_masks, device)]
-    if "ksmallest_mask" in _ops._TRITON_OPS:
-        faces.append((_ops.triton_op("ksmallest_mask"), _ops.triton_op("sharpbalance_masks"), TRITON_DEVICE))
+    if "ksmallest_mask" in registry._TRITON_OPS:
+        faces.append((registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks"), TRITON_DEVICE))
     return faces
 
 

@@ -730,18 +730,18 @@ def test_sam_loss_gap_bad_inputs():
 @pytest.mark.parametrize("form", ["auto", "direct", "gram"])
 def test_fisher_scores_through_triton_faces(monkeypatch, form):
     """What a GPU runs: every per-sample-norm op served by its Triton launcher."""
-    from sbfast import _ops
+    from sbfast import registry
 
-    real = _ops.op_for
+    real = registry.op_for
     used = set()
 
     def triton_everywhere(name, device):
         if name.startswith("per_sample_"):
             used.add(name)
-            return _ops.triton_op(name)
+            return registry.triton_op(name)
         return real(name, device)
 
-    monkeypatch.setattr(_ops, "op_for", triton_everywhere)
+    monkeypatch.setattr(registry, "op_for", triton_everywhere)
     for name in ("grouped_cnn", "norm_net"):
         model, x = MODELS[name]()
         x, y = x[:3], torch.tensor([0, 2, 1])
