@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", choices=T.BACKENDS, default="fast",
                    help="fast: fused optimizer + fast scoring/selection; reference: the reference components")
     r.add_argument("--reference-trainer", action="store_true",
-                   help="run sbfast.reference.train_ensemble (the slow plain twin) instead")
+                   help="run sbfast.train.train_ensemble_reference (the slow plain twin) instead")
     r.add_argument("--batching", choices=T.BATCHINGS, default="static")
     r.add_argument("--compile", action="store_true", help="torch.compile the model")
     r.add_argument("--cuda-graphs", action="store_true", help="capture full-size steps as CUDA graphs")
@@ -103,7 +103,6 @@ def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sbfast import reference
     from sbfast import train as T
     from sbfast.metrics import format_table
 
@@ -121,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{'reference trainer' if args.reference_trainer else f'backend {c0.backend}, batching {c0.batching}'}")  # fmt: skip
     results = []
     for cfg in configs:
-        trainer = reference.train_ensemble if args.reference_trainer else T.train_ensemble
+        trainer = T.train_ensemble_reference if args.reference_trainer else T.train_ensemble
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. torch's lr-scheduler order notice
             res = trainer(cfg, data=data)

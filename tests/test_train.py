@@ -1,5 +1,5 @@
 """sbfast.train: the ensemble trainer, its config, its static batcher and its results; and its
-parity with the plain twin sbfast.reference.train_ensemble.
+parity with the plain twin sbfast.train.train_ensemble_reference.
 
 Every run is tiny (synthetic 8x8 images, a width-4 CNN, 2 members, 3-4 epochs), so the whole
 file stays within a few tens of seconds on a busy 2-core machine.
@@ -7,9 +7,9 @@ file stays within a few tens of seconds on a busy 2-core machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -21,14 +21,6 @@ from sbfast import train as T
 from sbfast.data import make_loader, make_synthetic_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        # the fast modules may still be missing in a checkout: the fallback warning is expected
-        warnings.filterwarnings("ignore", message="sbfast\\.(optim|sharpness|select) is not available")
-        yield
 
 
 def tiny(**kw) -> T.TrainConfig:
@@ -142,7 +134,7 @@ def test_config_round_trip():
 def test_unavailable_device_is_an_error_before_training(data, tmp_path):
     # no machine has 100 GPUs; without CUDA the message says CUDA is missing, with it, too few
     cfg = tiny(device="cuda:99", output_dir=str(tmp_path / "never"))
-    for trainer in (T.train_ensemble, reference.train_ensemble):
+    for trainer in (T.train_ensemble, T.train_ensemble_reference):
         with pytest.raises(ValueError, match="requested but CUDA"):
             trainer(cfg, data=data)
     if not torch.cuda.is_available():
@@ -264,10 +256,9 @@ def test_scoring_happens_once_at_the_start_of_epoch_td_plus_1(data, monkeypatch)
             calls.append(("fisher", epoch_now[0]))
             return fisher(model, ds, **kw)
 
-        comp.fisher = counted
-        return comp
+        return dataclasses.replace(comp, fisher=counted)
 
-    monkeypatch.setattr(T, "get_components", spying_components)
+    monkeypatch.setattr(T.trainer, "get_components", spying_components)
 
     class Spy(T.Callback):
         def on_epoch_start(self, epoch, phase):
@@ -334,7 +325,7 @@ def test_reference_components_match_the_plain_twin_bit_for_bit(method, data):
     cfg = tiny(method=method, backend="reference", batching="exact", dtype="float64", epochs=4, swap_epoch=1,
                augment=True, augment_flip=True)  # fmt: skip
     fast = T.train_ensemble(cfg, data=data)
-    ref = reference.train_ensemble(cfg, data=data)
+    ref = T.train_ensemble_reference(cfg, data=data)
     assert max_param_diff(fast, ref) == 0.0
     assert ref.config.backend == "reference" and ref.config.batching == "exact"
     for hf, hr in zip(fast.history, ref.history, strict=True):
@@ -348,12 +339,17 @@ def test_reference_components_match_the_plain_twin_bit_for_bit(method, data):
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
 @pytest.mark.parametrize("method", ["de", "de_sam", "sharpbalance"])
 def test_fast_backend_matches_the_plain_twin(method, dtype, tol, data):
-    # the fast components (fused SharpBalanceSAM, fast Fisher scores, fast selection; a module
-    # that is not importable falls back to the reference) against the plain loop, with the
-    # release's random batches. Measured: 0.0 in both dtypes (the fused optimizer is bit-exact).
+    # the fast components (fused SharpBalanceSAM, fast Fisher scores, fast selection) against
+    # the plain loop, with the release's random batches. Measured: 0.0 in both dtypes (the
+    # fused optimizer is bit-exact).
     cfg = tiny(method=method, backend="fast", batching="exact", dtype=dtype, epochs=4, swap_epoch=1)
     fast = T.train_ensemble(cfg, data=data)
-    ref = reference.train_ensemble(cfg, data=data)
+    ref = T.train_ensemble_reference(cfg, data=data)
+    assert fast.components["optimizer"] == "sbfast.optim.SharpBalanceSAM"
+    assert fast.components["fisher"] == "sbfast.sharpness.fisher_scores"
+    assert fast.components["select"] == "sbfast.select.select_sam_masks"
+    assert ref.components["optimizer"].startswith(("reference.SAM", "torch.optim.SGD"))
+    assert ref.components["fisher"] == "reference.fisher_scores"
     assert max_param_diff(fast, ref) <= tol
     if method == "sharpbalance":
         torch.testing.assert_close(fast.scores, ref.scores, rtol=1e-5 if dtype == "float32" else 1e-12, atol=0)
@@ -365,13 +361,11 @@ def test_fast_backend_matches_the_plain_twin(method, dtype, tol, data):
 
 @pytest.fixture(scope="module")
 def sb_result(data) -> T.EnsembleResult:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="sbfast\\.(optim|sharpness|select) is not available")
-        return T.train_ensemble(
-            tiny(method="sharpbalance", members=3, eval_corruptions=("contrast", "gaussian_noise"),
-                 eval_severities=(1, 3)),
-            data=data,
-        )  # fmt: skip
+    return T.train_ensemble(
+        tiny(method="sharpbalance", members=3, eval_corruptions=("contrast", "gaussian_noise"),
+             eval_severities=(1, 3)),
+        data=data,
+    )  # fmt: skip
 
 
 def test_result_metrics_and_ood(sb_result):

@@ -1,0 +1,119 @@
+"""The ensemble trainer: de, de_sam and SharpBalance end to end (docs/algorithm.md).
+
+``train_ensemble(TrainConfig(...))`` trains M members on one data set, following section 6:
+
+* ``de``: plain SGD for every member, every epoch.
+* ``de_sam``: SAM on every sample, every epoch.
+* ``sharpbalance``: SAM on every sample in epochs 0..T_d (``swap_epoch``); at the start of epoch
+  T_d + 1 every member scores the whole training set (Fisher scores, eval mode, no augmentation),
+  the scores [M, N] are shared, ``select_sam_masks`` gives each member its SAM set, and from then
+  on every step is a mixed step (section 5).
+
+Then it evaluates the ensemble: member/ensemble accuracy, NLL, ECE, disagreement, DER, EIR on the
+test split (``metrics.ensemble_metrics``), accuracy on corrupted test sets (``metrics.ood_metrics``)
+and each member's mean Fisher score on a fixed training subset (its sharpness).
+
+What makes it fast (``backend="fast"``):
+
+* the fused ``sbfast.optim.SharpBalanceSAM``, ``sbfast.sharpness.fisher_scores`` and
+  ``sbfast.select.select_sam_masks`` (``backend="reference"`` swaps in the plain-PyTorch twins,
+  by choice only; ``EnsembleResult.components`` records which ran);
+* the data sets live on the training device as tensors; a batch is one gather plus augmentation
+  as batched tensor ops with a per-member generator on that device (no DataLoader, no collation);
+* no host synchronisation inside an epoch on the static path (losses accumulate on the device);
+* ``batching="static"``: in phase 2 each member shuffles its SAM set and its normal set apart and
+  zips them into batches of one fixed composition (n_sam, n_normal) proportional to its SAM share;
+  the leftover forms a tail of a few batches (usually one, like the release's last partial batch)
+  whose shapes are also the same every epoch (``static_batch_plan``, ``StaticBatcher``). So the
+  steps see a handful of fixed shapes for the whole phase, which lets ``compile`` (torch.compile
+  of the model) and ``cuda_graphs`` (one captured CUDA graph per full-size step) work without
+  recompiles or host syncs. ``batching="exact"`` keeps the release's random batches.
+
+``train_ensemble_reference`` is the plain twin (reference SAM over torch.optim.SGD, one
+DataLoader per member, reference scoring and selection); with ``backend="reference"`` and
+``batching="exact"`` the two give the same parameters (tests/test_train.py holds them to it).
+
+Seeds: member j uses ``seed + j`` for its initialisation (``torch.manual_seed`` inside a forked
+RNG, so the caller's global RNG is left alone), its batch order (a CPU generator, consumed as the
+release's ``RandomSampler`` does) and, offset by ``AUG_SEED_OFFSET``, its augmentation generator.
+
+| module | what |
+|---|---|
+| ``config`` | ``TrainConfig``, presets, accepted names |
+| ``data`` | ``load_data``, ``TrainData``, ``DeviceData`` (tensors on the training device) |
+| ``members`` | seeds, initialisation, batch order, LR schedule of each member |
+| ``batching`` | ``static_batch_plan``, ``StaticBatcher`` (static shapes in the mixed phase) |
+| ``steps`` | ``sgd_step``, ``sam_step``, ``mixed_step_static``, ``mixed_step_exact`` |
+| ``graphs`` | CUDA graph capture of a step |
+| ``components`` | fast or reference optimizer, scorer, selector |
+| ``evaluate`` | ``predict_probs``, ``evaluate_ensemble`` |
+| ``callbacks`` | ``Callback`` |
+| ``results`` | ``EnsembleResult`` |
+| ``plots`` | ``plot_results`` |
+| ``trainer`` | ``EnsembleTrainer``, ``train_ensemble`` |
+| ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
+"""
+
+from sbfast.train.batching import StaticBatcher, StaticPlan, static_batch_plan
+from sbfast.train.callbacks import Callback
+from sbfast.train.components import Components, get_components
+from sbfast.train.config import (
+    BACKENDS,
+    BATCHINGS,
+    COMPILE_BACKENDS,
+    DATASETS,
+    DEFAULT_CORRUPTIONS,
+    DTYPES,
+    LR_SCHEDULES,
+    METHODS,
+    PRESETS,
+    TrainConfig,
+    as_config,
+)
+from sbfast.train.data import DeviceBatches, DeviceData, TrainData, load_data
+from sbfast.train.evaluate import evaluate_ensemble, predict_probs
+from sbfast.train.members import build_member, make_lr_scheduler, member_seeds, release_order
+from sbfast.train.plots import plot_results
+from sbfast.train.reference_trainer import train_ensemble_reference
+from sbfast.train.results import EnsembleResult
+from sbfast.train.steps import mixed_step_exact, mixed_step_static, sam_step, sgd_step
+from sbfast.train.trainer import EnsembleTrainer, train_ensemble
+
+__all__ = [
+    "BACKENDS",
+    "BATCHINGS",
+    "COMPILE_BACKENDS",
+    "DATASETS",
+    "DEFAULT_CORRUPTIONS",
+    "DTYPES",
+    "LR_SCHEDULES",
+    "METHODS",
+    "PRESETS",
+    "Callback",
+    "Components",
+    "DeviceBatches",
+    "DeviceData",
+    "EnsembleResult",
+    "EnsembleTrainer",
+    "StaticBatcher",
+    "StaticPlan",
+    "TrainConfig",
+    "TrainData",
+    "as_config",
+    "build_member",
+    "evaluate_ensemble",
+    "get_components",
+    "load_data",
+    "make_lr_scheduler",
+    "member_seeds",
+    "mixed_step_exact",
+    "mixed_step_static",
+    "plot_results",
+    "predict_probs",
+    "release_order",
+    "sam_step",
+    "sgd_step",
+    "static_batch_plan",
+    "train_ensemble",
+    "train_ensemble_reference",
+]

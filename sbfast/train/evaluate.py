@@ -1,0 +1,96 @@
+"""Evaluation of a trained ensemble: test probabilities, metrics, corruption accuracy, sharpness."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from sbfast import metrics as metrics_mod
+from sbfast.train.config import SHARPNESS_SUBSET_SEED, TrainConfig
+from sbfast.train.data import DeviceData, TrainData
+
+
+@torch.no_grad()
+def predict_probs(
+    models: Sequence[nn.Module],
+    batches: Callable[[], Iterator[torch.Tensor]],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Softmax outputs of every member: float32 [M, n, C] on the CPU.
+
+    ``batches()`` yields float32 inputs on the models' device, in sample order; each member is
+    put in eval mode and its mode restored after.
+    """
+    out = []
+    for model in models:
+        was = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            parts = [torch.softmax(model(x.to(dtype)), dim=1).float() for x in batches()]
+        finally:
+            for m, t in was:
+                m.training = t
+        out.append(torch.cat(parts).cpu())
+    return torch.stack(out)
+
+
+def accuracies(probs: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], float]:
+    t = targets.cpu()
+    member = [float((p.argmax(1) == t).double().mean()) for p in probs]
+    ens = float((probs.double().mean(0).argmax(1) == t).double().mean())
+    return member, ens
+
+
+def evaluate_ensemble(
+    models: Sequence[nn.Module],
+    data: TrainData,
+    config: TrainConfig,
+    device: torch.device,
+    fisher: Callable[..., torch.Tensor],
+    *,
+    test_batches: Callable[[], Iterator[torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Final evaluation: ``metrics`` (ensemble_metrics on the test split), ``ood``
+    (ood_metrics over the corrupted test sets, or None), ``sharpness`` (each member's mean Fisher
+    score on a fixed training subset of ``sharpness_samples``), the test ``probs`` and timings."""
+    dtype = config.torch_dtype
+    t0 = time.perf_counter()
+    if test_batches is None:
+        test_dev = DeviceData(data.test, device)
+
+        def test_batches() -> Iterator[torch.Tensor]:
+            return (x for x, _ in test_dev.slices(config.eval_batch_size))
+
+    probs = predict_probs(models, test_batches, dtype)
+    metrics = metrics_mod.ensemble_metrics(probs, data.test.y)
+    t1 = time.perf_counter()
+    ood = None
+    if config.eval_corruptions:
+        sets = data.corrupted(config.eval_corruptions, config.eval_severities)
+        results = {}
+        for key, ds in sets.items():
+            dd = DeviceData(ds, device)
+            p = predict_probs(models, lambda dd=dd: (x for x, _ in dd.slices(config.eval_batch_size)), dtype)
+            results[key] = (p, ds.y)
+        ood = metrics_mod.ood_metrics(results)
+    t2 = time.perf_counter()
+    sharpness: list[float] = []
+    if config.sharpness_samples > 0:
+        n = min(config.sharpness_samples, len(data.train))
+        perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SHARPNESS_SUBSET_SEED))
+        sub = data.train.subset(perm[:n].sort().values)
+        for model in models:
+            s = fisher(model, sub, config=config, device=device, progress=False)
+            sharpness.append(float(s.double().mean()))
+    t3 = time.perf_counter()
+    return {
+        "metrics": metrics,
+        "ood": ood,
+        "sharpness": sharpness,
+        "probs": probs,
+        "timing": {"eval_test_s": t1 - t0, "eval_ood_s": t2 - t1, "eval_sharpness_s": t3 - t2},
+    }

@@ -1,0 +1,146 @@
+"""What a run produced (``EnsembleResult``): the comparison row, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sbfast import metrics as metrics_mod
+from sbfast.train.config import TrainConfig
+from sbfast.train.plots import plot_results
+
+
+def jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+@dataclass
+class EnsembleResult:
+    """What a run produced.
+
+    Attributes:
+        config: the TrainConfig that ran.
+        metrics: ``metrics.ensemble_metrics`` on the test split (member_acc, ensemble_acc,
+            ensemble_nll, ece, disagreement, der, eir, ...).
+        ood: ``metrics.ood_metrics`` over the corrupted test sets, or None.
+        history: one dict per epoch: epoch, phase ("sgd" | "sam" | "mixed"), lr, train_loss [M]
+            (mean batch loss at w), test_acc [M] and ensemble_test_acc (None on epochs not
+            evaluated), time_s (training, all members), score_s (scoring + selection, the T_d + 1
+            epoch only), eval_s, samples_per_s.
+        sharpness: mean Fisher score of each member on a fixed training subset.
+        scores: float32 [M, N] Fisher scores (sharpbalance), masks: bool [M, N] (True = SAM).
+        timing: total_s, train_s, score_s, eval_s and the evaluation's parts.
+        components: which optimizer / scorer / selector ran; batching.
+        models: the trained members (not serialised). probs: test softmax [M, n, C] (not serialised).
+    """
+
+    config: TrainConfig
+    metrics: dict[str, Any]
+    ood: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    sharpness: list[float] = field(default_factory=list)
+    scores: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)
+    models: list[nn.Module] = field(default_factory=list, repr=False, compare=False)
+    probs: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict[str, Any]:
+        """One row of the comparison table."""
+        m = self.metrics
+        return {
+            "method": self.config.method,
+            "member_acc": m["member_acc_mean"],
+            "ensemble_acc": m["ensemble_acc"],
+            "nll": m["ensemble_nll"],
+            "ece": m["ece"],
+            "der": m["der"],
+            "eir": m["eir"],
+            "ood_acc": self.ood["mean"]["ensemble_acc"] if self.ood else math.nan,
+            "sharpness": sum(self.sharpness) / len(self.sharpness) if self.sharpness else math.nan,
+            "wall_s": self.timing.get("total_s", math.nan),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tensors as nested lists; NaN stays NaN, as Python's json writes it)."""
+        return {
+            "config": self.config.to_dict(),
+            "metrics": jsonable(self.metrics),
+            "ood": jsonable(self.ood),
+            "history": jsonable(self.history),
+            "sharpness": list(self.sharpness),
+            "scores": None if self.scores is None else self.scores.tolist(),
+            "masks": None if self.masks is None else self.masks.to(torch.uint8).tolist(),
+            "timing": dict(self.timing),
+            "components": dict(self.components),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EnsembleResult:
+        ood = d.get("ood")
+        if ood is not None and "per_severity" in ood:  # JSON turned the int severity keys into str
+            ood = dict(ood, per_severity={int(k): v for k, v in ood["per_severity"].items()})
+        return cls(
+            config=TrainConfig.from_dict(d["config"]),
+            metrics=dict(d["metrics"]),
+            ood=ood,
+            history=list(d["history"]),
+            sharpness=list(d.get("sharpness", [])),
+            scores=None if d.get("scores") is None else torch.tensor(d["scores"], dtype=torch.float32),
+            masks=None if d.get("masks") is None else torch.tensor(d["masks"], dtype=torch.uint8).bool(),
+            timing=dict(d.get("timing", {})),
+            components=dict(d.get("components", {})),
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The JSON text; also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> EnsembleResult:
+        """Read a result written by ``to_json`` (a path, or the JSON text itself)."""
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(path_or_text)
+        return cls.from_dict(json.loads(text))
+
+    def table(self) -> str:
+        """Plain-text summary: the comparison row, per-member accuracy and sharpness, OOD per severity."""
+        lines = [metrics_mod.format_table([self.summary()]), ""]
+        members = [
+            {"member": j, "test_acc": a, "sharpness": self.sharpness[j] if j < len(self.sharpness) else math.nan,
+             "sam_share": float(self.masks[j].double().mean()) if self.masks is not None else math.nan}
+            for j, a in enumerate(self.metrics["member_acc"])
+        ]  # fmt: skip
+        lines += [metrics_mod.format_table(members), ""]
+        if self.ood:
+            sev = [{"severity": s, **v} for s, v in self.ood["per_severity"].items()]
+            lines += ["OOD accuracy per severity", metrics_mod.format_table(sev), ""]
+        return "\n".join(lines)
+
+    def save(self, output_dir: str | Path | None = None) -> dict[str, Path]:
+        """Write results.json, metrics.txt and plot.png under ``output_dir`` (default
+        ``config.output_dir``). Returns {"json", "table", "plot"} -> path."""
+        out = Path(output_dir if output_dir is not None else (self.config.output_dir or "."))
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "results.json", "table": out / "metrics.txt", "plot": out / "plot.png"}
+        self.to_json(paths["json"])
+        paths["table"].write_text(self.table() + "\n")
+        plot_results([self], paths["plot"])
+        return paths
