@@ -17,10 +17,12 @@ Faces of an op (see DESIGN.md):
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.library import Library
@@ -192,8 +194,19 @@ def _per_sample_conv_grad_sq_norm_fake(x, g, weight_size, stride, padding, dilat
 EXTENSION_ERROR: str | None = None
 try:
     from sbfast import _C  # noqa: F401  (import registers the C++/CUDA kernels)
-except ImportError as exc:  # a pure-Python install (SBFAST_NO_EXT=1) or a failed build
+except ImportError as exc:
     EXTENSION_ERROR = str(exc)
+    _built = [p for d in importlib.import_module("sbfast").__path__ for p in Path(d).glob("_C.*")
+              if p.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))]  # fmt: skip
+    if _built and os.environ.get("SBFAST_NO_EXT", "0") != "1":
+        # A built extension that does not load (another torch, a broken build) must not quietly
+        # turn every CPU op into the slow reference: say so, and say how to choose that on purpose.
+        raise ImportError(
+            f"sbfast._C is built ({_built[0]}) but does not import: {exc}. Rebuild it against the "
+            "installed torch (`pip install --no-build-isolation --no-deps -e .`), or set "
+            "SBFAST_NO_EXT=1 to run the plain-PyTorch reference on CPU on purpose."
+        ) from exc
+    # a pure-Python install (SBFAST_NO_EXT=1 at build time, or on purpose at run time)
     warnings.warn(
         f"sbfast._C is not available ({exc}); CPU ops use the plain-PyTorch reference and CUDA "
         "ops use Triton. Rebuild with `pip install --no-build-isolation -e .` for the C++ kernels.",

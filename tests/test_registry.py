@@ -26,7 +26,22 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_a_built_extension_that_does_not_import_is_an_error_not_a_slow_fallback():
+    result = _run_python(
+        """
+        import sys
+        sys.modules["sbfast._C"] = None  # the .so exists but cannot be loaded
+        import sbfast
+        """,
+        SBFAST_NO_EXT="0",
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "sbfast._C is built" in last and "SBFAST_NO_EXT=1" in last
+
+
 def test_import_without_extension_warns_once_and_falls_back_to_reference():
+    # SBFAST_NO_EXT=1: the plain-PyTorch reference on CPU, chosen on purpose
     result = _run_python(
         """
         import sys, warnings, json
@@ -40,7 +55,8 @@ def test_import_without_extension_warns_once_and_falls_back_to_reference():
         x = [torch.arange(5.0), torch.ones(3, 2)]
         print(json.dumps({"warnings": len(messages), "backends": sbfast.backends(),
                           "norm": sbfast.ops.global_sq_norm(x).item()}))
-        """
+        """,
+        SBFAST_NO_EXT="1",
     )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout.strip().splitlines()[-1])
