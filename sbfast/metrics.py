@@ -20,44 +20,70 @@ ECE_BINS = 15
 PROB_SUM_TOL = 1e-3  # |sum_c p - 1| allowed per row (float32 softmax / half precision outputs)
 
 
-def _check_probs_targets(probs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_probs(probs: Any, shape_doc: str, dims: int) -> torch.Tensor:
+    """probs as float64 on the CPU, after checking: floating, ``dims`` dims, none empty, finite,
+    every value in [0, 1] and every row (last dim) summing to 1, within PROB_SUM_TOL."""
     if not isinstance(probs, torch.Tensor):
         probs = torch.as_tensor(probs)
-    if not isinstance(targets, torch.Tensor):
-        targets = torch.as_tensor(targets)
     if not probs.is_floating_point():
         raise TypeError(f"probs must be floating (softmax outputs), got {probs.dtype}")
-    if probs.dim() == 2:
+    if dims == 3 and probs.dim() == 2:
         raise ValueError(
-            f"probs must be [M, n, C] (members, samples, classes), got shape {tuple(probs.shape)}; "
-            "for a single model use probs.unsqueeze(0)"
+            f"probs must be {shape_doc}, got shape {tuple(probs.shape)}; for a single model use probs.unsqueeze(0)"
         )
-    if probs.dim() != 3:
-        raise ValueError(f"probs must be [M, n, C] (members, samples, classes), got shape {tuple(probs.shape)}")
-    m, n, c = probs.shape
-    if m < 1 or n < 1 or c < 1:
+    if probs.dim() != dims:
+        raise ValueError(f"probs must be {shape_doc}, got shape {tuple(probs.shape)}")
+    if probs.numel() == 0:
         raise ValueError(f"probs needs at least one member, sample and class, got shape {tuple(probs.shape)}")
-    if targets.dim() != 1 or targets.shape[0] != n:
-        raise ValueError(f"targets must be [n] with n = {n} (probs' second dim), got shape {tuple(targets.shape)}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise TypeError(f"targets must be integer class indices, got {targets.dtype}")
     p = probs.detach().to(device="cpu", dtype=torch.float64)
-    t = targets.detach().to(device="cpu", dtype=torch.int64)
     if not bool(torch.isfinite(p).all()):
         raise ValueError("probs contains NaN or inf")
-    if bool((p < -PROB_SUM_TOL).any()):
-        raise ValueError(f"probs must be >= 0, found {float(p.min()):.3g}")
     dev = (p.sum(-1) - 1).abs()
     if bool((dev > PROB_SUM_TOL).any()):
         bad = int(dev.argmax())
-        mi, ni = divmod(bad, n)
+        rows = p.reshape(-1, p.shape[-1])
+        where = f"member {bad // p.shape[1]}, sample {bad % p.shape[1]}" if dims == 3 else f"sample {bad}"
         raise ValueError(
-            f"probs rows must sum to 1 (tolerance {PROB_SUM_TOL}): member {mi}, sample {ni} sums to "
-            f"{float(p[mi, ni].sum()):.6f}; pass softmax outputs, not logits"
+            f"probs rows must sum to 1 (tolerance {PROB_SUM_TOL}): {where} sums to "
+            f"{float(rows[bad].sum()):.6f}; pass softmax outputs, not logits"
         )
-    if int(t.min()) < 0 or int(t.max()) >= c:
-        raise ValueError(f"targets must be in [0, {c}), got values in [{int(t.min())}, {int(t.max())}]")
-    return p, t
+    lo, hi = float(p.min()), float(p.max())
+    if lo < -PROB_SUM_TOL or hi > 1 + PROB_SUM_TOL:
+        raise ValueError(f"probs must be in [0, 1] (tolerance {PROB_SUM_TOL}), found values in [{lo:.6g}, {hi:.6g}]")
+    return p
+
+
+def _check_targets(targets: Any, n: int, c: int) -> torch.Tensor:
+    """targets as int64 on the CPU, after checking: integer (not bool) [n] in [0, c)."""
+    if not isinstance(targets, torch.Tensor):
+        targets = torch.as_tensor(targets)
+    if targets.dim() != 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must be [n] with n = {n} (probs' sample dim), got shape {tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be integer class indices, got {targets.dtype}")
+    t = targets.detach().to(device="cpu", dtype=torch.int64)
+    lo, hi = int(targets.min()), int(targets.max())  # before the cast: a uint64 label must not wrap
+    if lo < 0 or hi >= c:
+        raise ValueError(f"targets must be in [0, {c}), got values in [{lo}, {hi}]")
+    return t
+
+
+def _check_probs_targets(probs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _check_probs(probs, "[M, n, C] (members, samples, classes)", 3)
+    return p, _check_targets(targets, p.shape[1], p.shape[2])
+
+
+def _ece(p: torch.Tensor, t: torch.Tensor, n_bins: int) -> float:
+    conf, pred = p.max(dim=1)
+    correct = (pred == t).to(torch.float64)
+    # Right-closed bins (b/B, (b+1)/B]: bucketize against the inner edges k/B (correctly rounded
+    # divisions, so a confidence of exactly 0.4 = 6/15 lands in bin 5, not 6); conf 0 -> bin 0.
+    edges = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
+    idx = torch.bucketize(conf, edges, right=False)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    # sum_b |B_b|/n |acc_b - conf_b| = sum_b |sum_{i in b} correct_i - sum_{i in b} conf_i| / n
+    return float((acc_sum - conf_sum).abs().sum() / p.shape[0])
 
 
 def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = ECE_BINS) -> float:
@@ -68,33 +94,25 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bin
     ECE = sum_b |B_b|/n * |acc(B_b) - mean conf(B_b)|, empty bins contributing 0.
 
     Args:
-        probs: [n, C] probabilities. targets: [n] int64. n_bins: >= 1.
+        probs: [n, C] floating probabilities, n >= 1: finite, in [0, 1] and each row summing to 1,
+            within ``PROB_SUM_TOL`` (1e-3). targets: [n] integer labels in [0, C). n_bins: int >= 1.
+    Raises:
+        ValueError / TypeError on wrong shapes or dtypes, rows not summing to 1, values outside
+        [0, 1], NaN, labels out of range.
     """
-    if probs.dim() != 2 or targets.dim() != 1 or probs.shape[0] != targets.shape[0]:
-        raise ValueError(f"probs must be [n, C] and targets [n], got {tuple(probs.shape)} and {tuple(targets.shape)}")
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
-    p = probs.detach().to(device="cpu", dtype=torch.float64)
-    t = targets.detach().to("cpu")
-    conf, pred = p.max(dim=1)
-    correct = (pred == t).to(torch.float64)
-    # Right-closed bins (b/B, (b+1)/B]: bucketize against the inner edges k/B (correctly rounded
-    # divisions, so a confidence of exactly 0.4 = 6/15 lands in bin 5, not 6); conf 0 -> bin 0.
-    edges = torch.arange(1, n_bins, dtype=torch.float64) / n_bins
-    idx = torch.bucketize(conf, edges, right=False)
-    n = p.shape[0]
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
-    # sum_b |B_b|/n |acc_b - conf_b| = sum_b |sum_{i in b} correct_i - sum_{i in b} conf_i| / n
-    return float((acc_sum - conf_sum).abs().sum() / n)
+    p = _check_probs(probs, "[n, C] (samples, classes)", 2)
+    return _ece(p, _check_targets(targets, p.shape[0], p.shape[1]), n_bins)
 
 
 def ensemble_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
     """The paper's in-distribution metrics of an ensemble.
 
     Args:
-        probs: [M, n, C] softmax outputs of M members on n samples (rows sum to 1 within
-            ``PROB_SUM_TOL``). targets: [n] integer labels in [0, C).
+        probs: [M, n, C] floating softmax outputs of M members on n samples, none of M, n, C
+            zero: finite, in [0, 1] and each row summing to 1, within ``PROB_SUM_TOL`` (1e-3).
+        targets: [n] integer labels in [0, C).
     Returns:
         dict with
           * ``member_acc``: list of M floats, accuracy of each member's argmax;
@@ -112,7 +130,8 @@ def ensemble_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, An
           * ``num_members``, ``num_samples``.
         Argmax ties go to the lowest class index (torch.argmax).
     Raises:
-        ValueError / TypeError on wrong shapes, rows not summing to 1, NaN, labels out of range.
+        ValueError / TypeError on wrong shapes or dtypes, rows not summing to 1, values outside
+        [0, 1], NaN, labels out of range.
     """
     p, t = _check_probs_targets(probs, targets)
     m, n, _ = p.shape
@@ -137,7 +156,7 @@ def ensemble_metrics(probs: torch.Tensor, targets: torch.Tensor) -> dict[str, An
         "member_acc_mean": float(member_acc.mean()),
         "ensemble_acc": ens_acc,
         "ensemble_nll": nll,
-        "ece": expected_calibration_error(mean_p, t, ECE_BINS),
+        "ece": _ece(mean_p, t, ECE_BINS),
         "disagreement": dis.tolist(),
         "mean_disagreement": mean_dis,
         "der": der,
@@ -151,8 +170,10 @@ def ood_metrics(results: Mapping[tuple[str, int], tuple[torch.Tensor, torch.Tens
     """Accuracy under corruption, per (corruption, severity), per severity and overall.
 
     Args:
-        results: {(corruption name, severity): (probs [M, n, C], targets [n])}, e.g. the
-            ensemble's softmax outputs on each set of :func:`sbfast.data.make_corrupted_sets`.
+        results: {(corruption name: str, severity: int >= 1): (probs [M, n, C], targets [n])},
+            e.g. the ensemble's softmax outputs on each set of
+            :func:`sbfast.data.make_corrupted_sets`; probs and targets as
+            :func:`ensemble_metrics` checks them.
     Returns:
         dict with
           * ``per_set``: list of dicts {corruption, severity, ensemble_acc, member_acc_mean,
@@ -168,15 +189,24 @@ def ood_metrics(results: Mapping[tuple[str, int], tuple[torch.Tensor, torch.Tens
     for key, value in results.items():
         if not (isinstance(key, tuple) and len(key) == 2):
             raise ValueError(f"keys must be (corruption, severity) pairs, got {key!r}")
+        name, sev = key
+        if not isinstance(name, str):
+            raise TypeError(f"corruption name must be a str, got {name!r} in key {key!r}")
+        # int() would turn "3" or 2.7 into a severity; only a real int is one.
+        if isinstance(sev, bool) or not isinstance(sev, int) or sev < 1:
+            raise ValueError(f"severity must be an int >= 1, got {sev!r} in key {key!r}")
         if not (isinstance(value, (tuple, list)) and len(value) == 2):
             raise ValueError(f"value for {key!r} must be (probs, targets)")
-        p, t = _check_probs_targets(*value)
+        try:
+            p, t = _check_probs_targets(*value)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{key!r}: {exc}") from exc
         preds = p.argmax(2)
         mean_p = p.mean(0)
         per_set.append(
             {
-                "corruption": str(key[0]),
-                "severity": int(key[1]),
+                "corruption": name,
+                "severity": sev,
                 "ensemble_acc": float((mean_p.argmax(1) == t).to(torch.float64).mean()),
                 "member_acc_mean": float((preds == t).to(torch.float64).mean()),
                 "ensemble_nll": float(-mean_p.gather(1, t[:, None]).clamp_min(NLL_EPS).log().mean()),
@@ -215,12 +245,25 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     Floats print with ``digits`` decimals (nan as "nan"), lists inline, missing keys blank;
     numbers are right-aligned, text left-aligned. An empty ``rows`` gives "".
 
+    Args:
+        rows: a list or tuple of mappings. columns: column names (str), or None for every key.
+        digits: decimals of floats, an int >= 0.
+
     Example::
 
         method  ensemble_acc  der
         ------  ------------  ------
         de            0.9500  0.8000
     """
+    if not isinstance(rows, (list, tuple)):
+        raise TypeError(f"rows must be a list of dicts, got {type(rows).__name__}")
+    bad = next((r for r in rows if not isinstance(r, Mapping)), None)
+    if bad is not None:
+        raise TypeError(f"every row must be a dict (mapping), got {type(bad).__name__}: {bad!r}")
+    if columns is not None and (isinstance(columns, str) or not all(isinstance(c, str) for c in columns)):
+        raise TypeError(f"columns must be a sequence of str, got {columns!r}")
+    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
+        raise ValueError(f"digits must be an int >= 0, got {digits!r}")
     if not rows:
         return ""
     if columns is None:

@@ -92,8 +92,10 @@ def test_ece_bins_are_right_closed():
     # One bin: |acc - conf| of the whole set; a sure, right prediction (conf 1, last bin) costs 0.
     assert expected_calibration_error(torch.tensor([[1.0, 0.0]]), torch.tensor([0])) == 0.0
     assert expected_calibration_error(probs, torch.tensor([0, 1]), n_bins=1) == pytest.approx(abs(0.5 - 0.425))
-    # Zero confidence (not a valid probability row, but the binning must not fail): bin 0.
-    assert expected_calibration_error(torch.zeros(1, 2), torch.tensor([0])) == 1.0
+    # The lowest confidence a valid row can have is 1/C: 20 uniform classes give 0.05, in bin 0
+    # = [0, 1/15]; right on one of two samples: ECE = |1/2 - 0.05| = 0.45.
+    uniform = torch.full((2, 20), 0.05, dtype=torch.float64)
+    assert expected_calibration_error(uniform, torch.tensor([0, 1])) == pytest.approx(0.45)
 
 
 def test_validation_errors():
@@ -117,6 +119,83 @@ def test_validation_errors():
         ensemble_metrics(bad, TARGETS)
     with pytest.raises(ValueError, match="at least one"):
         ensemble_metrics(torch.zeros(2, 0, 3), torch.zeros(0, dtype=torch.int64))
+
+
+def test_ece_refuses_what_is_not_a_probability_table():
+    # Rows of PROBS[0] doubled sum to 2: without the check this gave an ECE above 1.
+    with pytest.raises(ValueError, match=r"rows must sum to 1 \(tolerance 0.001\): sample 0 sums to 2.000000"):
+        expected_calibration_error(PROBS[0] * 2, TARGETS)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        expected_calibration_error(torch.zeros(1, 2), torch.tensor([0]))
+    # Rows that sum to 1 but leave [0, 1]; and the tolerance itself: 1e-3 passes, 2e-3 does not.
+    with pytest.raises(ValueError, match=r"in \[0, 1\].*\[-0.5, 1.5\]"):
+        expected_calibration_error(torch.tensor([[1.5, -0.5]]), torch.tensor([0]))
+    assert expected_calibration_error(torch.tensor([[1.0009, 0.0]], dtype=torch.float64), torch.tensor([0])) >= 0
+    with pytest.raises(ValueError, match="sum to 1"):
+        expected_calibration_error(torch.tensor([[1.002, 0.0]], dtype=torch.float64), torch.tensor([0]))
+    nan = PROBS[0].clone()
+    nan[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        expected_calibration_error(nan, TARGETS)
+    with pytest.raises(ValueError, match=r"\[n, C\]"):
+        expected_calibration_error(PROBS, TARGETS)
+    with pytest.raises(ValueError, match="at least one"):
+        expected_calibration_error(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(TypeError, match="floating"):
+        expected_calibration_error(PROBS[0].long(), TARGETS)
+    with pytest.raises(TypeError, match="integer"):
+        expected_calibration_error(PROBS[0], TARGETS.float())
+    with pytest.raises(TypeError, match="integer"):
+        expected_calibration_error(PROBS[0], TARGETS.bool())
+    with pytest.raises(ValueError, match=r"targets must be \[n\] with n = 4"):
+        expected_calibration_error(PROBS[0], TARGETS[:3])
+    with pytest.raises(ValueError, match=r"in \[0, 3\), got values in \[0, 3\]"):
+        expected_calibration_error(PROBS[0], torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        expected_calibration_error(PROBS[0], torch.tensor([0, -1, 2, 0]))
+    for bins in (0, True, 2.0):
+        with pytest.raises(ValueError, match="n_bins"):
+            expected_calibration_error(PROBS[0], TARGETS, n_bins=bins)
+
+
+def test_ensemble_metrics_range_and_message():
+    # A member row [1.5, -0.5, 0] sums to 1 but is no distribution.
+    bad = PROBS.clone()
+    bad[1, 2] = torch.tensor([1.5, -0.5, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        ensemble_metrics(bad, TARGETS)
+    # The message names the offending member and sample.
+    bad = PROBS.clone()
+    bad[2, 1] *= 3
+    with pytest.raises(ValueError, match="member 2, sample 1 sums to 3.000000"):
+        ensemble_metrics(bad, TARGETS)
+
+
+def test_ood_metrics_refuses_bad_keys_and_values():
+    t = torch.tensor([0, 1])
+    ok = (torch.stack([_rows([0, 1], c=2)]), t)
+    for key in (("fog", "3"), ("fog", 2.7), ("fog", True), ("fog", 0)):
+        with pytest.raises(ValueError, match="severity must be an int >= 1"):
+            ood_metrics({key: ok})
+    with pytest.raises(TypeError, match="corruption name must be a str"):
+        ood_metrics({(3, 1): ok})
+    # A bad table in one set names that set.
+    with pytest.raises(ValueError, match=r"\('fog', 2\): probs rows must sum to 1"):
+        ood_metrics({("fog", 1): ok, ("fog", 2): (ok[0] * 2, t)})
+    with pytest.raises(ValueError, match=r"\('fog', 1\): targets must be in \[0, 2\)"):
+        ood_metrics({("fog", 1): (ok[0], torch.tensor([0, 2]))})
+
+
+def test_format_table_refuses_bad_arguments():
+    with pytest.raises(TypeError, match="rows must be a list"):
+        format_table({"method": "de"})
+    with pytest.raises(TypeError, match="every row must be a dict"):
+        format_table([{"method": "de"}, ["de"]])
+    with pytest.raises(TypeError, match="columns must be a sequence of str"):
+        format_table([{"method": "de"}], columns="method")
+    for digits in (-1, True, 2.5):
+        with pytest.raises(ValueError, match="digits"):
+            format_table([{"a": 1.0}], digits=digits)
 
 
 def test_ood_metrics_means():
