@@ -14,12 +14,18 @@ class GraphedStep:
     Warm-up steps run eagerly on a side stream (they are real training steps), then the step is
     captured once per shape and replayed; inputs are copied into static buffers first. The graph
     is dropped when ``key`` (the learning rates, which an optimizer may bake in) changes.
+
+    ``pool``: a memory pool (``torch.cuda.graph_pool_handle()``) shared by every graph of a run,
+    members and step kinds alike. Sharing is safe here because the graphs replay one at a time on
+    one stream, and a replay's output is cloned before any other graph runs; without it each
+    graph keeps a private pool of its peak temporaries (M members x 2-3 step kinds of them).
     """
 
     WARMUP = 3
 
-    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor], pool: Any = None) -> None:
         self.fn = fn
+        self.pool = pool
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.warm: dict[tuple, int] = {}
         self.key: Any = None
@@ -42,7 +48,7 @@ class GraphedStep:
                 return out
             static_in = [t.clone() for t in inputs]
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool):
                 static_out = self.fn(*static_in)
             self.graphs[shape] = entry = (graph, static_in, static_out)
             self.captures += 1

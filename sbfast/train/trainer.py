@@ -78,6 +78,8 @@ class EnsembleTrainer:
         self.fill = augment_fill(self.data.train)
         self.scores: torch.Tensor | None = None
         self.masks: torch.Tensor | None = None
+        # one memory pool for every captured step of the run (see GraphedStep)
+        self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
         self.members = [self._make_member(j) for j in range(config.members)]
 
     # -- setup -----------------------------------------------------------------------------
@@ -123,7 +125,7 @@ class EnsembleTrainer:
             return fn(*inputs)
         g = member.graphs.get(kind)
         if g is None:
-            g = member.graphs[kind] = GraphedStep(fn)
+            g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
         return g(self._lr_key(member), *inputs)
 
     def train_epoch(self, j: int, phase: str) -> torch.Tensor:
