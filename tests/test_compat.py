@@ -102,7 +102,7 @@ def test_release_training_loop_matches_reference_bit_for_bit():
 
 
 def test_other_base_optimizers_fall_back_to_the_reference_and_warn_once(monkeypatch):
-    monkeypatch.setattr(compat, "_warned_unfused", False)
+    monkeypatch.setattr(compat.nsam, "_warned_unfused", False)
     net = create_model("mlp", 10, hidden=16)
     with pytest.warns(RuntimeWarning, match="unfused"):
         opt = NSAM(net.parameters(), torch.optim.Adam, rho=0.1, lr=1e-3)
@@ -121,7 +121,7 @@ def test_other_base_optimizers_fall_back_to_the_reference_and_warn_once(monkeypa
 
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam])
 def test_back_step_returns_to_w_exactly(base, monkeypatch):
-    monkeypatch.setattr(compat, "_warned_unfused", True)
+    monkeypatch.setattr(compat.nsam, "_warned_unfused", True)
     net = create_model("mlp", 10, hidden=16)
     opt = NSAM(net.parameters(), base, rho=0.5, lr=0.1)
     w = [p.detach().clone() for p in net.parameters()]

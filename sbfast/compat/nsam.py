@@ -1,4 +1,4 @@
-"""The release's names and signatures (haiquanlu/SharpBalance), backed by sbfast.
+"""sbfast.compat.nsam: the release's NSAM (sam/sam.py), backed by sbfast.
 
 ``NSAM(params, base_optimizer, rho=0.05, adaptive=False, **kwargs)`` is a drop-in for the
 release's ``sam.sam.NSAM``: same constructor, same methods (``normal_step``, ``first_step``,
