@@ -388,7 +388,7 @@ def test_nonfinite_error_mode_raises_before_any_change():
     opt.zero_grad()
     _grads_at(model, x, y)
     opt.normal_step(zero_grad=True)
-    opt._buckets[0].grads[opt._st.normal_buf][0] = float("nan")
+    opt._layout.buckets[0].grads[opt._st.normal_buf][0] = float("nan")
     with pytest.raises(ValueError, match="no update"):
         opt.third_step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))

@@ -17,9 +17,10 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 
-from sbfast import reference, sharpness
+from sbfast import reference
 from sbfast.models import create_model
-from sbfast.sharpness import choose_form, fisher_scores, sam_loss_gap_scores, sample_fisher_scores
+from sbfast.sharpness import choose_form, fisher_scores, loss_gap, sam_loss_gap_scores, sample_fisher_scores
+from sbfast.sharpness.scorer import Scorer
 
 F32, F64 = torch.float32, torch.float64
 # (dtype, relative tolerance against the reference)
@@ -359,7 +360,7 @@ def test_own_parameters_per_sample_copies_are_checked():
     model = OwnParameters().double()
     x, y = torch.randn(11, 4, dtype=F64), torch.randint(0, 3, (11,))
     with pytest.warns(RuntimeWarning, match="OwnParameters"):
-        scorer = sharpness._Scorer(model, None, "auto")
+        scorer = Scorer(model, None, "auto")
     with scorer:
         got = torch.cat([scorer.score_split(x[i:i + 2], y[i:i + 2], y[i:i + 2]) for i in range(0, 11, 2)])
     # batch 1 copies all three and fails (proj), then one at a time: offset passes the check
@@ -375,7 +376,7 @@ def test_vit_embeddings_take_per_sample_copies_after_the_check():
     model = create_model("vit_tiny", 4, in_channels=1, image_size=8, patch_size=2, dim=16, depth=1, heads=2).double()
     x, y = torch.randn(6, 1, 8, 8, dtype=F64), torch.tensor([0, 1, 2, 3, 0, 1])
     with pytest.warns(RuntimeWarning, match="TinyViT"):
-        scorer = sharpness._Scorer(model, None, "auto")
+        scorer = Scorer(model, None, "auto")
     calls = []
     real = scorer._fallback_scores
     scorer._fallback_scores = lambda *a: calls.append(a[2]) or real(*a)
@@ -607,7 +608,7 @@ def test_out_of_memory_halves_the_chunk(monkeypatch):
     y = torch.randint(0, 3, (len(x),))
     expected = fisher_scores(model, batches(x, y, 7), progress=False)
     seen = []
-    real = sharpness._Scorer.score
+    real = Scorer.score
 
     def flaky(self, xb, yb, y_host):
         seen.append(xb.shape[0])
@@ -615,7 +616,7 @@ def test_out_of_memory_halves_the_chunk(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(self, xb, yb, y_host)
 
-    monkeypatch.setattr(sharpness._Scorer, "score", flaky)
+    monkeypatch.setattr(Scorer, "score", flaky)
     torch.testing.assert_close(fisher_scores(model, batches(x, y, 7), progress=False), expected, rtol=1e-5, atol=0)
     assert seen[:3] == [7, 3, 1] and max(seen[3:]) <= 2  # 7 -> 3 -> 1, then chunks of at most 2
 
@@ -697,14 +698,14 @@ def test_sam_loss_gap_out_of_memory_keeps_the_batch_perturbation(monkeypatch):
     model, x = MODELS["cnn"]()
     y = torch.randint(0, 3, (len(x),))
     expected = sam_loss_gap_scores(model, batches(x, y, 7), 0.1, progress=False)
-    real = sharpness.functional_call
+    real = loss_gap.functional_call
 
     def flaky(module, params, args):
         if args[0].shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(module, params, args)
 
-    monkeypatch.setattr(sharpness, "functional_call", flaky)
+    monkeypatch.setattr(loss_gap, "functional_call", flaky)
     torch.testing.assert_close(sam_loss_gap_scores(model, batches(x, y, 7), 0.1, progress=False), expected,
                                rtol=1e-4, atol=1e-6)
 

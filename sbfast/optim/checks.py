@@ -1,0 +1,66 @@
+"""Argument checks of ``SharpBalanceSAM`` and the device-side non-finite test of its phases.
+
+Every check raises ValueError / TypeError naming the offending value before anything changes.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+
+__all__ = ["GRAD_NORM", "NONFINITE", "check_group", "check_lr", "is_capturing", "is_real", "nonfinite_flag"]
+
+NONFINITE = ("error", "skip")
+GRAD_NORM = ("per_tensor", "global")
+
+
+def is_real(value: object) -> bool:
+    """A real number that is not a bool (``True`` is an ``int`` to Python)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_lr(lr: object, where: str) -> None:
+    """A float lr must be finite and >= 0; a tensor lr must hold one floating value."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"{where}: a tensor lr must hold one floating value, got {lr.dtype} {tuple(lr.shape)}")
+    elif not is_real(lr) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where}: lr must be a finite float >= 0 (or a tensor), got {lr!r}")
+
+
+def check_group(group: dict[str, Any], where: str) -> None:
+    """Validate a (complete) param group's hyperparameters; raises before anything changes."""
+    check_lr(group["lr"], where)
+    for key in ("momentum", "weight_decay", "rho"):
+        v = group[key]
+        if not is_real(v) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{where}: {key} must be a finite float >= 0, got {v!r}")
+    damp = group["dampening"]
+    if not is_real(damp) or not math.isfinite(damp):
+        raise ValueError(f"{where}: dampening must be a finite float, got {damp!r}")
+    if not isinstance(group["adaptive"], bool):
+        raise ValueError(f"{where}: adaptive must be a bool, got {group['adaptive']!r}")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"{where}: nesterov must be a bool, got {group['nesterov']!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or damp != 0):
+        raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening == 0, got "
+                         f"momentum={group['momentum']!r}, dampening={damp!r}")
+    if group.get("maximize", False):
+        raise ValueError(f"{where}: maximize=True is not supported")
+
+
+def is_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """0-d bool on the device: any element of ``tensors`` is not finite. One read of each,
+    as a plain sum (multi-threaded, vectorised): a NaN or inf makes it NaN or inf; finite
+    gradients could only trip it by overflowing the float32 sum (|sum| > 3.4e38)."""
+    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
+                        for t in tensors])
+    return ~torch.isfinite(sums).all()
