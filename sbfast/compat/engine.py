@@ -210,8 +210,8 @@ def evaluate(args: Any, net: nn.Module, test_loader: Any, device: torch.device |
     if device is None:
         device = next(net.parameters()).device
     net.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    total_correct = torch.zeros((), dtype=torch.int64, device=device)
+    total_loss: torch.Tensor | float = 0.0
+    total_correct: torch.Tensor | int = 0
     with torch.no_grad():
         for batch in test_loader:
             if len(batch) != 2:
@@ -221,8 +221,10 @@ def evaluate(args: Any, net: nn.Module, test_loader: Any, device: torch.device |
             logits = net(images)
             loss = F.cross_entropy(logits, targets)
             pred = logits.data.max(1)[1]
-            total_loss += loss.double()
-            total_correct += pred.eq(targets.data).sum()
+            # float64 adds one batch at a time, as the release's python float sum, kept on the
+            # device: one read at the end instead of two per batch
+            total_loss = total_loss + loss.double()
+            total_correct = total_correct + pred.eq(targets.data).sum()
     n = len(test_loader.dataset)
     return float(total_loss) / n, int(total_correct) / n
 

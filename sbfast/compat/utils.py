@@ -11,7 +11,8 @@ signatures, on sbfast's readers and models. Nothing is ever downloaded.
   ToTensor (``/ 255`` in torch's default dtype) and Normalize, so a seeded run yields the same
   tensors as the release's.
 - ``create_model(args, num_classes, softmax=False)``: :mod:`sbfast.models` (the release's
-  module names and initialisation order, so state dicts and seeded weights match).
+  module names and initialisation order, so state dicts and seeded weights match), pooled with
+  the release's fixed-size average pooling so that logits match bit for bit.
 - ``save_model`` / ``load_model``: the release's checkpoint layout and file names.
 """
 
@@ -195,11 +196,32 @@ def create_dataset(args: Any, is_fisher: bool = False) -> Any:
     return train_data, val_data, test_data, 200
 
 
-class _ResNet18Softmax(ResNet18):
-    """The release's ResNet18_softmax: ResNet18 whose output is softmax probabilities."""
+class _ReleaseResNet18(ResNet18):
+    """sbfast's ResNet18 pooled as the release pools it: ``avg_pool2d(out, 4)`` on the 4x4 map
+    of a 32x32 input (sbfast's adaptive pooling sums in another order: last-bit differences
+    that training amplifies), so a seeded run gives the release's numbers bit for bit."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.view(out.size(0), -1))
+
+
+class _ReleaseResNet18Softmax(_ReleaseResNet18):
+    """The release's ResNet18_softmax: the same network, softmax probabilities out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.softmax(super().forward(x), dim=1)
+
+
+class _ReleaseWideResNet(WideResNet):
+    """sbfast's WRN-40-2 pooled as the release pools it (``avg_pool2d(out, 8)``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.avg_pool2d(F.relu(self.bn1(out)), 8)
+        return self.fc(out.view(out.size(0), -1))
 
 
 def create_model(args: Any, num_classes: int, softmax: bool = False) -> nn.Module:
@@ -216,13 +238,13 @@ def create_model(args: Any, num_classes: int, softmax: bool = False) -> nn.Modul
         if getattr(args, "save_features", False) or getattr(args, "bench", False):
             raise ValueError("create_model: save_features / bench (the release's sparse-training instrumentation) "
                              "are not supported")
-        return WideResNet(40, 2, num_classes, 0.0)
+        return _ReleaseWideResNet(40, 2, num_classes, 0.0)
     if args.model == "resnet18" and softmax:
-        return _ResNet18Softmax(num_classes, args.width)
+        return _ReleaseResNet18Softmax(num_classes, args.width)
     if args.model == "resnet18" and args.data == "tiny_imgnet":
         return ResNet18(num_classes, 64)
     if args.model == "resnet18":
-        return ResNet18(num_classes, args.width)
+        return _ReleaseResNet18(num_classes, args.width)
     raise ValueError(f"create_model: unknown args.model {args.model!r}; expected 'resnet18' or 'wrn-40-2'")
 
 
