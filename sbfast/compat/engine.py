@@ -273,7 +273,7 @@ def test_fisher(net: nn.Module, train_loader: Any, flat_trial: int, device: torc
             is N.
         flat_trial: passes over the loader (>= 1).
     Returns:
-        numpy float32 [N] (the release's type).
+        numpy [N] in torch's default dtype (float32 unless changed), the release's type.
     Raises:
         ValueError: flat_trial < 1 (the release returns NaNs), a sample of the data set that the
             loader never yields (the release silently scores it 0, the flattest of all).
@@ -286,7 +286,8 @@ def test_fisher(net: nn.Module, train_loader: Any, flat_trial: int, device: torc
         first = int(unseen.nonzero()[0, 0])
         raise ValueError(f"test_fisher: {int(unseen.sum())} of {n} samples were never yielded by the loader "
                          f"(e.g. sample {first}); every sample of the data set needs a score")
-    return scores.cpu().numpy()
+    # the release accumulates in torch's default dtype (torch.zeros(N)): return that type
+    return scores.to(device="cpu", dtype=torch.get_default_dtype()).numpy()
 
 
 def _process_device(process_id: int) -> torch.device:
