@@ -18,10 +18,12 @@ from sbfast.data import (
     CIFAR100_STD,
     CORRUPTIONS,
     DIGITS_SPLIT_SIZES,
+    DataError,
     IndexedTensorDataset,
     RandomCropFlip,
     augment_batch,
     corrupt,
+    corruption_seed,
     denormalize,
     list_cifar_c,
     load_cifar10,
@@ -265,6 +267,66 @@ def test_cifar_c_blocks_lazy_and_errors(tmp_path):
         sets[("fog", 6)]
 
 
+def _cifar_c_folder(root, labels, counts=None):
+    """fog.npy (and snow.npy, ...) of tiny 4x4 images, ``counts[name]`` images each, and labels.npy."""
+    for name, count in (counts or {"fog": 10}).items():
+        np.save(root / f"{name}.npy", np.zeros((count, 4, 4, 3), dtype=np.uint8))
+    np.save(root / "labels.npy", labels)
+    return root / "labels.npy"
+
+
+@pytest.mark.parametrize(
+    "labels, problem",
+    [
+        (np.tile([3.0, 9.0], 5), r"1-D integer array \[5 \* n\], got a float64 array of shape \(10,\)"),
+        (np.tile([3.7, 9.2], 5).astype(np.float32), "float32"),  # once truncated to 3 and 9
+        (np.tile([True, False], 5), "bool"),
+        (np.tile([3, 9], 5).reshape(5, 2), r"shape \(5, 2\)"),
+        (np.tile([3, 10], 5), r"labels must be in \[0, 10\) \(10 classes\), got values in \[3, 10\]"),
+        (np.tile([-1, 9], 5), r"got values in \[-1, 9\]"),
+        (np.tile([3, 9], 2), "4 labels, not 5 equal non-empty severity blocks"),
+        (np.zeros(0, dtype=np.int64), "0 labels"),
+    ],
+)
+def test_cifar_c_labels_must_be_integers_in_the_class_range(tmp_path, labels, problem):
+    path = _cifar_c_folder(tmp_path, labels)
+    with pytest.raises(DataError, match=problem) as err:
+        load_cifar_c(tmp_path)
+    assert err.value.path == str(path) and str(err.value).startswith(str(path) + ": ")
+
+
+def test_cifar_c_class_range_follows_num_classes_or_cifar100_stats(tmp_path):
+    _cifar_c_folder(tmp_path, np.tile([0, 99], 5).astype(np.uint8))
+    with pytest.raises(DataError, match=r"\[0, 10\).*for CIFAR-100-C pass num_classes=100"):
+        load_cifar_c(tmp_path)  # CIFAR-10-C's statistics: 10 classes
+    assert load_cifar_c(tmp_path, mean=CIFAR100_MEAN, std=CIFAR100_STD)[("fog", 2)].y.tolist() == [0, 99]
+    assert load_cifar_c(tmp_path, num_classes=100)[("fog", 5)].y.tolist() == [0, 99]
+    with pytest.raises(DataError, match=r"\[0, 50\)"):
+        load_cifar_c(tmp_path, num_classes=50)
+    with pytest.raises(ValueError, match="num_classes"):
+        load_cifar_c(tmp_path, num_classes=0)
+
+
+def test_cifar_c_label_count_mismatch_names_the_file_that_disagrees(tmp_path):
+    # 15 labels (3 per block) against two image files of 10 images each: the labels are off.
+    labels = _cifar_c_folder(tmp_path, np.arange(15) % 10, {"fog": 10, "snow": 10})
+    with pytest.raises(
+        DataError, match=r"15 labels, but the image files \(fog.npy, snow.npy\) hold 10 images each"
+    ) as e:
+        load_cifar_c(tmp_path)
+    assert e.value.path == str(labels)
+    # Labels right, one image file short: that file is named (at the call, not at a later lookup).
+    _cifar_c_folder(tmp_path, np.arange(10) % 10, {"fog": 10, "snow": 15})
+    with pytest.raises(DataError, match=r"15 images, but .*labels.npy has 10 labels") as e:
+        load_cifar_c(tmp_path)
+    assert e.value.path == str(tmp_path / "snow.npy")
+    assert len(load_cifar_c(tmp_path, ["fog"])[("fog", 1)]) == 2  # the good file alone still loads
+    np.save(tmp_path / "snow.npy", np.zeros((10, 4, 4, 3), dtype=np.int16))
+    with pytest.raises(DataError, match=r"expected uint8 .* got a int16 array") as e:
+        load_cifar_c(tmp_path, ["snow"])
+    assert e.value.path == str(tmp_path / "snow.npy")
+
+
 def _png(path, arr):
     from PIL import Image
 
@@ -362,6 +424,51 @@ def test_make_loader_batches_epochs_and_seeds():
     assert torch.equal(torch.cat([b[0] for b in again]), e1)  # same seed, same epochs
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(ds, 0, shuffle=False)
+
+
+def _tiny_rgb():
+    return make_synthetic_images(2, 2, (3, 4, 4))
+
+
+# Every public place a seed enters the data package, as a function of that seed.
+SEED_ENTRIES = {
+    "make_loader": lambda s: make_loader(_tiny_rgb(), 1, shuffle=True, seed=s),
+    "RandomCropFlip": lambda s: RandomCropFlip(seed=s),
+    "train_transform_for": lambda s: train_transform_for(_tiny_rgb(), seed=s),
+    "make_synthetic_images": lambda s: make_synthetic_images(2, 2, (1, 2, 2), seed=s),
+    "corrupt": lambda s: corrupt(_tiny_rgb().x.clamp(0, 1), "gaussian_noise", 1, seed=s),
+    "corruption_seed": lambda s: corruption_seed(s, "fog", 1),
+    "make_corrupted_sets": lambda s: make_corrupted_sets(_tiny_rgb(), ["contrast"], [1], seed=s),
+    "make_corrupted_sets(lazy)": lambda s: make_corrupted_sets(_tiny_rgb(), ["contrast"], [1], seed=s, lazy=True),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(SEED_ENTRIES))
+def test_seeds_are_checked_where_they_enter(entry):
+    make = SEED_ENTRIES[entry]
+    for ok in (0, 2**63 - 1, np.int64(5), np.uint64(2**63 - 1)):  # the bounds, and NumPy ints
+        make(ok)
+    # 2**70 used to surface from torch as "Overflow when unpacking long long"; -1 and 2**63
+    # were taken (wrapped) by torch; corruption_seed reduced 2**70 silently.
+    for bad in (2**63, 2**70, -1):
+        with pytest.raises(ValueError, match=rf"^seed must be in \[0, 2\*\*63\), got {bad}$"):
+            make(bad)
+    for bad in (1.0, 2.5, True, "3", torch.tensor(3), None):  # 2.5 used to become seed 2
+        with pytest.raises(TypeError, match=r"^seed must be an int in \[0, 2\*\*63\), got "):
+            make(bad)
+
+
+def test_digits_seed_is_checked_against_sklearns_32_bit_range():
+    assert len(load_digits_splits(seed=2**32 - 1)["test"]) == DIGITS_SPLIT_SIZES["test"]
+    with pytest.raises(ValueError, match=r"^seed must be in \[0, 2\*\*32\), got 4294967296$"):
+        load_digits_splits(seed=2**32)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        load_digits_splits(seed=0.5)
+
+
+def test_random_crop_flip_checks_pad():
+    with pytest.raises(ValueError, match="pad must be an int >= 0"):
+        RandomCropFlip(pad=-1)
 
 
 def test_make_loader_generic_dataset():

@@ -5,8 +5,12 @@
 * :mod:`sbfast.data.readers`: CIFAR-10/100, CIFAR-10-C/100-C and image folders already on disk
   (nothing is ever downloaded).
 * :mod:`sbfast.data.corruptions`: CIFAR-10-C corruptions for any image set.
+* :mod:`sbfast.data.checks`: :class:`DataError` (a ValueError naming the file that is truncated,
+  corrupted or holds the wrong contents) and :func:`check_seed` (seeds are ints in [0, 2**63)).
+* :mod:`sbfast.data.files`: the byte-level readers behind the loaders.
 """
 
+from sbfast.data.checks import DataError, check_seed
 from sbfast.data.corruptions import (
     CIFAR_C_BENCHMARK,
     CORRUPTIONS,
@@ -50,6 +54,7 @@ __all__ = [
     "CIFAR100_STD",
     "CIFAR_C_BENCHMARK",
     "CORRUPTIONS",
+    "DataError",
     "DIGITS_SPLIT_SIZES",
     "NOT_IMPLEMENTED",
     "TINY_IMAGENET_MEAN",
@@ -58,6 +63,7 @@ __all__ = [
     "LazyMapping",
     "RandomCropFlip",
     "augment_batch",
+    "check_seed",
     "corrupt",
     "corruption_seed",
     "denormalize",

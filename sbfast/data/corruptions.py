@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sbfast.data.checks import check_seed
 from sbfast.data.datasets import IndexedTensorDataset, normalize
 
 # The 15 corruptions of the CIFAR-10-C / CIFAR-100-C benchmark, in the paper's order.
@@ -504,8 +505,8 @@ def corrupt(
         x: [B, C, H, W] or [C, H, W] floating, PIXEL values in [0, 1] (denormalise first: see
             :func:`sbfast.data.denormalize`), C = 1 or 3, any H, W >= 2 (8x8 digits work).
         name: one of ``CORRUPTIONS``. severity: 1..5.
-        seed: all randomness comes from a torch.Generator seeded with this (same seed, same
-            output, for the same batch).
+        seed: all randomness comes from a torch.Generator seeded with this, an int in
+            [0, 2**63) (same seed, same output, for the same batch).
         spatial_scale: multiplies the pixel-unit spatial parameters (blur sigmas and radii,
             glass-blur displacement), which are CIFAR-10-C's for 32x32; 1.0 reproduces CIFAR-10-C
             on 32x32 images, use e.g. 2.0 for 64x64. Pixelate, zoom and elastic are already
@@ -524,14 +525,15 @@ def corrupt(
         raise ValueError(f"x must be [B, C, H, W] with C in (1, 3) and H, W >= 2, got {tuple(x.shape)}")
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be > 0, got {spatial_scale!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     return _corrupt(x, name, severity, gen, float(spatial_scale))
 
 
 def corruption_seed(seed: int, name: str, severity: int) -> int:
     """The seed :func:`make_corrupted_sets` uses for one (name, severity): independent streams per
-    set that do not depend on which other sets are built."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7 + int(severity)) % (2**63 - 1)
+    set that do not depend on which other sets are built. ``seed``: an int in [0, 2**63)."""
+    _check(name, severity)
+    return (check_seed(seed) * 1_000_003 + zlib.crc32(name.encode()) * 7 + int(severity)) % (2**63 - 1)
 
 
 _CHUNK = 1024  # images corrupted per call; part of the definition of the output for a seed
@@ -586,6 +588,7 @@ def make_corrupted_sets(
 
     if not isinstance(dataset, IndexedTensorDataset):
         raise TypeError(f"dataset must be an IndexedTensorDataset, got {type(dataset).__name__}")
+    seed = check_seed(seed)
     names = list(CORRUPTIONS) if names is None else list(names)
     sev = list(severities)
     if not sev:

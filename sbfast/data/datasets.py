@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from sbfast.data.checks import check_seed
+
 # Per-channel statistics of the public release (utils.create_dataset), in [0, 1] pixel units.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -270,7 +272,8 @@ class RandomCropFlip:
     seeded generator (CPU), so a loader's augmentation is reproducible from ``seed``.
 
     Args:
-        pad: crop padding. seed: generator seed. flip: random horizontal flip.
+        pad: crop padding, an int >= 0. seed: generator seed, an int in [0, 2**63).
+        flip: random horizontal flip.
         mean, std: if given (the data set's normalisation), pad with normalised black
             ``-mean / std`` as the release does; else pad with 0.
     """
@@ -284,12 +287,14 @@ class RandomCropFlip:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        self.pad, self.flip, self.seed = pad, flip, seed
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+        self.pad, self.flip, self.seed = pad, flip, check_seed(seed)
         if mean is not None and std is not None:
             self.fill: float | tuple[float, ...] = tuple(-m / s for m, s in zip(mean, std, strict=True))
         else:
             self.fill = 0.0
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         gen = self.generator if x.device.type == "cpu" else None
@@ -330,12 +335,12 @@ def make_loader(
 
     Args:
         dataset: map-style data set of (index, x, y).
-        batch_size: > 0. shuffle: random order each epoch. seed: order seed.
+        batch_size: > 0. shuffle: random order each epoch. seed: order seed, an int in [0, 2**63).
         drop_last: drop the last incomplete batch.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be an int > 0, got {batch_size!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     if isinstance(dataset, IndexedTensorDataset):
         sampler = RandomSampler(dataset, generator=gen) if shuffle else SequentialSampler(dataset)
         batches = BatchSampler(sampler, batch_size, drop_last)
@@ -367,6 +372,7 @@ def load_digits_splits(
     stratified by class and fixed by ``seed``: test = ceil(1797 * test_fraction) samples, val =
     ceil(1797 * val_fraction) of the rest, train = the remainder. Defaults: train 1,257 / val 180
     / test 360 (``DIGITS_SPLIT_SIZES``). Each split is indexed 0..n-1 in its own order.
+    ``seed`` is an int in [0, 2**32): scikit-learn's split draws from a 32-bit-seeded RandomState.
 
     Returns:
         {"train", "val", "test"} -> IndexedTensorDataset of float32 [n, 1, 8, 8], int64 labels.
@@ -374,6 +380,7 @@ def load_digits_splits(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    seed = check_seed(seed, limit=2**32)
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < float(f) < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {f!r}")
@@ -414,7 +421,8 @@ def make_synthetic_images(
     Each class has a fixed random prototype image (smooth-ish: a random low-resolution pattern
     upsampled to the image size, unit scale); a sample is its class prototype plus Gaussian noise
     of std ``noise``. Labels cycle 0, 1, ..., C-1, 0, ... so every class is present when n >= C.
-    Everything comes from a generator seeded with ``seed`` (same seed, same tensors, any machine).
+    Everything comes from a generator seeded with ``seed``, an int in [0, 2**63) (same seed, same
+    tensors, any machine).
 
     Returns:
         IndexedTensorDataset of float32 [n, *shape] (no mean/std recorded: treat x as model
@@ -427,7 +435,7 @@ def make_synthetic_images(
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape!r}")
     c, h, w = (int(s) for s in shape)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_seed(seed))
     low = torch.randn(num_classes, c, max(1, (h + 1) // 2), max(1, (w + 1) // 2), generator=gen)
     protos = torch.nn.functional.interpolate(low, size=(h, w), mode="nearest")
     y = torch.arange(n, dtype=torch.int64) % num_classes
