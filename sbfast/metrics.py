@@ -1,4 +1,4 @@
-"""Ensemble metrics of the paper (ALGORITHM.md section 7), OOD summaries and a table printer.
+"""Ensemble metrics of the paper (docs/algorithm.md, section 7), OOD summaries and a table printer.
 
 Conventions: ``probs`` is [M, n, C] (M members, n samples, C classes), each row a softmax
 output; ``targets`` is [n] int64. Everything is computed in float64 on the CPU (metrics are
