@@ -711,3 +711,86 @@ def test_phase_order_errors():
     with pytest.raises(ValueError, match="closure"):
         SharpBalanceSAM(_model("mlp").parameters(), lr=0.1).step()
     opt.second_step()
+
+
+# ----------------------------------------------------------------------------------------
+# Faults: silent wrong results and unrecoverable states that the optimizer now refuses
+# ----------------------------------------------------------------------------------------
+
+
+def test_skipped_step_does_not_start_momentum_through_a_state_dict_round_trip():
+    # skip mode: a step skipped on the device leaves the momentum buffers unstarted. The state
+    # dict must say so (no momentum_buffer entry, torch.optim layout): a zero buffer counted as
+    # started would be damped (buf = m * 0 + (1 - dampening) * d) instead of set to d.
+    kw = dict(RELEASE, dampening=0.5, nonfinite="skip")
+    model = _model("mlp")
+    twin = copy.deepcopy(model)
+    opt = SharpBalanceSAM(model.parameters(), **kw)
+    batches = _batches("mlp", 5, torch.float64)
+    x, y, _ = batches[0]
+    opt.zero_grad()
+    _grads_at(model, x, y)
+    next(model.parameters()).grad[0, 0] = float("nan")
+    opt.first_step(zero_grad=True)
+    _grads_at(model, x, y)
+    opt.second_step(zero_grad=True)
+    assert opt.skipped_steps.item() == 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["state"] == {}  # nothing started
+    resumed = copy.deepcopy(model)
+    opt_resumed = SharpBalanceSAM(resumed.parameters(), lr=1.0, nonfinite="skip")
+    opt_resumed.load_state_dict(sd)
+    # the reference that never saw the skipped step: fresh SGD state, as the state dict says
+    ref = reference.SAM(twin.parameters(), torch.optim.SGD, **{k: v for k, v in kw.items() if k != "nonfinite"})
+    _train(model, opt, batches[1:])
+    _train(resumed, opt_resumed, batches[1:])
+    _train(twin, ref, batches[1:])
+    for a, b, c in zip(resumed.parameters(), model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert set(opt.state_dict()["state"][0]) == {"momentum_buffer"}  # started by the good steps
+
+
+def test_duplicate_parameters_are_refused():
+    params = list(_model("mlp").parameters())
+    with pytest.raises(ValueError, match="duplicate parameters.*entries 0 and 2"):
+        SharpBalanceSAM([params[0], params[1], params[0]], lr=0.1)
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch.optim's own check
+        SharpBalanceSAM([dict(params=params[:2]), dict(params=params[1:3])], lr=0.1)
+    opt = SharpBalanceSAM(params[:2], lr=0.1)
+    with pytest.raises(ValueError, match="duplicate parameters"):
+        opt.add_param_group(dict(params=iter([params[2], params[2]])))
+    assert len(opt.param_groups) == 1  # nothing added
+    opt.add_param_group(dict(params=iter(params[2:])))  # a generator is consumed once, as a list
+    assert len(opt.param_groups[1]["params"]) == len(params) - 2
+
+
+def test_moving_the_model_mid_step_restores_w_and_stays_usable():
+    kw = dict(RELEASE, momentum=0.0)  # torch.optim.SGD's own buffers would stay float32 on .double()
+    model = _model("mlp", torch.float32)
+    opt = SharpBalanceSAM(model.parameters(), **kw)
+    _train(model, opt, _batches("mlp", 2, torch.float32))
+    w = [p.detach().clone() for p in model.parameters()]
+    x, y, _ = _batches("mlp", 1, torch.float32, seed=5)[0]
+    opt.zero_grad()
+    _grads_at(model, x, y)
+    opt.first_step(zero_grad=True)  # the parameters are at w + e
+    model.double()
+    _grads_at(model, x.double(), y)
+    with pytest.raises(RuntimeError, match="moved.*back at w"):
+        opt.second_step()
+    for p, q in zip(model.parameters(), w, strict=True):
+        assert p.dtype == torch.float64 and torch.equal(p, q.double())  # w, bit for bit (exact widening)
+    twin = copy.deepcopy(model)
+    ref = reference.SAM(twin.parameters(), torch.optim.SGD, **kw)
+    batches = _batches("mlp", 3, torch.float64, seed=7)
+    _train(model, opt, batches)  # no warning: the layout was rebuilt with the error
+    _train(twin, ref, batches)
+    assert opt.flat_buffers()[0]["dtype"] == torch.float64
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_meta_parameters_are_refused_at_construction():
+    with pytest.raises(ValueError, match="meta device"):
+        SharpBalanceSAM(nn.Linear(3, 2, device="meta").parameters(), lr=0.1)

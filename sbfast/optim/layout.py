@@ -80,6 +80,9 @@ def check_params(params: list[torch.Tensor], previous: FlatLayout | None) -> tor
     devices = {p.device for p in params}
     if len(devices) != 1:
         raise ValueError(f"all parameters must be on one device, got {sorted(str(d) for d in devices)}")
+    if params[0].device.type == "meta":
+        raise ValueError("the parameters are on the meta device (shapes without values); materialise the model "
+                         "first (e.g. model.to_empty(device=...) and initialise it), then build SharpBalanceSAM")
     for i, p in enumerate(params):
         if not p.is_floating_point():
             raise ValueError(f"parameter {i} has dtype {p.dtype}; expected a floating dtype")
@@ -187,6 +190,15 @@ class FlatLayout:
             for bucket in self.buckets:
                 bucket.momentum = torch.zeros_like(bucket.param)
             self.momentum_views = self.views(lambda b: b.momentum)
+
+    def started(self) -> list[bool]:
+        """Per parameter, whether its momentum buffer has been started by an update that the
+        device took (its flag), read on the host: one synchronisation."""
+        out = [False] * len(self.params)
+        for bucket in self.buckets:
+            for i, flag in zip(bucket.index, bucket.ready.tolist(), strict=True):
+                out[i] = bool(flag)
+        return out
 
     def set_momentum(self, i: int, value: torch.Tensor) -> torch.Tensor:
         """Copy ``value`` into parameter i's momentum slot and mark it initialised (on the

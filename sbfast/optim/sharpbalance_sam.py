@@ -99,6 +99,17 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         capture or compilation, and not in the middle of a SAM step."""
         merged = {**getattr(self, "defaults", {}), **{k: v for k, v in param_group.items() if k != "params"}}
         check_group(merged, "param group")
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # torch.optim refuses a set itself
+            params = list(params)  # a generator is read once, here
+            param_group = {**param_group, "params": params}
+            first: dict[int, int] = {}
+            for j, p in enumerate(params):
+                if id(p) in first:
+                    # a parameter listed twice would get two updates per step from one flat slot
+                    raise ValueError(f"optimizer contains a parameter group with duplicate parameters (entries "
+                                     f"{first[id(p)]} and {j} are the same tensor); pass each parameter once")
+                first[id(p)] = j
         if getattr(self, "_built", False) and (self._st.perturbed is not None or self._st.has_normal):
             raise ValueError("add_param_group in the middle of a SAM step (after normal_step or first_step)")
         super().add_param_group(param_group)
@@ -148,16 +159,33 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         if not self._layout.moved():
             return
         if self._st.perturbed is not None or self._st.has_normal:
-            raise RuntimeError("parameters were moved (Module.to?) in the middle of a SAM step")
+            self._drop_step_after_move()
+            raise RuntimeError("parameters were moved (Module.to?) in the middle of a SAM step: they are back at w "
+                               "(the values before first_step, converted), the step is dropped and the optimizer "
+                               "re-pointed them at new flat buffers; move the model between steps")
         if self._warn_on_moved_params:
             warnings.warn("SharpBalanceSAM: parameters were moved (Module.to or p.data = ...) after the "
                           "optimizer was built; re-pointing them at new flat buffers. Build the optimizer "
                           "after moving the model.", RuntimeWarning, stacklevel=3)
         self._build()
 
+    @torch.no_grad()
+    def _drop_step_after_move(self) -> None:
+        """The parameters moved while at w + e: copy w from the backup into them (converted to
+        their new dtype/device), drop the pending step and rebuild, so that the optimizer stays
+        usable after the error instead of failing every later call."""
+        perturbed = self._st.perturbed
+        if perturbed is not None:
+            for p, backup, was in zip(self._layout.params, self._layout.backup_views, perturbed, strict=True):
+                if was:
+                    p.copy_(backup)
+            self._restore_bn()
+        self._end_step()
+        self._build()
+
     def _snapshot(self) -> dict[int, torch.Tensor]:
         """Momentum buffers by parameter identity, for a rebuild."""
-        self._sync_state()
+        self._sync_state(exact=True)
         return {id(p): self.state[p]["momentum_buffer"].clone()
                 for p in self._layout.params if "momentum_buffer" in self.state.get(p, {})}
 
@@ -436,16 +464,29 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             self._sync_state()
 
-    def _sync_state(self) -> None:
+    def _sync_state(self, exact: bool = False) -> None:
         """Point ``self.state[p]["momentum_buffer"]`` at the flat buffer's view for every
         initialised buffer. Skipped inside compiled code (dynamo may drop writes into an
-        Optimizer's dict); ``state_dict`` and the next eager phase catch up."""
+        Optimizer's dict); ``state_dict`` and the next eager phase catch up.
+
+        The host mirror of the first-step flags assumes that every update was taken; in
+        device-side mode (``nonfinite="skip"``, a GradScaler, a capture) the device may have
+        skipped one. ``exact=True`` reads the device's flags first (a host sync), so that a
+        buffer that no update started has no entry, as in torch.optim.SGD: a zero buffer
+        counted as started would change the next update wherever dampening is not zero."""
+        if exact:
+            self._st.ready_host = self._layout.started()
         views = self._layout.momentum_views
         if views is None:
             return
         for i, p in enumerate(self._layout.params):
-            if self._st.ready_host[i] and self.state[p].get("momentum_buffer") is not views[i]:
-                self.state[p]["momentum_buffer"] = views[i]
+            if self._st.ready_host[i]:
+                if self.state[p].get("momentum_buffer") is not views[i]:
+                    self.state[p]["momentum_buffer"] = views[i]
+            elif p in self.state:
+                self.state[p].pop("momentum_buffer", None)
+                if not self.state[p]:
+                    del self.state[p]
 
     def _restore_only(self, runs: list[Run]) -> None:
         for run in runs:
@@ -532,8 +573,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.SGD's layout: ``state[i]["momentum_buffer"]`` (views of the flat
-        buffer) and the param groups (with rho and adaptive)."""
-        self._sync_state()
+        buffer; only those that an update started, read from the device) and the param groups
+        (with rho and adaptive)."""
+        self._sync_state(exact=True)
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
