@@ -572,17 +572,63 @@ def test_batch_size_and_data_form_do_not_matter():
     torch.testing.assert_close(fisher_scores(model, shuffled, batch_size=3, progress=True), base, rtol=1e-5, atol=0)
 
 
+class Passes:
+    """A loader whose sample 2 differs between passes (as under random augmentation): pass 0
+    yields x[1] under index 2, later passes x[3]; indices 1, 3 and 5 never come."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.passes = x, y, 0
+
+    def __iter__(self):
+        rows = torch.tensor([0, 2, 1 if self.passes == 0 else 3])
+        self.passes += 1
+        yield torch.tensor([0, 4, 2]), self.x[rows], self.y[rows]
+
+
 def test_trials_num_samples_and_unseen_indices():
     model = create_model("mlp", 3, in_channels=1, image_size=2, hidden=5)
     x, y = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
-    data = [(torch.tensor([0, 2, 4, 2]), x, y)]  # index 2 twice: its mean; 1 and 3 never
-    scores = fisher_scores(model, data, num_samples=6, trials=2, progress=False)
+    data = [(torch.tensor([0, 4, 2]), x[[0, 2, 1]], y[[0, 2, 1]])]
+    scores = fisher_scores(model, Passes(x, y), num_samples=6, trials=2, progress=False)  # index 2: the mean
     single = sample_fisher_scores(model, x, y)
     assert scores.shape == (6,) and torch.isnan(scores[[1, 3, 5]]).all()
     torch.testing.assert_close(scores[[0, 4]], single[[0, 2]], rtol=1e-6, atol=0)
     torch.testing.assert_close(scores[2], (single[1] + single[3]) / 2, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="num_samples=3"):
         fisher_scores(model, data, num_samples=3, progress=False)
+
+
+def test_a_sample_index_twice_in_one_pass_is_refused():
+    # two different samples under one index would be averaged into one score
+    model = create_model("mlp", 3, in_channels=1, image_size=2, hidden=5)
+    x, y = torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    within = [(torch.tensor([0, 2, 4, 2]), x[:4], y[:4])]
+    with pytest.raises(ValueError, match=r"sample index 2 appears 2 times in pass 0 \(batch 0\)"):
+        fisher_scores(model, within, progress=False)
+    across = [(torch.tensor([0, 1, 2]), x[:3], y[:3]), (torch.tensor([3, 1]), x[3:], y[3:])]
+    with pytest.raises(ValueError, match=r"sample index 1 appears 2 times in pass 0 \(batches 0 and 1\)"):
+        fisher_scores(model, across, trials=2, progress=False)
+    with pytest.raises(ValueError, match=r"sample index 1 appears 2 times"):
+        sam_loss_gap_scores(model, across, 0.1, progress=False)
+    scores = fisher_scores(model, across[:1], trials=3, progress=False)  # once per pass: fine
+    torch.testing.assert_close(scores, sample_fisher_scores(model, x[:3], y[:3]), rtol=1e-6, atol=0)
+
+
+def test_non_finite_inputs_or_scores_are_refused_with_their_indices():
+    model = create_model("mlp", 3, in_channels=1, image_size=2, hidden=5)
+    x, y = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    x[4, 0, 1, 1] = float("nan")
+    data = [(torch.arange(10, 13), x[:3], y[:3]), (torch.arange(13, 16), x[3:], y[3:])]
+    with pytest.raises(ValueError, match=r"not finite for 1 sample.*sample index 14 \(pass 0, batch 1\).*input x"):
+        fisher_scores(model, data, progress=False)
+    with pytest.raises(ValueError, match=r"not finite for 3 samples.*13, 14, 15.*\(pass 0, batch 1\).*1 of them have "
+                                         r"an input x that holds NaN or inf \(first: sample index 14\).*shares"):
+        sam_loss_gap_scores(model, data, 0.1, progress=False)  # e is the batch's: all three undefined
+    x[4, 0, 1, 1] = 0.0
+    with torch.no_grad():  # finite inputs, broken weights: every score is NaN
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite for 6 samples.*10, 11, 12, 13, 14.*inputs are finite"):
+        fisher_scores(model, data, progress=False)
 
 
 def test_modes_and_weights_untouched_also_on_error():

@@ -12,13 +12,13 @@ from torch.utils.data import Dataset
 from sbfast.common import restore_modes
 from sbfast.sharpness.inputs import (
     Batch,
+    ScoreTable,
     as_loader,
     check_batch,
     check_positive_int,
     eval_mode,
     loader_length,
     progress_bar,
-    scores_by_index,
 )
 from sbfast.sharpness.scorer import Scorer
 
@@ -69,22 +69,22 @@ def fisher_scores(
         check_positive_int(num_samples, "num_samples", 0)
     loader = as_loader(data, batch_size)
     scorer = Scorer(model, device, form)
-    indices: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    table = ScoreTable("fisher_scores", scorer.device)
     modes = eval_mode(model)
     try:
         with scorer:
-            batches = (b for _ in range(trials) for b in loader)
-            for batch in progress_bar(batches, progress, "fisher scores", loader_length(loader, trials)):
+            batches = ((t, b) for t in range(trials) for b in loader)
+            for t, batch in progress_bar(batches, progress, "fisher scores", loader_length(loader, trials)):
+                table.next_batch(t)
                 index, x, y = check_batch(batch)
                 for start in range(0, index.shape[0], batch_size):  # empty batches add nothing
                     sl = slice(start, start + batch_size)
                     xb = x[sl].to(scorer.device, scorer.dtype) if x.is_floating_point() else x[sl].to(scorer.device)
-                    values.append(scorer.score_split(xb, y[sl].to(scorer.device).long(), y[sl]).detach())
-                    indices.append(index[sl].to(scorer.device).long())
+                    table.add(index[sl], scorer.score_split(xb, y[sl].to(scorer.device).long(), y[sl]).detach(), xb)
+            table.end_pass()
     finally:
         restore_modes(modes)
-    return scores_by_index(indices, values, num_samples, scorer.device)
+    return table.mean(num_samples)
 
 
 def sample_fisher_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, form: str = "auto") -> torch.Tensor:

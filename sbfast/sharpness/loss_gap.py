@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from sbfast.common import check_rho, perturbed_params, restore_modes, split_params
 from sbfast.sharpness.inputs import (
     Batch,
+    ScoreTable,
     as_loader,
     check_batch,
     check_positive_int,
@@ -20,7 +21,6 @@ from sbfast.sharpness.inputs import (
     eval_mode,
     loader_length,
     progress_bar,
-    scores_by_index,
 )
 from sbfast.sharpness.scorer import is_oom
 
@@ -81,6 +81,11 @@ def sam_loss_gap_scores(
             losses.append(loss.detach())
             grads = part if grads is None else [
                 a if c is None else (c if a is None else a + c) for a, c in zip(grads, part, strict=True)]
+        loss_w = torch.cat(losses)
+        if not bool(torch.isfinite(loss_w).all()):
+            # e is the batch's: one non-finite loss leaves every gap of the batch undefined; the
+            # table reports them with their inputs at the end
+            return torch.full_like(loss_w, float("nan"))
         g = {n: gi for n, gi in zip(w, grads, strict=True) if gi is not None}
         if not g:
             raise ValueError("the loss does not depend on any trainable parameter")
@@ -88,7 +93,7 @@ def sam_loss_gap_scores(
         with torch.no_grad():
             loss_e = torch.cat([F.cross_entropy(forward(w_e, x[s:s + size]), y[s:s + size], reduction="none")
                                 for s in range(0, b, size)])
-        return loss_e - torch.cat(losses)
+        return loss_e - loss_w
 
     def gap_split(x: torch.Tensor, y: torch.Tensor, y_host: torch.Tensor) -> torch.Tensor:
         while True:
@@ -103,17 +108,18 @@ def sam_loss_gap_scores(
                     torch.cuda.empty_cache()
                 chunk[0] = max(1, size // 2)
 
-    indices: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    table = ScoreTable("sam_loss_gap_scores", dev, "a batch shares one perturbation e, so one non-finite loss "
+                       "leaves the whole batch's gaps undefined")
     modes = eval_mode(model)
     try:
         for batch in progress_bar(loader, progress, "SAM loss gaps", loader_length(loader, 1)):
+            table.next_batch(0)
             index, x, y = check_batch(batch)
             if index.numel() == 0:
                 continue
             xb = x.to(dev, param_dtype) if x.is_floating_point() else x.to(dev)
-            values.append(gap_split(xb, y.to(dev).long(), y).detach())
-            indices.append(index.to(dev).long())
+            table.add(index, gap_split(xb, y.to(dev).long(), y).detach(), xb)
+        table.end_pass()
     finally:
         restore_modes(modes)
-    return scores_by_index(indices, values, num_samples, dev)
+    return table.mean(num_samples)
