@@ -89,6 +89,17 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._build()
 
+    @property
+    def _opt_called(self) -> bool:
+        # LR schedulers read (and their step wrapper writes) this flag on the optimizer. It lives
+        # on the step state: torch 2.11's dynamo refuses any attribute write on an Optimizer in a
+        # compiled step ("setattr on a user-defined object that does not have an AttributeMutation").
+        return self._st.opt_called
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._st.opt_called = bool(value)
+
     # ------------------------------------------------------------------------------------
     # Layout (sbfast.optim.layout)
     # ------------------------------------------------------------------------------------
@@ -129,7 +140,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         self._st = StepState(len(params), len(self.param_groups))
         bn = self._bn_buffers()
         self._st.bn_saved = [t.clone() for t in bn] if bn else None
-        self._lr_dev = [torch.zeros((), dtype=torch.float64, device=device) for _ in self.param_groups]
+        # [1], not 0-d: torch 2.11's dynamo drops in-place writes to a 0-d float64 CPU tensor in a
+        # compiled step (it takes it for a Python float), and the lr fill_ would be lost there.
+        self._lr_dev = [torch.zeros(1, dtype=torch.float64, device=device) for _ in self.param_groups]
         self._found = torch.zeros((), dtype=torch.float32, device=device)
         self._ones = torch.ones((), dtype=torch.float32, device=device)
         if not self._built:
@@ -272,7 +285,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             self.skipped_steps.add_((self._found > 0).long())
             report_found_inf(grad_scaler, self, self._device, self._found)
             self._found.zero_()
-        self._opt_called = True  # LR schedulers check that the optimizer stepped
+        self._st.opt_called = True  # LR schedulers check that the optimizer stepped
 
     # ------------------------------------------------------------------------------------
     # The phases

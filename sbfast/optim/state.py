@@ -24,6 +24,7 @@ class StepState:
         self.ready_host = [False] * num_params  # host mirror of the momentum flags
         self.lr_host: list[float | None] = [None] * num_groups  # float lr last copied to the device
         self.bn_saved: list[torch.Tensor] | None = None
+        self.opt_called = False  # what LR schedulers read as the optimizer's _opt_called
 
 
 def sgd_layout(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
