@@ -100,6 +100,8 @@ def test_presets_fill_unset_fields():
         (dict(device="gpu0"), "not a torch device"),
         (dict(cuda_graphs=True, batching="exact"), "cuda_graphs needs batching='static'"),
         (dict(cuda_graphs=True, backend="reference"), "cuda_graphs needs"),
+        (dict(seed=2**70), "seed must be <="),
+        (dict(seed=2**63 - 1), "seed must be <="),
         (dict(cuda_graphs=True, device="cpu"), "cuda_graphs needs a CUDA device"),
         (dict(train_subset=0), "train_subset must be"),
         (dict(compile="tensorrt"), "compile must be a bool or a torch.compile backend"),
