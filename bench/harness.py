@@ -122,9 +122,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def results_path(device: torch.device) -> Path:
+# Where a run writes unless asked to --save: the committed results/<device>.json are the
+# published numbers and change only on purpose (scratch/ is git-ignored).
+SCRATCH_DIR = RESULTS_DIR / "scratch"
+
+
+def results_path(device: torch.device, scratch: bool = False) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
-    return RESULTS_DIR / f"{slug}.json"
+    return (SCRATCH_DIR if scratch else RESULTS_DIR) / f"{slug}.json"
 
 
 def write_results(rows: list[dict], device: torch.device, path: Path | None = None) -> Path:

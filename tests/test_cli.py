@@ -1,73 +1,339 @@
-"""``python -m sbfast``: ``run --quick`` writes its files and prints the comparison table; ``info``;
-bad options fail with a clear message and exit status 2."""
+"""The ``sbfast`` command line: flags generated from TrainConfig, every bad input refused in
+seconds with one line and exit status 2 before any epoch, Ctrl-C, unique run folders, and the
+subcommands end to end on tiny runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
 import subprocess
 import sys
-import warnings
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from sbfast.__main__ import COMPARISON_COLUMNS, main
+from sbfast import train as T
+from sbfast.cli import build_parser, main
+from sbfast.cli.checks import new_run_dir
+from sbfast.cli.errors import CliError
+from sbfast.cli.flags import DEST_PREFIX, flag_name
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIELDS = [f.name for f in dataclasses.fields(T.TrainConfig)]
+# compare runs every method with every seed into its own folders: these fields are set per run
+# (by --methods, --seeds, --output), and a comparison neither resumes nor forks by hand
+COMPARE_REPLACED = {"method": "--methods", "seed": "--seeds", "output_dir": "--output"}
+COMPARE_PER_RUN = {"resume", "from_phase1"}
+# a tiny run: seconds even on a busy 2-core machine
+TINY = ["--dataset", "synthetic", "--epochs", "3", "--train-subset", "48", "--test-subset", "24", "--members", "2",
+        "--width", "4", "--batch-size", "16", "--sharpness-samples", "16", "--eval-corruptions", "--no-progress"]  # fmt: skip
+BAD_INPUT_SECONDS = 20  # generous for a shared machine: a refusal needs no training, only imports and a data load
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="sbfast\\.(optim|sharpness|select) is not available")
-        yield
-    torch.set_num_threads(n)
+def subparser(name: str):
+    p = build_parser()
+    action = next(a for a in p._actions if a.dest == "command")
+    return action.choices[name]
 
 
-def test_run_quick_writes_files_and_prints_the_table(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["run", "--quick", "--no-progress", "--output", str(out)]) == 0
-    text = capsys.readouterr().out
-    header = next(line for line in text.splitlines() if line.startswith("method") and "wall_s" in line)
-    assert header.split() == COMPARISON_COLUMNS
-    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["de"], ["de_sam"], ["sharpbalance"])]
-    assert [r[0] for r in rows[-3:]] == ["de", "de_sam", "sharpbalance"]  # the comparison's rows
-    for m in ("de", "de_sam", "sharpbalance"):
-        res = json.loads((out / m / "results.json").read_text())
-        assert res["config"]["method"] == m and res["config"]["dataset"] == "digits"
-        assert len(res["history"]) == 5 and res["ood"]["per_severity"].keys() == {"1", "5"}
-        assert (out / m / "metrics.txt").read_text().startswith("method")
-        assert (out / m / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    comp = json.loads((out / "comparison.json").read_text())
-    assert [r["method"] for r in comp["rows"]] == ["de", "de_sam", "sharpbalance"]
-    assert all(0.3 < r["ensemble_acc"] <= 1 for r in comp["rows"])  # five short epochs still learn
-    assert (out / "comparison.txt").read_text().split("\n")[0].split() == COMPARISON_COLUMNS
-    assert (out / "comparison.png").stat().st_size > 10_000
+def config_flags(name: str) -> list[str]:
+    return [a.dest[len(DEST_PREFIX) :] for a in subparser(name)._actions if a.dest.startswith(DEST_PREFIX)]
 
 
-def test_run_options_reach_the_config(tmp_path):
-    out = tmp_path / "r"
-    code = main(["run", "--methods", "sharpbalance", "--dataset", "synthetic", "--epochs", "3", "--swap-epoch", "0",
-                 "--members", "2", "--ratio", "0.25", "--variant", "boost", "--batching", "exact", "--backend",
-                 "reference", "--width", "4", "--train-subset", "48", "--test-subset", "24", "--corruptions",
-                 "--seed", "3", "--no-progress", "--output", str(out)])  # fmt: skip
-    assert code == 0
-    cfg = json.loads((out / "sharpbalance" / "results.json").read_text())["config"]
-    assert (cfg["epochs"], cfg["swap_epoch"], cfg["members"], cfg["ratio"], cfg["variant"]) == (3, 0, 2, 0.25, "boost")
-    assert (cfg["batching"], cfg["backend"], cfg["model_kwargs"], cfg["seed"]) == ("exact", "reference", {"width": 4}, 3)
-    assert cfg["eval_corruptions"] == [] and not (out / "de").exists()
+# ------------------------------------------------------------------------------ flags
 
 
-def test_bad_options_exit_2(tmp_path, capsys):
-    assert main(["run", "--ratio", "1.5", "--output", str(tmp_path / "x")]) == 2
-    assert "ratio must be" in capsys.readouterr().err
+def test_every_config_field_has_help_text():
+    for f in dataclasses.fields(T.TrainConfig):
+        assert f.metadata.get("help", "").strip(), f"TrainConfig.{f.name} has no metadata help"
+
+
+def test_train_flags_are_exactly_the_config_fields(capsys):
+    assert config_flags("train") == FIELDS  # same names, same order
     with pytest.raises(SystemExit) as e:
-        main(["run", "--methods", "sgd"])
-    assert e.value.code == 2
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(T.TrainConfig):
+        assert flag_name(f.name) in text, f.name
+        assert " ".join(f.metadata["help"].split()[:4]) in " ".join(text.split()), f.name  # its help text
+
+
+def test_compare_flags_are_the_config_fields_but_the_per_run_ones(capsys):
+    flags = config_flags("compare")
+    assert flags == [f for f in FIELDS if f not in COMPARE_REPLACED and f not in COMPARE_PER_RUN]
+    for alias in ("compare", "run"):  # run: the old name, kept
+        with pytest.raises(SystemExit) as e:
+            main([alias, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        for name in FIELDS:
+            if name in COMPARE_PER_RUN:
+                continue
+            assert COMPARE_REPLACED.get(name, flag_name(name)) in text, name
+
+
+def test_choices_are_listed(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    from sbfast.models import MODEL_NAMES
+
+    for names in (T.METHODS, T.DATASETS, MODEL_NAMES, ("balance", "boost", "random", "same"), T.BACKENDS):
+        assert "{" + ",".join(names) + "}" in text
+
+
+def test_config_file_and_flags_override_it(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"config": {"dataset": "synthetic", "epochs": 7, "ratio": 0.3,
+                                               "output_dir": "/old/run"}}))  # fmt: skip
+    p = build_parser()
+    args = p.parse_args(["train", "--config", str(cfg_file), "--ratio", "0.25"])
+    from sbfast.cli.training import _fields
+
+    fields = _fields(args, {})
+    assert fields["epochs"] == 7 and fields["ratio"] == 0.25 and "output_dir" not in fields
+
+
+# ------------------------------------------------------------------------------ bad inputs
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if any epoch starts."""
+    calls = []
+
+    def refuse(self, *a, **k):
+        calls.append(a)
+        raise AssertionError("an epoch ran")
+
+    monkeypatch.setattr(T.EnsembleTrainer, "train_epoch", refuse)
+    return calls
+
+
+def _bad_corruption_folder(tmp_path: Path) -> str:
+    root = tmp_path / "cifar-c"
+    root.mkdir()
+    np.save(root / "labels.npy", np.zeros(5 * 4, dtype=np.int64))
+    np.save(root / "contrast.npy", np.zeros((5 * 4, 32, 32, 3), dtype=np.uint8))  # CIFAR-shaped, not 8x8 digits
+    return str(root)
+
+
+def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (["compare", "--device", "cuda:99"], "cuda:99"),
+        (["compare", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
+        (["compare", "--data-root", "/nonexistent"], "/nonexistent"),  # digits reads no data root
+        (["compare", "--width", "0"], "width"),
+        (["compare", "--model-kwargs", '{"width": -3}'], "width"),
+        (["compare", "--output", str(a_file / "x")], str(a_file / "x")),
+        (["compare", "--corruption-root", "/nonexistent"], "/nonexistent"),
+        (["compare", "--eval-corruptions", "contrast", "--corruption-root", _bad_corruption_folder(tmp_path)], "cifar-c"),
+        (["compare", "--ratio", "1.5"], "1.5"),
+        (["compare", "--epochs", "0"], "epochs"),
+        (["compare", "--methods", "sgd"], "sgd"),
+        (["compare", "--model", "nope"], "nope"),
+        (["compare", "--model-kwargs", "{bad"], "{bad"),
+        (["compare", "--seeds", "1", "1"], "--seeds"),
+        (["compare", "--config", str(tmp_path / "missing.json")], "missing.json"),
+        (["compare", "--eval-severities", "7"], "7"),
+        (["train", "--method", "de", "--compile", "fast"], "fast"),
+        (["train", "--swap-epoch", "39"], "swap_epoch"),
+        (["eval", str(tmp_path / "no_run")], "no_run"),
+        (["score", str(tmp_path / "no_run")], "no_run"),
+        (["nonsense"], "nonsense"),
+    ]
+    if Path("/proc").is_dir():
+        cases.append((["compare", "--output", "/proc/x"], "/proc/x"))
+    if not torch.cuda.is_available():
+        cases.append((["compare", "--device", "cuda"], "cuda"))
+    if "resume" in FIELDS:
+        cases += [
+            (["train", "--resume", str(tmp_path / "no_run")], "no_run"),
+            (["train", "--from-phase1", str(tmp_path / "no_run")], "no_run"),
+        ]
+    return cases
+
+
+def test_bad_inputs_exit_2_with_one_line_before_any_epoch(tmp_path, monkeypatch, capsys, no_training):
+    monkeypatch.chdir(tmp_path)  # a default runs/ folder would land here
+    for argv, named in _bad_inputs(tmp_path):
+        out = tmp_path / "out"
+        extra = ["--output", str(out)] if argv[0] == "compare" and "--output" not in argv else []
+        t0 = time.perf_counter()
+        code = main(argv + extra)
+        took = time.perf_counter() - t0
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2, (argv, err)
+        assert len(lines) == 1 and lines[0].startswith("sbfast: error: "), (argv, err)
+        assert named in lines[0], (argv, lines[0])
+        assert took < BAD_INPUT_SECONDS, (argv, took)
+        written = [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".json") and p.name != "missing.json"]
+        assert not written, (argv, written)
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir()), argv
+    assert no_training == []
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(CliError, match="ratio"):
+        main(["--debug", "compare", "--ratio", "1.5"])
+    with pytest.raises(CliError, match="ratio"):
+        main(["compare", "--ratio", "1.5", "--debug"])
+
+
+def test_a_failure_during_training_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    def boom(self, *a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(T.EnsembleTrainer, "train_epoch", boom)
+    code = main(["train", *TINY, "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "disk on fire" in err[0] and "--debug" in err[0]
+
+
+def test_keyboard_interrupt_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupt(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.EnsembleTrainer, "train_epoch", interrupt)
+    code = main(["compare", *TINY, "--output", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1 and "interrupt" in err[0].lower()
+
+
+def test_ctrl_c_in_a_real_process(tmp_path):
+    out = tmp_path / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "sbfast", "compare", *TINY[:2], "--epochs", "400", *TINY[4:],
+                             "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "de" / "seed0" / "log.csv").exists() and not list(out.glob("de/seed0/*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+def test_run_folders_started_in_the_same_second_differ(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20250101-000000")
+    a, b, c = (new_run_dir(tmp_path, "compare-") for _ in range(3))
+    assert len({a, b, c}) == 3 and all(p.is_dir() for p in (a, b, c))
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "c"
+    code = main(["compare", *TINY, "--seeds", "0", "1", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+def test_compare_writes_strict_json_table_and_figures(compared, capsys):
+    text = (compared / "comparison.json").read_text()
+
+    def no_constants(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    data = json.loads(text, parse_constant=no_constants)
+    assert data["methods"] == list(T.METHODS) and data["seeds"] == [0, 1]
+    assert {(r["method"], r["seed"]) for r in data["runs"]} == {(m, s) for m in T.METHODS for s in (0, 1)}
+    for m in T.METHODS:
+        for s in (0, 1):
+            run = compared / m / f"seed{s}"
+            res = json.loads((run / "results.json").read_text(), parse_constant=no_constants)
+            assert (res["config"]["method"], res["config"]["seed"]) == (m, s)
+            assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    table = (compared / "comparison.txt").read_text()
+    assert table.startswith("comparison over 2 seeds") and "±" in table and "nan" not in table
+    for name in ("comparison.png", "curves.png", "sharpness_diversity.png"):
+        assert (compared / name).stat().st_size > 10_000
+
+
+def test_compare_forks_sharpbalance_from_de_sam(compared):
+    if "from_phase1" not in FIELDS:
+        pytest.skip("this build's trainer cannot fork phase 1")
+    cfg = json.loads((compared / "sharpbalance" / "seed1" / "results.json").read_text())["config"]
+    assert Path(cfg["from_phase1"]) == compared / "de_sam" / "seed1"
+
+
+def test_train_from_a_runs_config_file_with_overrides(compared, tmp_path):
+    out = tmp_path / "t"
+    source = compared / "de" / "seed0" / ("config.json" if (compared / "de" / "seed0" / "config.json").exists()
+                                          else "results.json")  # fmt: skip
+    assert main(["train", "--config", str(source), "--epochs", "2", "--output", str(out)]) == 0
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    saved = json.loads(source.read_text())["config"]
+    assert cfg["epochs"] == 2 and cfg["output_dir"] == str(out)
+    assert {k: v for k, v in cfg.items() if k not in ("epochs", "swap_epoch", "output_dir")} == {
+        k: v for k, v in saved.items() if k not in ("epochs", "swap_epoch", "output_dir")
+    }
+
+
+def test_eval_and_score_a_saved_run(compared, tmp_path, capsys):
+    if not hasattr(T, "evaluate_run"):
+        pytest.skip("this build has no saved runs")
+    run = compared / "sharpbalance" / "seed0"
+    assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    saved = json.loads((run / "results.json").read_text())
+    assert ev["metrics"] == saved["metrics"]
+    for ext in ("npy", "pt"):
+        assert main(["score", str(run), "--output", str(tmp_path / f"s.{ext}")]) == 0
+    a = np.load(tmp_path / "s.npy")
+    b = torch.load(tmp_path / "s.pt")
+    assert a.dtype == np.float32 and a.shape == (2, 48) and (a >= 0).all()
+    assert torch.equal(torch.from_numpy(a), b)
+
+
+def test_train_from_phase1(compared, tmp_path):
+    if "from_phase1" not in FIELDS:
+        pytest.skip("this build's trainer cannot fork phase 1")
+    out = tmp_path / "fork"
+    src = compared / "de_sam" / "seed0"
+    assert main(["train", "--from-phase1", str(src), "--ratio", "0.25", "--variant", "boost", "--output", str(out)]) == 0
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    assert (cfg["method"], cfg["ratio"], cfg["variant"], cfg["epochs"]) == ("sharpbalance", 0.25, "boost", 3)
+
+
+def test_resume_refuses_a_changed_field(compared, tmp_path, capsys):
+    if "resume" not in FIELDS:
+        pytest.skip("this build cannot resume")
+    code = main(["train", "--resume", str(compared / "de" / "seed1"), "--ratio", "0.1"])  # ratio: not resumable
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ratio" in err[0]
 
 
 def test_info_and_module_entry_point():
     # a real `python -m sbfast` process: the entry point and the import path work as users call them
-    proc = subprocess.run([sys.executable, "-m", "sbfast", "info"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "sbfast", "info"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"torch {torch.__version__}" in proc.stdout
     assert "global_sq_norm" in proc.stdout and "trainer components" in proc.stdout
+
+
+def test_bench_is_delegated(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "python -m bench" in capsys.readouterr().out
+

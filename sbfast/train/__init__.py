@@ -49,13 +49,15 @@ release's ``RandomSampler`` does) and, offset by ``AUG_SEED_OFFSET``, its augmen
 | ``evaluate`` | ``predict_probs``, ``evaluate_ensemble`` |
 | ``callbacks`` | ``Callback`` |
 | ``results`` | ``EnsembleResult`` |
-| ``plots`` | ``plot_results`` |
+| ``plots`` | ``plot_results``, ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity`` |
+| ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
 | ``trainer`` | ``EnsembleTrainer``, ``train_ensemble`` |
 | ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
 """
 
 from sbfast.train.batching import StaticBatcher, StaticPlan, static_batch_plan
 from sbfast.train.callbacks import Callback
+from sbfast.train.compare import Comparison, run_comparison
 from sbfast.train.components import Components, get_components
 from sbfast.train.config import (
     BACKENDS,
@@ -73,7 +75,7 @@ from sbfast.train.config import (
 from sbfast.train.data import DeviceBatches, DeviceData, TrainData, load_data
 from sbfast.train.evaluate import evaluate_ensemble, predict_probs
 from sbfast.train.members import build_member, make_lr_scheduler, member_seeds, release_order
-from sbfast.train.plots import plot_results
+from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_results, plot_sharpness_diversity
 from sbfast.train.reference_trainer import train_ensemble_reference
 from sbfast.train.results import EnsembleResult
 from sbfast.train.steps import mixed_step_exact, mixed_step_static, sam_step, sgd_step
@@ -90,6 +92,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "Callback",
+    "Comparison",
     "Components",
     "DeviceBatches",
     "DeviceData",
@@ -108,9 +111,13 @@ __all__ = [
     "member_seeds",
     "mixed_step_exact",
     "mixed_step_static",
+    "plot_comparison",
+    "plot_learning_curves",
     "plot_results",
+    "plot_sharpness_diversity",
     "predict_probs",
     "release_order",
+    "run_comparison",
     "sam_step",
     "sgd_step",
     "static_batch_plan",

@@ -71,110 +71,159 @@ def is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, choices: Sequence[str] | None = None,
+           factory: Any = dataclasses.MISSING) -> Any:
+    """A TrainConfig field with its help text (and, for names, the accepted values) in its metadata:
+    the one place the command line's flags and their help are generated from."""
+    meta: dict[str, Any] = {"help": doc}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
     """Everything one ensemble run depends on. Fields left ``None`` take the data set's preset
     (``PRESETS``) when the config is built, so a built config is complete and self-describing.
 
-    Method and data:
-        method: "de" | "de_sam" | "sharpbalance".
-        dataset: "digits" (default: scikit-learn's embedded 8x8 digits, train 1,257 / test 360)
-            | "synthetic" (a deterministic toy, 512 / 256) | "cifar10" | "cifar100" (from
-            ``data_root``, never downloaded).
-        data_root: folder or archive of CIFAR (python version); required for cifar10/100.
-        corruption_root: optional CIFAR-10-C / -100-C folder of .npy files; without it the
-            corrupted test sets are generated with ``sbfast.data.make_corrupted_sets``.
-        train_subset, test_subset: use only this many samples (a fixed draw), for quick runs.
-    Model:
-        model: a ``sbfast.models.create_model`` name (preset: "cnn" for digits/synthetic,
-            "resnet18" for CIFAR). model_kwargs: passed on; ``in_channels`` (and ``image_size``
-            for mlp / vit_tiny) are filled from the data when absent.
-        members: M >= 1. dtype: "float32" | "float64" (parameters and inputs).
-    Optimisation (release defaults, ALGORITHM.md section 1):
-        epochs; swap_epoch: T_d, sharpbalance only; phase 1 is epochs 0..T_d and scoring happens at
-            the start of epoch T_d + 1, so 0 <= T_d <= epochs - 2 (preset: min(epochs // 2,
-            epochs - 2), the release's 100 of 200).
-        rho: SAM radius (release 0.2; digits and synthetic presets 0.2 too: on the digits CNN
-            0.05 and 0.2 gave the same accuracies within the test set's noise). adaptive: ASAM.
-        ratio: flat_ratio r in [0, 1]. variant: "balance" | "boost" | "random" | "same"
-            (release: boost on CIFAR-10, balance on CIFAR-100; digits: balance).
-        lr 0.1, momentum 0.9, weight_decay 5e-4 (no Nesterov, no dampening), batch_size (release
-            128; digits 64). lr_schedule: "step" (x0.1 at int(0.5 E) and int(0.75 E)) or
-            "cosine" (CosineAnnealingLR over E epochs), stepped once per epoch.
-        augment: random crop with padding ``augment_pad`` (black border) and, if
-            ``augment_flip``, a horizontal flip. CIFAR: pad 4 + flip (the release). Digits: pad 1
-            (one pixel of 8 is the same relative shift as 4 of 32) and NO flip: a mirrored 2, 3,
-            4, 5, 7 or 9 is not that digit.
-        seed: member j uses seed + j (init, batch order, augmentation).
-    Scoring (sharpbalance and the sharpness analysis):
-        fisher_trials (>= 1), scoring_batch_size, sharpness_samples (training samples, a fixed
-        draw, on which each member's mean Fisher score is reported; 0 = skip).
-    Execution:
-        device: "cpu", "cuda", "cuda:1", ...; None = CUDA if available else CPU.
-        backend: "fast" (fused optimizer, fast scoring and selection) | "reference" (the
-            reference components inside this trainer's loop).
-        batching: "static" (fixed SAM/normal counts per batch in phase 2: static shapes) |
-            "exact" (the release's random batches, host-synchronising boolean masking).
-        compile: torch.compile the model (forward and backward): True = inductor, or a backend
-            name from COMPILE_BACKENDS ("eager" / "aot_eager" check the tracing cheaply). Static
-            batching gives it a handful of fixed shapes (compiled once each); exact batching
-            compiles with dynamic shapes. On CPU the digits CNN compiles in ~70 s and then runs
-            no faster than eager: it is meant for GPUs. cuda_graphs: capture each full-size step
-            as a CUDA graph (CUDA, backend "fast", batching "static" only).
-        num_threads: torch intra-op threads during the run on CPU (restored after); 0 leaves
-            them as they are. Digits preset 1: on 8x8 inputs threading costs more than it gains
-            (measured 0.16 s vs 0.45-4.3 s per SGD epoch of the digits CNN on a busy 2-core box).
-    Evaluation and output:
-        eval_corruptions: corruption names (``sbfast.data.CORRUPTIONS``; empty = no OOD);
-            eval_severities: subset of 1..5. eval_every: test accuracy every this many epochs
-            (and always after the last). eval_batch_size.
-        output_dir: where ``save`` writes (optional). progress: tqdm bars.
+    What each field means is written once, in its ``metadata["help"]`` (accepted names in
+    ``metadata["choices"]``): ``sbfast train --help`` is generated from it, and
+    ``dataclasses.fields(TrainConfig)`` reads it in Python. The reasons behind some values:
+
+    * release defaults (ALGORITHM.md section 1): lr 0.1, momentum 0.9, weight decay 5e-4, batch
+      128, step schedule (x0.1 at int(0.5 E) and int(0.75 E), stepped once per epoch), rho 0.2,
+      T_d = 100 of 200 epochs, variant boost on CIFAR-10 and balance on CIFAR-100;
+    * digits: batch 64, rho 0.2 (0.05 and 0.2 gave the same accuracies within the test set's
+      noise on the digits CNN), crop padding 1 (one pixel of 8 is the shift of 4 of 32) and no
+      flip (a mirrored 2, 3, 4, 5, 7 or 9 is not that digit), variant balance;
+    * compile: static batching gives torch.compile a handful of fixed shapes (compiled once
+      each), exact batching compiles with dynamic shapes; on CPU the digits CNN compiles in
+      ~70 s and then runs no faster than eager;
+    * num_threads, digits preset 1: on 8x8 inputs threading costs more than it gains (measured
+      0.16 s vs 0.45-4.3 s per SGD epoch of the digits CNN on a busy 2-core box).
 
     Raises:
         ValueError (or TypeError for a wrong type) naming the field, the value and what was
         expected, on construction.
     """
 
-    method: str = "sharpbalance"
-    dataset: str = "digits"
-    data_root: str | None = None
-    corruption_root: str | None = None
-    train_subset: int | None = None
-    test_subset: int | None = None
-    model: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    members: int = 3
-    dtype: str = "float32"
-    epochs: int | None = None
-    swap_epoch: int | None = None
-    rho: float | None = None
-    adaptive: bool = False
-    ratio: float = 0.5
-    variant: str | None = None
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: int | None = None
-    lr_schedule: str = "step"
-    augment: bool | None = None
-    augment_pad: int | None = None
-    augment_flip: bool | None = None
-    seed: int = 0
-    fisher_trials: int = 1
-    scoring_batch_size: int = 256
-    sharpness_samples: int = 512
-    device: str | None = None
-    backend: str = "fast"
-    batching: str = "static"
-    compile: bool | str = False
-    cuda_graphs: bool = False
-    num_threads: int | None = None
-    eval_corruptions: tuple[str, ...] | None = None
-    eval_severities: tuple[int, ...] | None = None
-    eval_every: int = 1
-    eval_batch_size: int = 1024
-    output_dir: str | None = None
-    progress: bool = True
+    method: str = option(
+        "sharpbalance",
+        "training method: de (plain SGD for every member), de_sam (SAM on every sample), sharpbalance (SAM on"
+        " every sample until T_d, then each member on its own subset)",
+        choices=METHODS,
+    )
+    dataset: str = option(
+        "digits",
+        "data set: digits (embedded 8x8 digits, train 1,257 / test 360), synthetic (a deterministic toy, 512 "
+        "/ 256), cifar10, cifar100 (read from data_root, never downloaded)",
+        choices=DATASETS,
+    )
+    data_root: str | None = option(
+        None,
+        "CIFAR python archive (.tar.gz) or its extracted folder; required for cifar10/cifar100, refused for "
+        "digits/synthetic (they read no files)",
+    )
+    corruption_root: str | None = option(
+        None,
+        "CIFAR-10-C/-100-C folder of <corruption>.npy files and labels.npy; without it the corrupted test "
+        "sets are generated in torch",
+    )
+    train_subset: int | None = option(
+        None,
+        "train on this many samples only (a fixed draw, the same for every method and seed); default: all",
+    )
+    test_subset: int | None = option(None, "evaluate on this many test samples only (a fixed draw); default: all")
+    model: str | None = option(None, "architecture, a sbfast.models.create_model name", choices=MODEL_NAMES)
+    model_kwargs: dict[str, Any] = option(
+        factory=dict,
+        doc="keyword arguments of the model, a JSON object such as '{\"width\": 8}' on the command line; in_channels "
+        "(and image_size for mlp / vit_tiny) are filled from the data when absent",
+    )
+    members: int = option(3, "ensemble size M (>= 1; DER needs 2)")
+    dtype: str = option("float32", "dtype of the parameters and inputs", choices=tuple(DTYPES))
+    epochs: int | None = option(None, "training epochs E (>= 1)")
+    swap_epoch: int | None = option(
+        None,
+        "T_d (sharpbalance): phase 1, SAM on every sample, is epochs 0..T_d; the members score and select at "
+        "the start of epoch T_d + 1, so 0 <= T_d <= E - 2; default min(E // 2, E - 2)",
+    )
+    rho: float | None = option(None, "SAM radius (>= 0)")
+    adaptive: bool = option(False, "adaptive SAM (ASAM): the perturbation is scaled by |w|")
+    ratio: float = option(
+        0.5,
+        "flat ratio r in [0, 1]: each member's floor(N r) flattest samples become SAM samples of the other "
+        "members",
+    )
+    variant: str | None = option(
+        None,
+        "selection of SharpBalance: balance (A_i | R_i), boost (A_i | (R minus R_i)); random and same are the"
+        " ablations",
+        choices=reference.VARIANTS,
+    )
+    lr: float = option(0.1, "SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum in [0, 1] (no Nesterov, no dampening)")
+    weight_decay: float = option(5e-4, "SGD weight decay (L2 added to the gradient)")
+    batch_size: int | None = option(None, "training batch size")
+    lr_schedule: str = option(
+        "step",
+        "learning-rate schedule: step (x0.1 at 50% and 75% of the epochs) or cosine (CosineAnnealingLR over "
+        "the epochs)",
+        choices=LR_SCHEDULES,
+    )
+    augment: bool | None = option(
+        None,
+        "random-crop augmentation of the training images (plus a flip with augment_flip)",
+    )
+    augment_pad: int | None = option(
+        None,
+        "padding of the random crop in pixels (digits 1: one pixel of 8 is the shift of 4 of 32)",
+    )
+    augment_flip: bool | None = option(
+        None,
+        "random horizontal flip (off for digits: a mirrored 2, 3, 4, 5, 7 or 9 is not that digit)",
+    )
+    seed: int = option(0, "member j uses seed + j for its initialisation, batch order and augmentation")
+    fisher_trials: int = option(1, "passes averaged per Fisher score (>= 1; more only helps with augmentation)")
+    scoring_batch_size: int = option(256, "batch size of the Fisher scoring")
+    sharpness_samples: int = option(
+        512,
+        "training samples (a fixed draw) on which each member's mean Fisher score, its sharpness, is "
+        "reported; 0 skips it",
+    )
+    device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu")
+    backend: str = option(
+        "fast",
+        "fast: the fused optimizer and fast scoring/selection; reference: the plain-PyTorch components in the"
+        " same loop",
+        choices=BACKENDS,
+    )
+    batching: str = option(
+        "static",
+        "static: every phase-2 batch of a member has the same SAM/normal split (static shapes); exact: the "
+        "release's random batches",
+        choices=BATCHINGS,
+    )
+    compile: bool | str = option(
+        False, "torch.compile the model: true = inductor, or a backend name (eager / aot_eager check the tracing "
+        "cheaply); meant for GPUs", choices=COMPILE_BACKENDS,
+    )
+    cuda_graphs: bool = option(
+        False,
+        "capture each full-size step as a CUDA graph (CUDA, backend fast, batching static)",
+    )
+    num_threads: int | None = option(None, "torch CPU threads during the run, restored after (0 = leave as they are)")
+    eval_corruptions: tuple[str, ...] | None = option(
+        None,
+        "corruptions of the out-of-distribution evaluation (none: no OOD evaluation)",
+    )
+    eval_severities: tuple[int, ...] | None = option(None, "corruption severities, a subset of 1..5")
+    eval_every: int = option(1, "test accuracy every this many epochs (and always after the last)")
+    eval_batch_size: int = option(1024, "batch size of the evaluation")
+    output_dir: str | None = option(None, "folder the run writes its results to")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -256,6 +305,12 @@ class TrainConfig:
             raise ValueError(f"compile must be a bool or a torch.compile backend in {COMPILE_BACKENDS}, got {self.compile!r}")
         if self.dataset in ("cifar10", "cifar100") and not self.data_root:
             raise ValueError(f"dataset {self.dataset!r} needs data_root (sbfast never downloads data)")
+        if self.dataset in ("digits", "synthetic") and self.data_root is not None:
+            # a folder given here would otherwise be silently ignored: the run would not use the user's data
+            raise ValueError(
+                f"data_root {self.data_root!r} is not read by dataset {self.dataset!r} (built in); "
+                "data_root is for cifar10 / cifar100"
+            )
         if isinstance(self.eval_corruptions, str) or not all(isinstance(c, str) for c in self.eval_corruptions):
             raise TypeError(f"eval_corruptions must be a sequence of names, got {self.eval_corruptions!r}")
         unknown = [c for c in self.eval_corruptions if c not in CORRUPTIONS]

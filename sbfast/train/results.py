@@ -1,4 +1,5 @@
-"""What a run produced (``EnsembleResult``): the comparison row, tables, JSON."""
+"""What a run produced (``EnsembleResult``): the comparison row, tables, strict JSON, and the
+compact per-run record that comparisons and figures are built from."""
 
 from __future__ import annotations
 
@@ -16,14 +17,37 @@ from sbfast import metrics as metrics_mod
 from sbfast.train.config import TrainConfig
 from sbfast.train.plots import plot_results
 
+UNDEFINED = "-"  # how a table shows a number that does not exist (DER of one member, sam_share of de)
+
+
+def finite_or_none(v: Any) -> Any:
+    """``v`` with NaN and infinities turned into None (JSON has no NaN: a reader that follows the
+    standard, such as a browser's JSON.parse or jq, rejects a file that contains one)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
 
 def jsonable(v: Any) -> Any:
+    """Plain JSON values: tensors as (nested) lists, tuples as lists, non-finite floats as None."""
     if isinstance(v, dict):
         return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [jsonable(x) for x in v]
     if isinstance(v, torch.Tensor):
-        return v.tolist()
+        return jsonable(v.tolist())
+    return finite_or_none(v)
+
+
+def dumps_strict(obj: Any) -> str:
+    """``json.dumps`` of :func:`jsonable` ``(obj)`` with ``allow_nan=False``: standard JSON."""
+    return json.dumps(jsonable(obj), indent=1, allow_nan=False)
+
+
+def shown(v: Any) -> Any:
+    """A table cell: undefined numbers (None, NaN) as "-", everything else as it is."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return UNDEFINED
     return v
 
 
@@ -75,8 +99,12 @@ class EnsembleResult:
             "wall_s": self.timing.get("total_s", math.nan),
         }
 
+    def record(self) -> dict[str, Any]:
+        """The compact record of this run that comparisons and figures use (see ``run_record``)."""
+        return run_record(self)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tensors as nested lists; NaN stays NaN, as Python's json writes it)."""
+        """JSON-ready dict: tensors as nested lists, undefined numbers (NaN) as None."""
         return {
             "config": self.config.to_dict(),
             "metrics": jsonable(self.metrics),
@@ -85,7 +113,7 @@ class EnsembleResult:
             "sharpness": list(self.sharpness),
             "scores": None if self.scores is None else self.scores.tolist(),
             "masks": None if self.masks is None else self.masks.to(torch.uint8).tolist(),
-            "timing": dict(self.timing),
+            "timing": jsonable(self.timing),
             "components": dict(self.components),
         }
 
@@ -107,8 +135,8 @@ class EnsembleResult:
         )
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The JSON text; also written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
+        """Strict JSON text (undefined numbers are null); also written to ``path`` if given."""
+        text = dumps_strict(self.to_dict())
         if path is not None:
             Path(path).write_text(text + "\n")
         return text
@@ -121,16 +149,18 @@ class EnsembleResult:
         return cls.from_dict(json.loads(text))
 
     def table(self) -> str:
-        """Plain-text summary: the comparison row, per-member accuracy and sharpness, OOD per severity."""
-        lines = [metrics_mod.format_table([self.summary()]), ""]
-        members = [
-            {"member": j, "test_acc": a, "sharpness": self.sharpness[j] if j < len(self.sharpness) else math.nan,
-             "sam_share": float(self.masks[j].double().mean()) if self.masks is not None else math.nan}
-            for j, a in enumerate(self.metrics["member_acc"])
-        ]  # fmt: skip
+        """Plain-text summary: the comparison row, per-member accuracy, sharpness and SAM share,
+        OOD accuracy per severity. Undefined numbers show as "-" (sam_share of de and de_sam,
+        which select nothing; DER of a single member)."""
+        lines = [metrics_mod.format_table([{k: shown(v) for k, v in self.summary().items()}]), ""]
+        members = []
+        for j, a in enumerate(self.metrics["member_acc"]):
+            share = float(self.masks[j].double().mean()) if self.masks is not None and self.masks.numel() else None
+            sharp = self.sharpness[j] if j < len(self.sharpness) else None
+            members.append({"member": j, "test_acc": shown(a), "sharpness": shown(sharp), "sam_share": shown(share)})
         lines += [metrics_mod.format_table(members), ""]
         if self.ood:
-            sev = [{"severity": s, **v} for s, v in self.ood["per_severity"].items()]
+            sev = [{"severity": s, **{k: shown(x) for k, x in v.items()}} for s, v in self.ood["per_severity"].items()]
             lines += ["OOD accuracy per severity", metrics_mod.format_table(sev), ""]
         return "\n".join(lines)
 
@@ -144,3 +174,38 @@ class EnsembleResult:
         paths["table"].write_text(self.table() + "\n")
         plot_results([self], paths["plot"])
         return paths
+
+
+def run_record(result: EnsembleResult) -> dict[str, Any]:
+    """A run in a few numbers: what a comparison aggregates and the figures draw.
+
+    Keys: method, seed, ``metrics`` (the comparison row, undefined as None), member_acc [M],
+    member_sharpness [M], ``curve`` (epoch, ensemble and mean member test accuracy of every
+    evaluated epoch), ``ood_per_severity`` {severity: ensemble accuracy}, swap_epoch (T_d,
+    sharpbalance; else None), epochs, dataset, members, n_test.
+    """
+    c = result.config
+    summary = {k: finite_or_none(v) for k, v in result.summary().items() if k != "method"}
+    rows = [h for h in result.history if h.get("ensemble_test_acc") is not None]
+    curve = {
+        "epoch": [h["epoch"] for h in rows],
+        "ensemble_acc": [h["ensemble_test_acc"] for h in rows],
+        "member_acc": [sum(h["test_acc"]) / len(h["test_acc"]) for h in rows],
+    }
+    ood = None
+    if result.ood:
+        ood = {int(s): finite_or_none(v["ensemble_acc"]) for s, v in result.ood["per_severity"].items()}
+    return {
+        "method": c.method,
+        "seed": c.seed,
+        "metrics": summary,
+        "member_acc": [finite_or_none(a) for a in result.metrics["member_acc"]],
+        "member_sharpness": [finite_or_none(v) for v in result.sharpness],
+        "curve": curve,
+        "ood_per_severity": ood,
+        "swap_epoch": c.swap_epoch if c.method == "sharpbalance" else None,
+        "epochs": c.epochs,
+        "dataset": c.dataset,
+        "members": c.members,
+        "n_test": result.metrics.get("num_samples"),
+    }

@@ -1,0 +1,88 @@
+"""The ``sbfast`` command line (also ``python -m sbfast``).
+
+Subcommands: ``compare`` (the main job; ``run`` is its old name), ``train``, ``eval``,
+``score``, ``bench``, ``info``; docs/cli.md describes each and its outputs.
+
+Every bad argument, path, data folder, corruption folder, output folder and device is found
+before any training starts and reported as one line ``sbfast: error: ...`` with exit status 2
+(``--debug`` shows the traceback instead). Ctrl-C prints one line and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from sbfast.cli.errors import INTERRUPT_EXIT, USAGE_EXIT, CliError, Parser, fail
+
+DESCRIPTION = """\
+sbfast: SharpBalance ensembles (de, de_sam, sharpbalance), fast.
+
+  sbfast compare                 the main job: the three methods over five seeds on the embedded digits
+  sbfast train --method de_sam   one run; --resume RUN_DIR continues one, --from-phase1 RUN_DIR forks one
+  sbfast eval RUN_DIR            recompute a run's metrics from its saved members
+  sbfast score RUN_DIR           Fisher scores of a run's saved members (.npy / .pt)
+  sbfast bench                   the benchmark table (every op against the reference)
+  sbfast info                    versions, kernels per device, trainer components
+
+'sbfast <command> --help' lists every option of a command; docs/cli.md explains the outputs.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sbfast.cli.tools import add_tool_parsers
+    from sbfast.cli.training import add_compare_parser, add_train_parser
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error instead of one line")  # fmt: skip
+    p = Parser(prog="sbfast", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    add_compare_parser(sub, [common])
+    add_train_parser(sub, [common])
+    add_tool_parsers(sub, [common])
+    return p
+
+
+def _command_and_rest(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    rest = list(argv)
+    while rest and rest[0] == "--debug":
+        rest.pop(0)
+    return (rest[0], rest[1:]) if rest else (None, [])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a run failed, 2 a bad argument,
+    130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        command, rest = _command_and_rest(argv)
+        if command == "bench":  # every argument after it belongs to python -m bench, --help included
+            from sbfast.cli.tools import _bench_main
+
+            return int(_bench_main()(rest) or 0)
+        args = build_parser().parse_args(argv)
+        return int(args.handler(args) or 0)
+    except CliError as e:
+        if debug:
+            raise
+        return fail(str(e), USAGE_EXIT)
+    except KeyboardInterrupt as e:
+        # sbfast.train.RunInterrupted (a KeyboardInterrupt) carries the line saying how to resume
+        code = getattr(e, "exit_code", INTERRUPT_EXIT)
+        if debug:
+            raise
+        print(str(e) if str(e) else "sbfast: interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
+        return code
+    except BrokenPipeError:  # output piped into a reader that stopped (| head)
+        return 0
+    except Exception as e:
+        if debug:
+            raise
+        return fail(f"{type(e).__name__}: {e} (run again with --debug for the traceback)", 1)
+
+
+__all__ = ["CliError", "build_parser", "main"]

@@ -1,0 +1,164 @@
+"""Checks made before anything is trained: the config, the device, the model, the data, the
+corruption folder and the output folder. Each failure is one :class:`CliError` line naming the
+value and what was expected, so a bad argument costs seconds, not a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sbfast.cli.errors import CliError
+from sbfast.cli.flags import flag_name
+from sbfast.train.config import TrainConfig
+
+# What reading a data file can raise besides CliError: missing files, unreadable or corrupt
+# contents (sbfast.data's DataError is a ValueError), permissions.
+_DATA_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, TypeError, OSError, EOFError)
+
+
+def build_config(fields: Mapping[str, Any]) -> TrainConfig:
+    """``TrainConfig(**fields)``, its ValueError/TypeError as one CliError line that starts with
+    the flag of the field it names (the config's messages name fields, the user typed flags)."""
+    try:
+        return TrainConfig(**dict(fields))
+    except (ValueError, TypeError) as e:
+        raise CliError(_with_flag(str(e))) from None
+
+
+def _with_flag(message: str) -> str:
+    import re
+
+    found = [(m.start(), f.name) for f in dataclasses.fields(TrainConfig)
+             if (m := re.search(rf"(?<![\w-]){f.name}(?![\w-])", message))]  # fmt: skip
+    if not found:
+        return message
+    return f"{flag_name(min(found)[1])}: {message}"
+
+
+def check_device(config: TrainConfig) -> torch.device:
+    try:
+        return config.check_device()
+    except ValueError as e:
+        raise CliError(f"{flag_name('device')} {config.device}: {e}; expected cpu or an existing cuda device") from None
+
+
+def check_model(config: TrainConfig, data: Any) -> None:
+    """Build one member on the meta device (no memory, no initialisation cost) so that a bad
+    model name or keyword (``{"width": 0}``) fails here and not in the first epoch."""
+    from sbfast.train.members import build_member
+
+    try:
+        with torch.device("meta"):
+            build_member(config, data, 0, torch.device("meta"))
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise CliError(
+            f"{flag_name('model')} {config.model} with {flag_name('model_kwargs')} {config.model_kwargs}: {e}"
+        ) from None
+
+
+def load_checked_data(config: TrainConfig) -> Any:
+    """``load_data(config)``; a missing or unreadable data folder is one CliError line."""
+    from sbfast.train.data import load_data
+
+    try:
+        return load_data(config)
+    except _DATA_ERRORS as e:
+        where = f"{flag_name('data_root')} {config.data_root}" if config.data_root else f"dataset {config.dataset}"
+        raise CliError(f"{where}: {e}") from None
+
+
+def check_corruption_root(config: TrainConfig, data: Any) -> None:
+    """The corruption folder holds every requested corruption (headers read, shapes checked)
+    and its images have the shape of the test set's, so that the OOD evaluation after the last
+    epoch cannot fail on it."""
+    root = config.corruption_root
+    if root is None:
+        return
+    flag = f"{flag_name('corruption_root')} {root}"
+    if not Path(root).is_dir():
+        raise CliError(f"{flag}: no such folder; expected a CIFAR-10-C/-100-C folder of <corruption>.npy and labels.npy")
+    if not config.eval_corruptions:
+        raise CliError(f"{flag}: no corruptions are evaluated ({flag_name('eval_corruptions')} is empty), so the folder would not be read")
+    from sbfast.data import load_cifar_c
+
+    try:
+        sets = load_cifar_c(root, list(config.eval_corruptions), list(config.eval_severities), lazy=True)
+        first = sets[next(iter(sets))]
+    except _DATA_ERRORS as e:
+        raise CliError(f"{flag}: {e}") from None
+    want = tuple(data.test.image_shape)
+    if tuple(first.image_shape) != want:
+        raise CliError(
+            f"{flag}: images of shape {tuple(first.image_shape)}, but the {config.dataset} test set's are {want}; "
+            "expected the corrupted copies of this data set's test images"
+        )
+
+
+def check_output_dir(path: Path, *, resume: bool = False) -> Path:
+    """The output folder can be created and written, and holds no earlier run (unless resuming).
+
+    Uses ``sbfast.train.check_output_dir`` where the trainer provides it (its rules for run
+    folders), and in any case creates the folder and writes a probe file, so that an
+    unwritable place (``/proc/x``) fails now and not after the first method has trained."""
+    from sbfast import train as T
+
+    flag = f"output folder {str(path)!r}"
+    trainer_check = getattr(T, "check_output_dir", None)
+    if trainer_check is not None:
+        try:
+            trainer_check(str(path), resume=resume)
+        except (ValueError, OSError) as e:
+            raise CliError(f"{flag}: {e}") from None
+    elif not resume and path.is_dir() and any(path.iterdir()):
+        raise CliError(f"{flag} already holds files; expected a new or empty folder")
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{flag} is a file; expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".sbfast-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CliError(f"{flag} cannot be written ({e.strerror or e}); expected a folder you can create and write") from None
+    return path
+
+
+def new_run_dir(parent: str | Path = "runs", prefix: str = "") -> Path:
+    """A new folder ``<parent>/<prefix><YYYYmmdd-HHMMSS>`` that no other process has: created
+    with ``mkdir(exist_ok=False)``, which is atomic, so two runs started in the same second get
+    ``...-HHMMSS`` and ``...-HHMMSS-2``."""
+    parent = Path(parent)
+    stamp = prefix + time.strftime("%Y%m%d-%H%M%S")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"runs folder {str(parent)!r} cannot be created ({e.strerror or e})") from None
+    for k in range(1, 1000):
+        path = parent / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CliError(f"run folder {str(path)!r} cannot be created ({e.strerror or e})") from None
+    raise CliError(f"no free run folder name under {str(parent)!r} for {stamp}")
+
+
+def preflight(configs: Sequence[TrainConfig]) -> Any:
+    """Every check that does not need the output folder, for configs that share one data set:
+    device, data, model, corruption folder. Returns the loaded ``TrainData`` to train on."""
+    first = configs[0]
+    for c in configs:
+        check_device(c)
+    data = load_checked_data(first)
+    for c in configs:
+        check_model(c, data)
+    check_corruption_root(first, data)
+    return data

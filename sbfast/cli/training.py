@@ -1,0 +1,252 @@
+"""``sbfast compare`` (alias ``run``) and ``sbfast train``: build the configs from the flags,
+check everything before the first epoch, train, print and save."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sbfast.cli import checks
+from sbfast.cli.errors import CliError
+from sbfast.cli.flags import add_config_flags, config_fields, config_overrides, read_config_file
+from sbfast.train.compare import MAIN_JOB, MAIN_SEEDS, QUICK, QUICK_SEEDS
+from sbfast.train.config import METHODS
+
+COMPARE_HELP = f"""\
+Train and compare the methods (default: de, de_sam and sharpbalance) with the same seeds on one
+data set, then print mean ± standard deviation over seeds of every metric and the paired
+differences between methods, and write the comparison's JSON, text and figures.
+
+The main job, `sbfast compare` without flags, runs on the embedded digits data with seeds
+{' '.join(map(str, MAIN_SEEDS))} and {', '.join(f'{k}={v}' for k, v in MAIN_JOB.items())} (its defaults on digits, shown
+below), so that each member makes enough test errors for DER and EIR to mean something.
+
+Precedence: TrainConfig defaults and dataset presets < the main job's digits defaults (or
+--quick) < --config FILE < flags. Output folder (default runs/compare-<timestamp>):
+  comparison.txt, comparison.json, comparison.png, curves.png, sharpness_diversity.png,
+  <method>/seed<k>/  one run folder per method and seed (docs/cli.md).
+"""
+
+TRAIN_HELP = """\
+Train one ensemble with one method and write its run folder (default runs/train-<method>-<timestamp>):
+config.json, log.csv, checkpoints/, results.json, metrics.txt, plot.png (docs/cli.md).
+
+  sbfast train --method de_sam --epochs 40
+  sbfast train --resume RUN_DIR                       continue a stopped run from its checkpoint
+  sbfast train --from-phase1 RUN_DIR --ratio 0.3      sharpbalance from a de_sam run's phase 1
+
+Precedence: TrainConfig defaults and dataset presets < --quick < --config FILE < flags.
+"""
+
+
+def _common_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run options")
+    g.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields, e.g. a run's config.json or "
+                   "results.json (its output/resume folders are ignored); flags override it")  # fmt: skip
+    g.add_argument("--quick", action="store_true",
+                   help="a smoke run in seconds: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))  # fmt: skip
+    g.add_argument("--width", type=int, metavar="N", help="shortcut for --model-kwargs '{\"width\": N}' (cnn, resnet18)")
+    g.add_argument("--reference-trainer", action="store_true",
+                   help="train with sbfast.train.train_ensemble_reference, the slow plain-PyTorch twin")  # fmt: skip
+
+
+def add_compare_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("compare", aliases=["run"], parents=parents, help="train and compare methods over seeds (the main job)",
+                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    g = p.add_argument_group("comparison")
+    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                   help=f"methods to compare, from {', '.join(METHODS)} (TrainConfig.method, one per run; "
+                   f"default: all)")  # fmt: skip
+    g.add_argument("--seeds", "--seed", nargs="+", type=int, metavar="N",
+                   help="seeds; every method runs with each (TrainConfig.seed, one per run; default "
+                   f"{' '.join(map(str, MAIN_SEEDS))}, with --quick {' '.join(map(str, QUICK_SEEDS))})")  # fmt: skip
+    g.add_argument("--output", "--output-dir", dest="output", metavar="PATH",
+                   help="folder of the comparison (TrainConfig.output_dir of each run is PATH/<method>/seed<k>; "
+                   "default runs/compare-<timestamp>)")  # fmt: skip
+    g.add_argument("--no-fork", action="store_true",
+                   help="train sharpbalance's phase 1 itself instead of starting from de_sam's (same numbers, slower)")
+    _common_run_flags(p)
+    add_config_flags(p, exclude=("method", "seed", "output_dir", "resume", "from_phase1"),
+                     defaults={k: f"{v} on digits" for k, v in MAIN_JOB.items()})  # fmt: skip
+    p.set_defaults(handler=cmd_compare)
+
+
+def add_train_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("train", parents=parents, help="train one method (also resume a run, or fork from phase 1)",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _common_run_flags(p)
+    add_config_flags(p, aliases={"output_dir": ["--output"]})
+    p.set_defaults(handler=cmd_train)
+
+
+def _fields(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
+    """base (quick / main job) < --config file < flags; --width into model_kwargs."""
+    fields = dict(base)
+    if args.config:
+        fields.update(read_config_file(args.config))
+    given = config_overrides(args)
+    fields.update(given)
+    if args.width is not None:
+        fields["model_kwargs"] = {**dict(fields.get("model_kwargs") or {}), "width": args.width}
+    return fields
+
+
+class _Started:
+    """Whether training has begun (set by the callback of :func:`_callback`): a ValueError
+    before it is a bad argument or folder (exit 2), after it a failure of the run."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+def _callback(started: _Started) -> Any:
+    from sbfast.train import Callback
+
+    class _OnStart(Callback):
+        def on_train_start(self, config: Any, models: Any) -> None:
+            started.started = True
+
+    return _OnStart()
+
+
+def _trainer(args: argparse.Namespace) -> Any:
+    from sbfast import train as T
+
+    return T.train_ensemble_reference if args.reference_trainer else T.train_ensemble
+
+
+def _describe(cfg: Any, data: Any) -> str:
+    td = f", T_d {cfg.swap_epoch}" if cfg.method == "sharpbalance" or cfg.method == "de_sam" else ""
+    return (f"{cfg.dataset} (train {len(data.train)}, test {len(data.test)}), model {cfg.model}, M = {cfg.members}, "
+            f"{cfg.epochs} epochs{td}, device {cfg.resolved_device()}, backend {cfg.backend}, batching {cfg.batching}")  # fmt: skip
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sbfast.train.compare import run_comparison, run_order
+
+    base: dict[str, Any] = dict(QUICK) if args.quick else {}
+    fields = _fields(args, base)
+    if fields.get("dataset", "digits") == "digits" and not args.quick:
+        for k, v in MAIN_JOB.items():
+            fields.setdefault(k, v)
+    seeds = args.seeds if args.seeds is not None else list(QUICK_SEEDS if args.quick else MAIN_SEEDS)
+    if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+        raise CliError(f"--seeds {' '.join(map(str, seeds))}: expected distinct integers >= 0")
+    methods = run_order(args.methods)
+    configs = [checks.build_config({**fields, "method": m, "seed": s}) for m in methods for s in seeds]
+    data = checks.preflight(configs)
+    out = checks.check_output_dir(Path(args.output)) if args.output else checks.new_run_dir("runs", "compare-")
+    base_cfg = configs[0]
+    print(f"sbfast compare: {', '.join(methods)} x seeds {' '.join(map(str, seeds))} on {_describe(base_cfg, data)}")
+    print(f"writing {out}/", flush=True)
+
+    def on_run(record: dict[str, Any], result: Any) -> None:
+        m = record["metrics"]
+
+        def f(k: str) -> str:
+            return "-" if m.get(k) is None else f"{m[k]:.4f}"
+
+        print(f"  {record['method']:<13} seed {record['seed']}: ensemble_acc {f('ensemble_acc')}  member_acc "
+              f"{f('member_acc')}  der {f('der')}  eir {f('eir')}  ood_acc {f('ood_acc')}  ({m.get('wall_s') or 0:.1f} s)",
+              flush=True)  # fmt: skip
+
+    started = _Started()
+    trainer = _trainer(args)
+
+    def tracked(cfg: Any, **kw: Any) -> Any:
+        return trainer(cfg, [_callback(started)], **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. torch's lr-scheduler order notice
+        try:
+            comp = run_comparison(base_cfg, methods, seeds, out, data=data, trainer=tracked,
+                                  fork_phase1=not args.no_fork and not args.reference_trainer, on_run=on_run)  # fmt: skip
+        except (ValueError, TypeError) as e:
+            if not started.started:
+                raise CliError(str(e)) from None
+            raise
+    print()
+    print(comp.report())
+    print(f"\nwrote {out}/ (comparison.txt, comparison.json, comparison.png, curves.png, sharpness_diversity.png, "
+          f"<method>/seed<k>/); {comp.timing['total_s']:.0f} s")  # fmt: skip
+    return 0
+
+
+def _phase1_config(source: str) -> dict[str, Any]:
+    """The config of the run whose phase 1 a fork starts from (its folder or its phase1.pt)."""
+    from sbfast.train.checkpoint import load_checkpoint, phase1_path
+
+    try:
+        payload = load_checkpoint(phase1_path(source))
+    except (ValueError, OSError) as e:
+        raise CliError(f"--from-phase1 {source}: {e}") from None
+    return {k: v for k, v in payload["config"].items() if k not in ("output_dir", "resume", "from_phase1")}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sbfast import train as T
+
+    given = config_overrides(args)
+    resume = given.get("resume")
+    started = _Started()
+    if resume is not None:
+        if args.config or args.quick or args.width is not None:
+            raise CliError("--resume takes the run's own config.json; --config, --quick and --width do not apply")
+        from sbfast.train.run_folder import read_config
+
+        try:
+            run_dir = T.check_output_dir(resume, resume=True)
+            saved = read_config(run_dir)
+        except ValueError as e:
+            raise CliError(f"--resume {resume}: {e}") from None
+        checks.preflight([checks.build_config({**saved.to_dict(), **given, "resume": None, "output_dir": str(run_dir)})])
+        print(f"sbfast train: resuming {run_dir}", flush=True)
+        requested = {k: v for k, v in given.items() if k != "resume"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                result = T.train_ensemble(requested, [_callback(started)], resume=str(run_dir))
+            except (ValueError, TypeError) as e:
+                if not started.started:
+                    raise CliError(str(e)) from None
+                raise
+        _print_result(result, run_dir)
+        return 0
+
+    base: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if given.get("from_phase1") is not None and not args.config:
+        base.update(_phase1_config(given["from_phase1"]))
+        base["method"] = "sharpbalance"
+    fields = _fields(args, base)
+    cfg = checks.build_config(fields)
+    data = checks.preflight([cfg])
+    if cfg.output_dir:
+        out = checks.check_output_dir(Path(cfg.output_dir))
+    else:
+        out = checks.new_run_dir("runs", f"train-{cfg.method}-")
+    cfg = cfg.replace(output_dir=str(out))
+    print(f"sbfast train: {cfg.method} on {_describe(cfg, data)}")
+    print(f"writing {out}/", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            result = _trainer(args)(cfg, [_callback(started)], data=data)
+        except (ValueError, TypeError) as e:
+            if not started.started:
+                raise CliError(str(e)) from None
+            raise
+    _print_result(result, out)
+    return 0
+
+
+def _print_result(result: Any, out: Path) -> None:
+    print(f"\n== {result.config.method} ({result.components.get('optimizer')}, {result.timing.get('total_s', 0):.1f} s) ==")
+    print(result.table())
+    print(f"wrote {out}/")
+    sys.stdout.flush()
+
+
+__all__ = ["add_compare_parser", "add_train_parser", "config_fields"]
