@@ -71,7 +71,10 @@ def _ext_modules() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need.
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: csrc/sbfast_math.h writes out every fma it wants (fma_rn) and rounds
+    # every other product, on the device through _rn intrinsics; the host must not contract
+    # a * b + c either (gcc would wherever the target has FMA, e.g. with -march=native).
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [str(ROOT / "csrc")]
     if cuda_home:

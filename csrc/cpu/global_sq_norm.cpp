@@ -8,6 +8,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "../checks.h"
 #include "../sbfast_math.h"
 #include "kernels.h"
 
@@ -59,18 +60,13 @@ double tensor_sq_sum(const scalar_t* data, int64_t n) {
 }  // namespace
 
 at::Tensor global_sq_norm(at::TensorList tensors) {
-  TORCH_CHECK(!tensors.empty(), "sbfast::global_sq_norm: empty tensor list");
+  checks::global_sq_norm_inputs(tensors, c10::DeviceType::CPU, "sbfast::global_sq_norm");
   bool any_double = false;
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "sbfast::global_sq_norm (CPU kernel): tensor on ", t.device());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()),
-                "sbfast::global_sq_norm: expected floating tensors, got ", t.scalar_type());
-    any_double = any_double || t.scalar_type() == at::kDouble;
-  }
+  for (const auto& t : tensors) any_double = any_double || t.scalar_type() == at::kDouble;
   double total = 0.0;
   for (const auto& t : tensors) {
     if (t.numel() == 0) continue;
-    const at::Tensor c = t.contiguous();
+    const at::Tensor c = t.contiguous();  // strided views: summed from a dense copy
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "global_sq_norm_cpu", [&] {
       total += tensor_sq_sum<scalar_t>(c.const_data_ptr<scalar_t>(), c.numel());
     });

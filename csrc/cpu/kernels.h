@@ -10,18 +10,18 @@ namespace cpu {
 // sum over tensors of sum_i t_i^2; float64 if any input is float64, else float32.
 at::Tensor global_sq_norm(at::TensorList tensors);
 
-// issue 6. Bool [M, N]: per row of floating scores [M, N], the k smallest (0 <= k <= N), ties
+// Bool [M, N]: per row of floating scores [M, N], the k smallest (0 <= k <= N), ties
 // by ascending index (a stable sort's first k; -0.0 == +0.0, NaN largest).
 at::Tensor ksmallest_mask(const at::Tensor& scores, int64_t k);
-// issue 6. Bool [M, N] SAM masks from the flat sets flat_mask [M, N] (bool): variant 0 = balance
+// Bool [M, N] SAM masks from the flat sets flat_mask [M, N] (bool): variant 0 = balance
 // (A_i | R_i), 1 = boost (A_i | (R minus R_i)); R in ascending index, R_i = R[i::M].
 at::Tensor sharpbalance_masks(const at::Tensor& flat_mask, int64_t variant);
 
-// issue 4. Fused SAM optimizer passes over one contiguous flat run (in place, no return):
+// Fused SAM optimizer passes over one contiguous flat run (in place, no return):
 // backup = w; w = w + (adaptive ? w^2 g : g) * s, with s = scale (0-d; s == 0 leaves w as is).
 void sam_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
                   const at::Tensor& scale, bool adaptive);
-// issue 4. w = backup (or w); g = (grad [+ normal_grad]) * inv_scale; one torch.optim.SGD step
+// w = backup (or w); g = (grad [+ normal_grad]) * inv_scale; one torch.optim.SGD step
 // (first step of the buffers when momentum_ready[0] == 0, then momentum_ready = 1); skip != 0:
 // only the restore. write_grad_sum stores grad + normal_grad into grad.
 void sam_restore_sgd_(const at::Tensor& param, const std::optional<at::Tensor>& backup,
@@ -31,11 +31,11 @@ void sam_restore_sgd_(const at::Tensor& param, const std::optional<at::Tensor>& 
                       const at::Tensor& skip, const at::Tensor& inv_scale, double weight_decay,
                       double momentum, double dampening, bool nesterov, bool write_grad_sum);
 
-// issue 5. [B] per-sample ||G_i^T A_i||_F^2 for a [B, T, d], g [B, T, p] (float64 if either is
+// [B] per-sample ||G_i^T A_i||_F^2 for a [B, T, d], g [B, T, p] (float64 if either is
 // float64, else float32): by one GEMM per sample (direct) or by the Gram identity (gram).
 at::Tensor per_sample_grad_sq_norm_direct(const at::Tensor& a, const at::Tensor& g);
 at::Tensor per_sample_grad_sq_norm_gram(const at::Tensor& a, const at::Tensor& g);
-// issue 5. [B] per-sample squared norm of a 1-D/2-D convolution's weight gradient (x already
+// [B] per-sample squared norm of a 1-D/2-D convolution's weight gradient (x already
 // padded as the convolution sees it but for `padding` zeros).
 at::Tensor per_sample_conv_grad_sq_norm(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef weight_size,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,

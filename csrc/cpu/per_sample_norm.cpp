@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks.h"
 #include "../sbfast_math.h"
 #include "kernels.h"
 
@@ -75,7 +76,9 @@ void unfold_sample(const T* xp, int64_t c, int64_t hp, int64_t wp, int64_t kh, i
       for (int64_t j = 0; j < kw; ++j) {
         T* out = cols + ((ci * kh + i) * kw + j) * ho * wo;
         for (int64_t h = 0; h < ho; ++h) {
-          const T* src = xp + (ci * hp + h * sh + i * dh) * wp + j * dw;
+          // xp is padded already: the shared coordinate math with zero padding
+          const T* src = xp + (ci * hp + math::conv_input_coord(h, i, sh, 0, dh)) * wp +
+                         math::conv_input_coord(0, j, sw, 0, dw);
           T* dst = out + h * wo;
           if (sw == 1) {
             std::memcpy(dst, src, sizeof(T) * wo);
@@ -100,17 +103,6 @@ void pad_sample(const T* x, int64_t c, int64_t h, int64_t w, int64_t ph, int64_t
   }
 }
 
-void check_pair(const at::Tensor& a, const at::Tensor& g, const char* op) {
-  TORCH_CHECK(a.device().is_cpu() && g.device().is_cpu(), op, " (CPU kernel): tensors on ", a.device(), " and ",
-              g.device());
-  TORCH_CHECK(a.dim() == 3 && g.dim() == 3, op, ": expected a [B, T, d] and g [B, T, p], got ", a.sizes(), " and ",
-              g.sizes());
-  TORCH_CHECK(a.size(0) == g.size(0) && a.size(1) == g.size(1), op, ": a ", a.sizes(), " and g ", g.sizes(),
-              " differ in B or T");
-  TORCH_CHECK(at::isFloatingType(a.scalar_type()) && at::isFloatingType(g.scalar_type()), op,
-              ": expected floating tensors, got ", a.scalar_type(), " and ", g.scalar_type());
-}
-
 // Runs fn(i) -> acc for every sample i, in parallel over samples, into a [B] tensor.
 template <typename acc_t, typename Fn>
 at::Tensor per_sample(int64_t b, at::ScalarType acc, const Fn& fn) {
@@ -125,7 +117,7 @@ at::Tensor per_sample(int64_t b, at::ScalarType acc, const Fn& fn) {
 }  // namespace
 
 at::Tensor per_sample_grad_sq_norm_direct(const at::Tensor& a_in, const at::Tensor& g_in) {
-  check_pair(a_in, g_in, "sbfast::per_sample_grad_sq_norm_direct");
+  checks::per_sample_pair(a_in, g_in, c10::DeviceType::CPU, "sbfast::per_sample_grad_sq_norm_direct");
   const at::ScalarType acc = acc_scalar_type(a_in, g_in);
   const int64_t b = a_in.size(0);
   if (b == 0 || a_in.size(1) == 0 || a_in.size(2) == 0 || g_in.size(2) == 0) {
@@ -141,7 +133,7 @@ at::Tensor per_sample_grad_sq_norm_direct(const at::Tensor& a_in, const at::Tens
 }
 
 at::Tensor per_sample_grad_sq_norm_gram(const at::Tensor& a_in, const at::Tensor& g_in) {
-  check_pair(a_in, g_in, "sbfast::per_sample_grad_sq_norm_gram");
+  checks::per_sample_pair(a_in, g_in, c10::DeviceType::CPU, "sbfast::per_sample_grad_sq_norm_gram");
   const at::ScalarType acc = acc_scalar_type(a_in, g_in);
   const int64_t b = a_in.size(0);
   if (b == 0 || a_in.size(1) == 0 || a_in.size(2) == 0 || g_in.size(2) == 0) {
@@ -160,19 +152,9 @@ at::Tensor per_sample_grad_sq_norm_gram(const at::Tensor& a_in, const at::Tensor
 at::Tensor per_sample_conv_grad_sq_norm(const at::Tensor& x, const at::Tensor& g, at::IntArrayRef weight_size,
                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                         int64_t groups) {
-  TORCH_CHECK(x.device().is_cpu() && g.device().is_cpu(), "sbfast::per_sample_conv_grad_sq_norm (CPU kernel): ",
-              "tensors on ", x.device(), " and ", g.device());
+  checks::conv_inputs(x, g, weight_size, stride, padding, dilation, groups, c10::DeviceType::CPU,
+                      "sbfast::per_sample_conv_grad_sq_norm");
   const int64_t spatial = x.dim() - 2;
-  TORCH_CHECK((spatial == 1 || spatial == 2) && g.dim() == x.dim() && static_cast<int64_t>(weight_size.size()) == x.dim(),
-              "sbfast::per_sample_conv_grad_sq_norm: x ", x.sizes(), ", g ", g.sizes(), ", weight ", weight_size,
-              ": expected x [B, C_in, *S], g [B, C_out, *S'] (1 or 2 spatial dims) and a weight of the same rank");
-  TORCH_CHECK(static_cast<int64_t>(stride.size()) == spatial && static_cast<int64_t>(padding.size()) == spatial &&
-                  static_cast<int64_t>(dilation.size()) == spatial,
-              "sbfast::per_sample_conv_grad_sq_norm: stride, padding and dilation need ", spatial, " entries");
-  TORCH_CHECK(groups >= 1 && x.size(0) == g.size(0) && weight_size[0] == g.size(1) &&
-                  weight_size[1] * groups == x.size(1) && g.size(1) % groups == 0,
-              "sbfast::per_sample_conv_grad_sq_norm: x ", x.sizes(), ", g ", g.sizes(), ", weight ", weight_size,
-              " and groups=", groups, " do not fit one convolution");
   const at::ScalarType acc = acc_scalar_type(x, g);
   const int64_t b = x.size(0);
   if (b == 0 || x.numel() == 0 || g.numel() == 0) return at::zeros({b}, at::TensorOptions().dtype(acc));

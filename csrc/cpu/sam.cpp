@@ -1,4 +1,4 @@
-// CPU kernels of the fused SAM optimizer (issue 4): sbfast::sam_perturb_ and
+// CPU kernels of the fused SAM optimizer: sbfast::sam_perturb_ and
 // sbfast::sam_restore_sgd_, one pass over a contiguous run of a flat parameter buffer each.
 //
 // Memory-bound: perturb reads w, g and writes w, backup (4 arrays); restore+SGD reads backup,
@@ -45,7 +45,7 @@
 #pragma GCC optimize("fp-contract=off")
 #endif
 
-#include "../sam_checks.h"
+#include "../checks.h"
 #include "../sbfast_math.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -321,12 +321,9 @@ double read_scalar(const at::Tensor& t) {
 void sam_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
                   const at::Tensor& scale, bool adaptive) {
   constexpr const char* op = "sbfast::sam_perturb_";
-  TORCH_CHECK(param.device().is_cpu(), op, " (CPU kernel): param is on ", param.device());
-  TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ",
-              param.scalar_type());
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  sam_checks::check_array(backup, param, op, "backup");
-  sam_checks::check_array(grad, param, op, "grad");
+  checks::sam_param(param, c10::DeviceType::CPU, op);
+  checks::like_param(backup, param, op, "backup");
+  checks::like_param(grad, param, op, "grad");
   check_scalar(scale, op, "scale");
   const int64_t n = param.numel();
   if (n == 0) return;
@@ -359,11 +356,8 @@ void sam_restore_sgd_(const at::Tensor& param, const std::optional<at::Tensor>& 
                       const at::Tensor& skip, const at::Tensor& inv_scale, double weight_decay,
                       double momentum, double dampening, bool nesterov, bool write_grad_sum) {
   constexpr const char* op = "sbfast::sam_restore_sgd_";
-  TORCH_CHECK(param.device().is_cpu(), op, " (CPU kernel): param is on ", param.device());
-  TORCH_CHECK(at::isFloatingType(param.scalar_type()), op, ": param must be floating, got ",
-              param.scalar_type());
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  const bool has_momentum = sam_checks::check_restore_sgd_arrays(
+  checks::sam_param(param, c10::DeviceType::CPU, op);
+  const bool has_momentum = checks::restore_sgd_arrays(
       param, backup, grad, normal_grad, momentum_buf, momentum_ready, momentum, write_grad_sum, op);
   check_scalar(lr, op, "lr");
   check_scalar(skip, op, "skip");

@@ -1,7 +1,8 @@
-// CPU kernels of sbfast::ksmallest_mask and sbfast::sharpbalance_masks (ALGORITHM.md section 4).
+// CPU kernels of sbfast::ksmallest_mask and sbfast::sharpbalance_masks (SharpBalance's subset selection).
 //
 // ksmallest_mask: per row an O(N) radix select on order-preserving keys (sbfast_math.h),
-// 11 bits a pass from the top. The keys are computed once into a buffer (a vectorised loop)
+// 11 bits a pass from the top (math::radix_first_shift and friends: the GPU's schedule too).
+// The keys are computed once into a buffer (a vectorised loop)
 // and histogrammed; each later pass first compacts the keys that share the prefix found so far
 // (branch-free) and histograms only those, so the work shrinks geometrically. It stops as soon
 // as the whole bucket holding the k-th smallest is taken (the output is then key-prefix <=
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../checks.h"
 #include "../sbfast_math.h"
 #include "kernels.h"
 
@@ -28,7 +30,6 @@ namespace sbfast {
 namespace cpu {
 namespace {
 
-constexpr int kDigitBits = 11;
 constexpr int kHistCopies = 4;  // interleaved histograms: repeated bins do not chain on one counter
 constexpr int64_t kAlgebraChunk = 1 << 14;
 // Work (scores or mask bytes) a parallel task should hold at least: waking a worker costs tens
@@ -71,8 +72,8 @@ void ksmallest_row(const scalar_t* x, int64_t n, int64_t k, bool* out,
   key_t* keys = scratch.keys.data();
   for (int64_t i = 0; i < n; ++i) keys[i] = math::score_key<scalar_t>::of(x[i]);  // vectorised
 
-  int shift = kKeyBits - kDigitBits;
-  int bins = 1 << kDigitBits;
+  int shift = math::radix_first_shift(kKeyBits);
+  int bins = math::radix_bins(kKeyBits, shift);
   digit_histogram(keys, n, shift, bins, scratch.hist);
   key_t prefix = 0, prefix_mask = 0;
   int64_t take = k;  // rank (1-based) of the k-th smallest among the keys with the prefix
@@ -97,8 +98,8 @@ void ksmallest_row(const scalar_t* x, int64_t n, int64_t k, bool* out,
     }
     pool = kept;
     pool_size = num_kept;
-    const int next_shift = std::max(0, shift - kDigitBits);
-    bins = 1 << (shift - next_shift);
+    const int next_shift = math::radix_next_shift(shift);
+    bins = math::radix_bins(shift, next_shift);
     shift = next_shift;
     digit_histogram(pool, pool_size, shift, bins, scratch.hist);
   }
@@ -117,12 +118,8 @@ void ksmallest_row(const scalar_t* x, int64_t n, int64_t k, bool* out,
 }  // namespace
 
 at::Tensor ksmallest_mask(const at::Tensor& scores, int64_t k) {
-  TORCH_CHECK(scores.device().is_cpu(), "sbfast::ksmallest_mask (CPU kernel): scores on ", scores.device());
-  TORCH_CHECK(scores.dim() == 2, "sbfast::ksmallest_mask: scores must be 2-D [M, N], got ", scores.sizes());
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()),
-              "sbfast::ksmallest_mask: expected floating scores, got ", scores.scalar_type());
+  checks::ksmallest_inputs(scores, k, c10::DeviceType::CPU, "sbfast::ksmallest_mask");
   const int64_t m = scores.size(0), n = scores.size(1);
-  TORCH_CHECK(0 <= k && k <= n, "sbfast::ksmallest_mask: k = ", k, " outside [0, N = ", n, "]");
   const auto opts = scores.options().dtype(at::kBool);
   if (k == 0) return at::zeros({m, n}, opts);
   if (k == n) return at::ones({m, n}, opts);
@@ -198,14 +195,7 @@ void sharpbalance_masks_impl(const bool* flat, int64_t m, int64_t n, bool* dst) 
 }  // namespace
 
 at::Tensor sharpbalance_masks(const at::Tensor& flat_mask, int64_t variant) {
-  TORCH_CHECK(flat_mask.device().is_cpu(), "sbfast::sharpbalance_masks (CPU kernel): flat_mask on ",
-              flat_mask.device());
-  TORCH_CHECK(flat_mask.dim() == 2, "sbfast::sharpbalance_masks: flat_mask must be 2-D [M, N], got ",
-              flat_mask.sizes());
-  TORCH_CHECK(flat_mask.scalar_type() == at::kBool, "sbfast::sharpbalance_masks: expected a bool flat_mask, got ",
-              flat_mask.scalar_type());
-  TORCH_CHECK(variant == 0 || variant == 1, "sbfast::sharpbalance_masks: variant = ", variant,
-              ", expected 0 (balance) or 1 (boost)");
+  checks::sharpbalance_inputs(flat_mask, variant, c10::DeviceType::CPU, "sbfast::sharpbalance_masks");
   const int64_t m = flat_mask.size(0), n = flat_mask.size(1);
   at::Tensor out = at::empty({m, n}, flat_mask.options());
   if (m == 0 || n == 0) return out;

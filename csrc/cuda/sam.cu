@@ -1,5 +1,10 @@
-// CUDA kernels of the fused SAM optimizer (issue 4): sbfast::sam_perturb_ and
-// sbfast::sam_restore_sgd_, one grid-stride pass over a contiguous run of a flat buffer each.
+// CUDA kernels of the fused SAM optimizer: sbfast::sam_perturb_ and sbfast::sam_restore_sgd_,
+// one grid-stride pass over a contiguous run of a flat buffer each.
+//
+// Already one launch per run, not per tensor: SharpBalanceSAM (sbfast/optim.py) keeps every
+// parameter, gradient, backup and momentum buffer in one flat buffer per dtype and calls these
+// ops once per run of consecutive parameters that share a param group and a phase (one run per
+// dtype and group in a plain step), so a multi-tensor table would add nothing here.
 //
 // The per-element arithmetic is sbfast_math.h's, shared with the CPU kernels (which the CPU
 // tests check bit for bit against torch); the _rn intrinsics there keep nvcc from contracting.
@@ -15,7 +20,7 @@
 
 #include <optional>
 
-#include "../sam_checks.h"
+#include "../checks.h"
 #include "../sbfast_math.h"
 
 namespace sbfast {
@@ -130,10 +135,9 @@ void launch_restore(scalar_t* w, const scalar_t* src, scalar_t* grad, const scal
 void sam_perturb_(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad,
                   const at::Tensor& scale, bool adaptive) {
   constexpr const char* op = "sbfast::sam_perturb_";
-  TORCH_CHECK(param.is_cuda(), op, " (CUDA kernel): param is on ", param.device());
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  sam_checks::check_array(backup, param, op, "backup");
-  sam_checks::check_array(grad, param, op, "grad");
+  checks::sam_param(param, c10::DeviceType::CUDA, op);
+  checks::like_param(backup, param, op, "backup");
+  checks::like_param(grad, param, op, "grad");
   TORCH_CHECK(scale.device() == param.device(), op, ": scale is on ", scale.device(), ", param on ",
               param.device());
   const DeviceScalar s = device_scalar(scale, op, "scale");
@@ -156,9 +160,8 @@ void sam_restore_sgd_(const at::Tensor& param, const std::optional<at::Tensor>& 
                       const at::Tensor& skip, const at::Tensor& inv_scale, double weight_decay,
                       double momentum, double dampening, bool nesterov, bool write_grad_sum) {
   constexpr const char* op = "sbfast::sam_restore_sgd_";
-  TORCH_CHECK(param.is_cuda(), op, " (CUDA kernel): param is on ", param.device());
-  TORCH_CHECK(param.is_contiguous(), op, ": param must be contiguous");
-  const bool has_momentum = sam_checks::check_restore_sgd_arrays(
+  checks::sam_param(param, c10::DeviceType::CUDA, op);
+  const bool has_momentum = checks::restore_sgd_arrays(
       param, backup, grad, normal_grad, momentum_buf, momentum_ready, momentum, write_grad_sum, op);
   for (const at::Tensor* t : {&lr, &skip, &inv_scale}) {
     TORCH_CHECK(t->device() == param.device(), op, ": lr, skip and inv_scale must be on ", param.device(),

@@ -1,4 +1,4 @@
-// C++ tests of the per-sample gradient-norm kernels (issue 5): both forms against the
+// C++ tests of the per-sample gradient-norm kernels: both forms against the
 // per-sample gradient formed explicitly, ||G_i^T A_i||_F^2.
 #include <ATen/ATen.h>
 

@@ -1,4 +1,4 @@
-// C++ tests of the fused SAM passes (issue 4) on the CPU, against the same steps written with
+// C++ tests of the fused SAM passes on the CPU, against the same steps written with
 // ATen ops: the perturbation, the exact restore, and two SGD steps with momentum.
 #include <ATen/ATen.h>
 

@@ -1,4 +1,4 @@
-// C++ tests of the selection kernels (issue 6) and of their shared arithmetic.
+// C++ tests of the selection kernels and of their shared arithmetic.
 #include <ATen/ATen.h>
 
 #include <limits>
@@ -18,7 +18,7 @@ at::Tensor stable_first_k(const at::Tensor& scores, int64_t k) {
   return mask;
 }
 
-// ALGORITHM.md section 4 written as loops, for the mask algebra.
+// The subset selection written as loops, for the mask algebra.
 at::Tensor masks_by_hand(const at::Tensor& flat, bool boost) {
   const int64_t M = flat.size(0), N = flat.size(1);
   auto f = flat.accessor<bool, 2>();
