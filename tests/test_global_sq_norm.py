@@ -116,3 +116,88 @@ def test_backends_report_every_op():
     for choice in table.values():
         assert choice["cpu"] in ("c++", "reference")
         assert choice["cuda"] in ("cuda-c++", "triton", "missing")
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA kernel's multi-tensor launch (tables of up to 96 tensors, chunks per block, a fixed
+# summation order). The same tests run the CPU kernel, the twin that runs everywhere.
+# --------------------------------------------------------------------------------------------
+
+
+def _resnet18_like(dtype: torch.dtype, device: str, width: int = 16) -> list[torch.Tensor]:
+    """The 62 parameter shapes of a CIFAR ResNet18 (at a reduced width) and 100 small tensors,
+    some empty: two launch tables of the CUDA kernel."""
+    shapes: list[tuple[int, ...]] = [(width, 3, 3, 3), (width,), (width,)]
+    c_in = width
+    for mult in (1, 2, 4, 8):
+        c_out = width * mult
+        for block in range(2):
+            c = c_in if block == 0 else c_out
+            shapes += [(c_out, c, 3, 3), (c_out,), (c_out,), (c_out, c_out, 3, 3), (c_out,), (c_out,)]
+            if block == 0 and c != c_out:
+                shapes += [(c_out, c, 1, 1), (c_out,), (c_out,)]
+        c_in = c_out
+    shapes += [(10, 8 * width), (10,)]
+    assert len(shapes) == 62
+    shapes += [(n,) for n in [0, 1, 7, 129, 4097] * 20]
+    return [torch.randn(s, dtype=dtype, device=device) for s in shapes]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_multi_tensor_lists_match_float64_and_repeat_bitwise(device, dtype, atol):
+    tensors = _resnet18_like(dtype, device)
+    tensors.insert(30, torch.randn(33, 64, dtype=dtype, device=device).t())  # strided, mid-table
+    out = ops.global_sq_norm(tensors)
+    exact = _exact(tensors)
+    assert_within_plain_error(out, _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
+    # a fixed summation order: the same inputs give the same bits
+    assert torch.equal(ops.global_sq_norm(tensors), out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_in_one_list_accumulate_in_float64(device):
+    # dtypes interleaved: one launch per dtype group, partials of every group in one sum
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
+    tensors = [torch.randn(n, dtype=dtypes[i % 4], device=device) for i, n in enumerate([7, 4097, 1, 129, 0, 70001] * 3)]
+    out = ops.global_sq_norm(tensors)
+    assert out.dtype == torch.float64
+    # rtol: the CPU kernel sums each chunk of a float32/half tensor in float32 before float64
+    torch.testing.assert_close(out.cpu(), _exact(tensors), rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_kernel_agrees_with_cpu_kernel():
+    for dtype, rtol in [(torch.float32, 1e-6), (torch.float64, 1e-13)]:
+        tensors = _resnet18_like(dtype, "cpu", width=64)
+        torch.testing.assert_close(ops.global_sq_norm([t.cuda() for t in tensors]).cpu(), ops.global_sq_norm(tensors),
+                                   rtol=rtol, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_graph_replays_the_multi_tensor_launch():
+    tensors = _resnet18_like(torch.float32, "cuda")
+    ops.global_sq_norm(tensors)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.global_sq_norm(tensors)
+    for scale in (1.0, 3.0):
+        for t in tensors:
+            t.mul_(scale)
+        graph.replay()
+        torch.testing.assert_close(out.cpu(), _exact(tensors).float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_tensor_past_2_31_elements():
+    # 64-bit offsets: elements past index 2^31 count (bfloat16 keeps it at 4 GiB)
+    n = (1 << 31) + 4097
+    big = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    big[-3:] = 2.0
+    big[(1 << 31) + 1] = 3.0
+    big[5] = 1.0
+    assert ops.global_sq_norm([big, torch.ones(7, device="cuda")]).item() == 3 * 4.0 + 9.0 + 1.0 + 7.0

@@ -259,3 +259,88 @@ def test_conv_bad_inputs_name_the_problem():
         op(x[:2], g, w_size, stride, padding, dilation, groups)
     with pytest.raises(TypeError, match="floating dtype"):
         op(x.long(), g, w_size, stride, padding, dilation, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA kernels' chunked workspace and the convolution's two forms. The same tests run the
+# CPU kernels, the twins that run everywhere.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_products_larger_than_the_workspace(device):
+    # direct: B x p x d float32 products of 354 MB, gram: B x 2 x T^2 of 281 MB, past the CUDA
+    # kernels' 256 MiB workspace, so they run in chunks of samples; the exact value comes from
+    # the other (small) form in float64
+    a, g = _inputs((600, 4, 384, 384), torch.float32, "cpu", seed=1)
+    a64, g64 = a.double(), g.double()
+    exact = (torch.bmm(a64, a64.transpose(1, 2)) * torch.bmm(g64, g64.transpose(1, 2))).sum((1, 2))
+    out = ops.per_sample_grad_sq_norm_direct(a.to(device), g.to(device))
+    torch.testing.assert_close(out.double().cpu(), exact, rtol=1e-5, atol=0)
+    a, g = _inputs((130, 520, 3, 2), torch.float32, "cpu", seed=2)
+    exact = torch.bmm(g.double().transpose(1, 2), a.double()).pow(2).sum((1, 2))
+    out = ops.per_sample_grad_sq_norm_gram(a.to(device), g.to(device))
+    torch.testing.assert_close(out.double().cpu(), exact, rtol=1e-5, atol=0)
+
+
+# Convolutions where the Gram form is cheaper (T (d + p) <= d p: few positions, wide channels)
+# and where the direct form is, with groups, 1-D, and channels_last inputs.
+CONV_FORMS = [
+    ((4, 64, 4, 4), 128, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # gram: T 16, d 576, p 128
+    ((3, 32, 2, 2), 64, (3, 3), (2, 2), (1, 1), (1, 1), 2),  # gram, grouped, stride 2
+    ((2, 64, 5), 96, (3,), (1,), (1,), (1,), 1),  # 1-D gram
+    ((3, 8, 17, 13), 16, (3, 3), (1, 2), (2, 1), (2, 1), 1),  # direct, dilation
+    ((2, 6, 9, 7), 9, (2, 3), (2, 1), (0, 2), (1, 2), 3),  # direct, grouped
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("case", CONV_FORMS, ids=str)
+def test_conv_both_forms_and_layouts(device, dtype, rtol, case):
+    x, g, geometry = _conv_case(case, dtype, device, seed=7)
+    exact = _conv_exact(x, g, *geometry)
+    torch.testing.assert_close(ops.per_sample_conv_grad_sq_norm(x, g, *geometry).double().cpu(), exact,
+                               rtol=rtol, atol=0)
+    if x.dim() == 4:  # channels_last input and output gradient: strided, handled by a dense copy
+        xl, gl = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(ops.per_sample_conv_grad_sq_norm(xl, gl, *geometry).double().cpu(), exact,
+                                   rtol=rtol, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_kernels_agree_with_cpu_kernels():
+    for shape in [(3, 7, 7, 7), (2, 129, 7, 1), (1, 7, 4097, 3), (64, 16, 33, 65)]:
+        a, g = _inputs(shape, torch.float64, "cpu")
+        for form in FORMS:
+            op = getattr(ops, f"per_sample_grad_sq_norm_{form}")
+            torch.testing.assert_close(op(a.cuda(), g.cuda()).cpu(), op(a, g), rtol=1e-12, atol=0)
+    for case in CONVS + CONV_FORMS:
+        x, g, geometry = _conv_case(case, torch.float64, "cpu")
+        torch.testing.assert_close(ops.per_sample_conv_grad_sq_norm(x.cuda(), g.cuda(), *geometry).cpu(),
+                                   ops.per_sample_conv_grad_sq_norm(x, g, *geometry), rtol=1e-12, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_graph_replays_the_per_sample_norms():
+    a, g = _inputs((8, 16, 33, 17), torch.float32, "cuda")
+    x, gc, geometry = _conv_case(CONV_FORMS[0], torch.float32, "cuda")
+
+    def all_norms():
+        return (ops.per_sample_grad_sq_norm_direct(a, g), ops.per_sample_grad_sq_norm_gram(a, g),
+                ops.per_sample_conv_grad_sq_norm(x, gc, *geometry))
+
+    all_norms()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = all_norms()
+    for scale in (2.0, 0.5):
+        for t in (a, g, x, gc):
+            t.mul_(scale)
+        graph.replay()
+        for out, fresh in zip(outs, all_norms(), strict=True):
+            torch.testing.assert_close(out, fresh)  # float32 tolerance: cuBLAS may pick another algorithm
+        torch.testing.assert_close(outs[0].double().cpu(), _exact(a, g), rtol=1e-5, atol=0)

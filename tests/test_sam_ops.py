@@ -336,3 +336,28 @@ def test_wrappers_validate_before_any_kernel():
 def test_backends_list_both_ops():
     table = registry.backends()
     assert table["sam_perturb_"]["cpu"] == "c++" and table["sam_restore_sgd_"]["cpu"] == "c++"
+
+
+# ----------------------------------------------------------------------------------------
+# CUDA kernels against the CPU kernels: the same per-element arithmetic (sbfast_math.h, every
+# fma explicit, every other product rounded on its own), so the same bits in every dtype.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [d[0] for d in DTYPES])
+def test_cuda_kernels_equal_cpu_kernels_bitwise(dtype):
+    for n in [0, *ODD_SIZES, (1 << 20) + 3]:
+        for adaptive in (False, True):
+            w, g, s = _perturb_inputs(n, dtype, "cpu")
+            cpu = _run_perturb(torch.ops.sbfast.sam_perturb_, w, g, s, adaptive)
+            gpu = _run_perturb(torch.ops.sbfast.sam_perturb_, w.cuda(), g.cuda(), s.cuda(), adaptive)
+            assert all(torch.equal(c, x.cpu()) for c, x in zip(cpu, gpu, strict=True)), (n, adaptive)
+        for cfg in SGD_CONFIGS:
+            inputs = _sgd_inputs(n, dtype, "cpu", cfg)
+            on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            cpu = _run_sgd(torch.ops.sbfast.sam_restore_sgd_, inputs)
+            gpu = _run_sgd(torch.ops.sbfast.sam_restore_sgd_, on_gpu)
+            for c, x in zip(cpu, gpu, strict=True):
+                assert (c is None and x is None) or torch.equal(c, x.cpu()), (n, cfg)

@@ -372,3 +372,85 @@ def test_kernels_check_their_inputs(device):
             alg(torch.zeros(2, 3, dtype=torch.bool, device=dev), 7)
         with pytest.raises(RuntimeError, match="bool"):
             alg(torch.zeros(2, 3, device=dev), 0)
+
+
+# ------------------------------------------------------------------ the multi-block CUDA select
+# Long rows are spread over many blocks on CUDA (tiles of a row histogram into one row
+# histogram; tied keys are ranked across tiles). The same tests run the CPU kernel, the twin.
+
+
+def _first_k_from_order(order: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(order.shape, dtype=torch.bool)
+    mask.scatter_(1, order[:, :k], True)
+    return mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_ksmallest_mask_long_rows(device, kind):
+    # 3 members x 1.28M samples (ImageNet-sized): "ties" puts a tie across the k-th place that
+    # spans every tile of the row
+    scores = _scores(3, 1_280_000, kind)
+    order = torch.argsort(scores, dim=1, stable=True)
+    on_device = scores.to(device)
+    for k in (1, 640_000, 1_279_999):
+        assert torch.equal(ops.ksmallest_mask(on_device, k).cpu(), _first_k_from_order(order, k)), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ksmallest_mask_float64_keys_split_in_the_last_pass(device):
+    # float64 keys that differ only in their lowest bits (all 6 passes needed), repeated so that
+    # the k-th place falls inside a run of equal keys, over enough scores for many tiles
+    base = torch.tensor(1.0, dtype=torch.float64).view(torch.int64)
+    values = (base + torch.randint(0, 64, (2, 300_000), generator=torch.Generator().manual_seed(3))).view(torch.float64)
+    order = torch.argsort(values, dim=1, stable=True)
+    for k in (1, 4689, 150_000, 299_999):
+        assert torch.equal(ops.ksmallest_mask(values.to(device), k).cpu(), _first_k_from_order(order, k)), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ksmallest_mask_many_short_rows(device):
+    # more rows than one CUDA launch chunk (4096 rows of histograms)
+    scores = _scores(5000, 33, "ties")
+    order = torch.argsort(scores, dim=1, stable=True)
+    for k in (1, 16, 32):
+        assert torch.equal(ops.ksmallest_mask(scores.to(device), k).cpu(), _first_k_from_order(order, k)), k
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_ksmallest_mask_agrees_with_cpu_kernel():
+    for dtype in FLOAT_DTYPES:
+        scores = _scores(8, 200_003, "ties", dtype=dtype) + _scores(8, 200_003, "special", dtype=dtype)
+        for k in (1, 100_000, 200_002):
+            assert torch.equal(ops.ksmallest_mask(scores.cuda(), k).cpu(), ops.ksmallest_mask(scores, k)), (dtype, k)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_graph_replays_the_selection():
+    scores = _scores(3, 50_000, "ties", device="cuda")
+    pipeline = lambda s: ops.sharpbalance_masks(ops.ksmallest_mask(s, 15_000), "boost")  # noqa: E731
+    pipeline(scores)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pipeline(scores)
+    for seed in (1, 2):
+        scores.copy_(_scores(3, 50_000, "random" if seed == 1 else "ties", device="cuda").flip(1))
+        graph.replay()
+        assert torch.equal(out.cpu(), reference.select_sam_masks(scores.cpu(), 0.3, "boost"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_ksmallest_mask_row_past_2_31_scores():
+    # 64-bit offsets: one row of 2^31 + 5 float16 scores (4 GiB). All ones but four zeros, three
+    # of them past index 2^31; k = 6 takes the zeros and then the first two ones in index order.
+    n = (1 << 31) + 5
+    scores = torch.ones(1, n, dtype=torch.float16, device="cuda")
+    zeros = [7, (1 << 31) + 1, n - 2, n - 1]
+    scores[0, zeros] = 0.0
+    out = ops.ksmallest_mask(scores, 6)
+    assert out.sum().item() == 6
+    assert out[0, zeros].all().item() and out[0, :2].all().item() and not out[0, 2].item()
