@@ -9,7 +9,8 @@ light):
 - ``sbfast.optim.SharpBalanceSAM`` (fused SAM/SharpBalance optimizer), ``sbfast.compat.NSAM``
 - ``sbfast.sharpness.fisher_scores``, ``sam_loss_gap_scores`` (per-sample sharpness)
 - ``sbfast.select.select_sam_masks``, ``sam_index_split``, ``sam_share`` (subset selection)
-- ``sbfast.train.TrainConfig``, ``train_ensemble`` (the ensemble trainer)
+- ``sbfast.train.TrainConfig``, ``train_ensemble`` (the ensemble trainer), ``load_ensemble``
+  (a saved run's members)
 - ``sbfast.ops`` (typed wrappers over ``torch.ops.sbfast``), ``sbfast.reference`` (the twin)
 - ``sbfast.data``, ``sbfast.models``, ``sbfast.metrics``
 """
@@ -35,6 +36,7 @@ _NAMES = {
     "sam_share": "select",
     "TrainConfig": "train",
     "train_ensemble": "train",
+    "load_ensemble": "train",
     "ensemble_metrics": "metrics",
     "create_model": "models",
 }

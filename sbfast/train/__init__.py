@@ -52,11 +52,17 @@ release's ``RandomSampler`` does) and, offset by ``AUG_SEED_OFFSET``, its augmen
 | ``plots`` | ``plot_results``, ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity`` |
 | ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
 | ``trainer`` | ``EnsembleTrainer``, ``train_ensemble`` |
+| ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |
+| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv |
+| ``resume`` | ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS``: what a resume or fork may change |
+| ``interrupt`` | ``RunInterrupted``, SIGINT/SIGTERM handling |
+| ``saved`` | ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
 | ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
 """
 
 from sbfast.train.batching import StaticBatcher, StaticPlan, static_batch_plan
 from sbfast.train.callbacks import Callback
+from sbfast.train.checkpoint import CheckpointError, load_checkpoint
 from sbfast.train.compare import Comparison, run_comparison
 from sbfast.train.components import Components, get_components
 from sbfast.train.config import (
@@ -74,10 +80,14 @@ from sbfast.train.config import (
 )
 from sbfast.train.data import DeviceBatches, DeviceData, TrainData, load_data
 from sbfast.train.evaluate import evaluate_ensemble, predict_probs
+from sbfast.train.interrupt import RunInterrupted
 from sbfast.train.members import build_member, make_lr_scheduler, member_seeds, release_order
 from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_results, plot_sharpness_diversity
 from sbfast.train.reference_trainer import train_ensemble_reference
 from sbfast.train.results import EnsembleResult
+from sbfast.train.resume import PHASE1_FIELDS, RESUME_SAFE_FIELDS
+from sbfast.train.run_folder import check_output_dir, default_run_dir
+from sbfast.train.saved import evaluate_run, load_ensemble
 from sbfast.train.steps import mixed_step_exact, mixed_step_static, sam_step, sgd_step
 from sbfast.train.trainer import EnsembleTrainer, train_ensemble
 
@@ -90,23 +100,32 @@ __all__ = [
     "DTYPES",
     "LR_SCHEDULES",
     "METHODS",
+    "PHASE1_FIELDS",
     "PRESETS",
+    "RESUME_SAFE_FIELDS",
     "Callback",
     "Comparison",
+    "CheckpointError",
     "Components",
     "DeviceBatches",
     "DeviceData",
     "EnsembleResult",
     "EnsembleTrainer",
+    "RunInterrupted",
     "StaticBatcher",
     "StaticPlan",
     "TrainConfig",
     "TrainData",
     "as_config",
     "build_member",
+    "check_output_dir",
+    "default_run_dir",
+    "evaluate_run",
     "evaluate_ensemble",
     "get_components",
+    "load_checkpoint",
     "load_data",
+    "load_ensemble",
     "make_lr_scheduler",
     "member_seeds",
     "mixed_step_exact",

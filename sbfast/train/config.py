@@ -224,6 +224,17 @@ class TrainConfig:
     eval_batch_size: int = option(1024, "batch size of the evaluation")
     output_dir: str | None = option(None, "folder the run writes its results to")
     progress: bool = option(True, "progress bars")
+    checkpoint_every: int = option(
+        1,
+        "write checkpoints/last.pt every this many epochs (0: only at T_d, at the end and when stopped by a "
+        "signal)",
+    )
+    resume: str | None = option(None, "run folder to continue from its last good checkpoint (docs/runs.md)")
+    from_phase1: str | None = option(
+        None,
+        "run folder (or phase1.pt) of a compatible de_sam/sharpbalance run: start at T_d + 1 from its phase-1 "
+        "checkpoint instead of training phase 1 again",
+    )
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -299,6 +310,21 @@ class TrainConfig:
         integer("num_threads", 0, optional=True)
         integer("eval_every", 1)
         integer("eval_batch_size", 1)
+        integer("checkpoint_every", 0)
+        for name in ("resume", "from_phase1"):  # folders (or a phase1.pt file): paths become str for JSON
+            v = getattr(self, name)
+            if hasattr(v, "__fspath__"):
+                v = v.__fspath__()
+                setattr(self, name, v)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise TypeError(f"{name} must be a path (a non-empty str) or None, got {v!r}")
+        if self.resume is not None and self.from_phase1 is not None:
+            raise ValueError(
+                f"resume and from_phase1 exclude each other: resume continues a run, from_phase1 starts a new one "
+                f"(got resume={self.resume!r}, from_phase1={self.from_phase1!r})"
+            )
+        if self.from_phase1 is not None and self.method not in ("de_sam", "sharpbalance"):
+            raise ValueError(f"from_phase1 needs a method with a SAM phase 1 (de_sam, sharpbalance), got {self.method!r}")
         for name in ("adaptive", "augment", "augment_flip", "cuda_graphs", "progress"):
             boolean(name)
         if not isinstance(self.compile, bool) and self.compile not in COMPILE_BACKENDS:

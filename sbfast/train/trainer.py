@@ -1,29 +1,53 @@
-"""The fast ensemble trainer: the schedule of de, de_sam and SharpBalance end to end."""
+"""The fast ensemble trainer: the schedule of de, de_sam and SharpBalance end to end, with
+checkpoints, exact resume and the phase-1 fork (docs/runs.md)."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from sbfast.data import (
-    augment_batch,
-)
+from sbfast import reference
+from sbfast.data import augment_batch
 from sbfast.select import sam_index_split
 from sbfast.train.batching import StaticBatcher
 from sbfast.train.callbacks import Callback, CallbackList
+from sbfast.train.checkpoint import (
+    CHECKPOINT_DIR,
+    LAST,
+    PAYLOAD_FORMAT,
+    PHASE1,
+    PREVIOUS,
+    encode,
+    load_checkpoint,
+    load_latest,
+    phase1_path,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from sbfast.train.components import get_components
 from sbfast.train.config import TrainConfig, as_config
 from sbfast.train.data import DeviceData, TrainData, augment_fill, load_data
 from sbfast.train.evaluate import accuracies, evaluate_ensemble, predict_probs
 from sbfast.train.graphs import GraphedStep
+from sbfast.train.interrupt import RunInterrupted, SignalCatcher
 from sbfast.train.members import build_member, make_lr_scheduler, member_seeds, release_order
 from sbfast.train.results import EnsembleResult
+from sbfast.train.resume import (
+    check_phase1_compatible,
+    data_fingerprint,
+    model_spec,
+    requested_fields,
+    resumed_config,
+)
+from sbfast.train.run_folder import RunLog, check_output_dir, versions, write_config
 from sbfast.train.steps import Forward, mixed_step_exact, mixed_step_static, sam_step, sgd_step
 
 _WARNED: set[str] = set()
@@ -46,20 +70,72 @@ class _Member:
     aug_gen: torch.Generator | None
     batcher: StaticBatcher | None = None
     mask: torch.Tensor | None = None  # bool [N] on the device (exact batching)
-    loss_sum: torch.Tensor | None = None
-    steps: int = 0
+    order_start: torch.Tensor | None = None  # order_gen's state before this epoch's draw
     graphs: dict[str, GraphedStep] = field(default_factory=dict)
+
+
+@dataclass
+class _Position:
+    """The next thing a run does, and what its unfinished epoch has gathered so far.
+
+    ``member`` members have finished epoch ``epoch`` (their mean losses in ``losses``); member
+    ``member`` has done ``step`` steps of it (its running loss sum in ``loss_sum``).
+    """
+
+    epoch: int = 0
+    member: int = 0
+    step: int = 0
+    losses: list[torch.Tensor] = field(default_factory=list)
+    loss_sum: torch.Tensor | None = None
+    lr: float | None = None  # members' lr at the start of the epoch (the history's)
+    score_s: float | None = None
+    train_s: float = 0.0  # training seconds of this epoch so far
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "member": self.member, "step": self.step, "losses": list(self.losses),
+                "loss_sum": self.loss_sum, "lr": self.lr, "score_s": self.score_s, "train_s": self.train_s}  # fmt: skip
+
+
+class _StopAt(Exception):  # noqa: N818 - control flow inside the trainer, never escapes it
+    def __init__(self, step: int, total: torch.Tensor) -> None:
+        self.step, self.total = step, total
+
+
+def optimizer_state_for(opt: Any, state: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state in the layout ``opt`` loads. Checkpoints hold torch.optim.SGD's
+    layout (what ``SharpBalanceSAM.state_dict`` gives); ``reference.SAM`` keeps momentum in its
+    base optimizer, so it gets the state there (and ``SharpBalanceSAM`` reads a reference SAM's
+    ``base_optimizer`` entry itself)."""
+    state = dict(state)
+    if len(state["param_groups"]) == len(opt.param_groups):
+        # keys the other optimizer has and the saved groups lack (torch.optim.SGD's "fused",
+        # "foreach", ...) keep the loading optimizer's values
+        state["param_groups"] = [
+            {**{k: v for k, v in cur.items() if k != "params"}, **saved}
+            for cur, saved in zip(opt.param_groups, state["param_groups"], strict=True)
+        ]
+    if isinstance(opt, reference.SAM) and "base_optimizer" not in state:
+        groups = state["param_groups"]
+        return {"state": {}, "param_groups": groups, "base_optimizer": {"state": state["state"], "param_groups": groups}}
+    return state
 
 
 class EnsembleTrainer:
     """The fast trainer behind :func:`train_ensemble`, exposed so that single epochs can be run
-    and timed (``bench/bench_train.py``). ``run()`` does the whole schedule."""
+    and timed (``bench/bench_train.py``). ``run()`` does the whole schedule.
+
+    With ``run_dir`` (a folder checked by ``check_output_dir``) the run writes ``log.csv`` and
+    its checkpoints there and stops cleanly on SIGINT / SIGTERM (see docs/runs.md);
+    ``state_dict()`` / ``load_state_dict()`` are the checkpoint's contents.
+    """
 
     def __init__(
         self,
         config: TrainConfig,
         data: TrainData | None = None,
         callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None = None,
+        *,
+        run_dir: str | Path | None = None,
     ) -> None:
         self.config = config = as_config(config)
         self.device = config.check_device()
@@ -81,6 +157,18 @@ class EnsembleTrainer:
         # one memory pool for every captured step of the run (see GraphedStep)
         self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
         self.members = [self._make_member(j) for j in range(config.members)]
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.log = RunLog(self.run_dir) if self.run_dir is not None else None
+        self.history: list[dict[str, Any]] = []
+        self.position = _Position()
+        self.clock = {"train_s": 0.0, "score_s": 0.0, "epoch_eval_s": 0.0, "elapsed_s": 0.0}
+        self.forked_from: str | None = None  # the phase1.pt this run started from
+        self._fingerprint: str | None = None
+        self._catcher: SignalCatcher | None = None
+        self._session_start = time.perf_counter()
+        self._saved = "no checkpoint yet"  # what last.pt holds, for the interrupt message
+        self._saved_at: tuple[int, int, int] | None = None  # last.pt's position (epoch, member, step)
+        self._stage = "training"
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -101,6 +189,12 @@ class EnsembleTrainer:
             order_gen=torch.Generator().manual_seed(seeds["order"]), aug_gen=aug_gen,
         )  # fmt: skip
 
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = data_fingerprint(self.data)
+        return self._fingerprint
+
     # -- data ------------------------------------------------------------------------------
 
     def _batch(self, member: _Member, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +202,19 @@ class EnsembleTrainer:
         if member.aug_gen is not None:
             x = augment_batch(x, member.aug_gen, self.config.augment_pad, flip=self.config.augment_flip, fill=self.fill)
         return x.to(self.config.torch_dtype), y
+
+    def _epoch_batches(self, m: _Member, phase: str) -> list[Any]:
+        """The epoch's batches of member m: index tensors [b], or (sam [k_s], normal [k_n]) pairs
+        (static mixed phase). Draws the epoch's order from m.order_gen, all of it up front, so
+        that a resumed epoch draws the same order from the same generator state."""
+        c = self.config
+        if phase == "mixed":
+            if (m.batcher if c.batching == "static" else m.mask) is None:
+                raise RuntimeError("mixed phase before selection: call score_and_select() first")
+            if c.batching == "static":
+                return list(m.batcher.epoch())  # type: ignore[union-attr]
+        order = release_order(self.train_dev.n, m.order_gen).to(self.device, non_blocking=True)
+        return [order[s : s + c.batch_size] for s in range(0, self.train_dev.n, c.batch_size)]
 
     # -- steps -----------------------------------------------------------------------------
 
@@ -128,44 +235,43 @@ class EnsembleTrainer:
             g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
         return g(self._lr_key(member), *inputs)
 
-    def train_epoch(self, j: int, phase: str) -> torch.Tensor:
+    def _step(self, m: _Member, phase: str, batch: Any) -> torch.Tensor:
+        fwd, opt = m.forward, m.opt
+        if phase == "mixed" and self.config.batching == "static":
+            sam_idx, nor_idx = batch
+            x, y = self._batch(m, torch.cat([nor_idx, sam_idx]))
+            k_n = nor_idx.shape[0]
+            return self._run(
+                m, "mixed", lambda a, b, s, t: mixed_step_static(fwd, opt, a, b, s, t),
+                x[:k_n], y[:k_n], x[k_n:], y[k_n:],
+            )  # fmt: skip
+        x, y = self._batch(m, batch)
+        if phase == "sgd":
+            return self._run(m, "sgd", lambda a, b: sgd_step(fwd, opt, a, b), x, y)
+        if phase == "sam":
+            return self._run(m, "sam", lambda a, b: sam_step(fwd, opt, a, b), x, y)
+        return mixed_step_exact(fwd, opt, x, y, m.mask[batch])  # type: ignore[index]
+
+    def train_epoch(self, j: int, phase: str, *, start_step: int = 0, loss_sum: torch.Tensor | None = None) -> torch.Tensor:
         """One epoch of member j in ``phase`` ("sgd" | "sam" | "mixed"); returns the mean batch
-        loss as a 0-d device tensor (no host sync here) and steps the LR scheduler."""
-        c = self.config
+        loss as a 0-d device tensor (no host sync here) and steps the LR scheduler.
+
+        ``start_step`` > 0 continues an epoch that stopped after that many steps (the member's
+        order generator set back to its state at the epoch's start, the augmentation generator
+        to its state after those steps, ``loss_sum`` the float64 running sum of their losses).
+        """
         m = self.members[j]
         m.model.train()
-        fwd, opt = m.forward, m.opt
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        steps = 0
-        if phase == "mixed" and c.batching == "static":
-            if m.batcher is None:
-                raise RuntimeError("mixed phase before selection: call score_and_select() first")
-            for sam_idx, nor_idx in m.batcher.epoch():
-                x, y = self._batch(m, torch.cat([nor_idx, sam_idx]))
-                k_n = nor_idx.shape[0]
-                loss = self._run(
-                    m, "mixed", lambda a, b, s, t: mixed_step_static(fwd, opt, a, b, s, t),
-                    x[:k_n], y[:k_n], x[k_n:], y[k_n:],
-                )  # fmt: skip
-                total += loss
-                steps += 1
-        else:
-            order = release_order(self.train_dev.n, m.order_gen).to(self.device, non_blocking=True)
-            for start in range(0, self.train_dev.n, c.batch_size):
-                idx = order[start : start + c.batch_size]
-                x, y = self._batch(m, idx)
-                if phase == "sgd":
-                    loss = self._run(m, "sgd", lambda a, b: sgd_step(fwd, opt, a, b), x, y)
-                elif phase == "sam":
-                    loss = self._run(m, "sam", lambda a, b: sam_step(fwd, opt, a, b), x, y)
-                else:
-                    if m.mask is None:
-                        raise RuntimeError("mixed phase before selection: call score_and_select() first")
-                    loss = mixed_step_exact(fwd, opt, x, y, m.mask[idx])
-                total += loss
-                steps += 1
+        m.order_start = m.order_gen.get_state()
+        batches = self._epoch_batches(m, phase)
+        total = torch.zeros((), device=self.device, dtype=torch.float64) if loss_sum is None else loss_sum
+        stop = self._catcher
+        for k in range(start_step, len(batches)):
+            total += self._step(m, phase, batches[k])
+            if stop is not None and stop.requested is not None:
+                raise _StopAt(k + 1, total)  # the step is done: a resume continues with step k + 1
         m.sched.step()
-        return total / max(steps, 1)
+        return total / max(len(batches), 1)
 
     # -- scoring and selection ---------------------------------------------------------------
 
@@ -202,6 +308,12 @@ class EnsembleTrainer:
                 m.batcher = StaticBatcher(sam_idx, nor_idx, c.batch_size, m.order_gen, self.device)
         self.masks = masks.cpu()
 
+    def sam_shares(self, phase: str) -> list[float]:
+        """Each member's share of SAM samples in an epoch of ``phase``."""
+        if phase == "mixed" and self.masks is not None:
+            return self.masks.double().mean(1).tolist()
+        return [1.0 if phase == "sam" else 0.0] * self.config.members
+
     # -- evaluation --------------------------------------------------------------------------
 
     def test_accuracy(self) -> tuple[list[float], float]:
@@ -212,37 +324,190 @@ class EnsembleTrainer:
         )
         return accuracies(probs, self.data.test.y)
 
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run, over every session (a resumed run carries the earlier ones)."""
+        return self.clock["elapsed_s"] + time.perf_counter() - self._session_start
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the rest of the run depends on (the checkpoint's payload): members'
+        parameters and buffers, optimizer states (torch.optim.SGD's layout), LR schedulers, every
+        generator (torch CPU/CUDA, per-member order and augmentation), the position (epoch,
+        member, step, and the unfinished epoch's losses), scores, masks, the history, the
+        config, the data's fingerprint and the versions. Tensors and plain containers only."""
+        p = self.position
+        members = []
+        for m in self.members:
+            mid_epoch = p.step > 0 and m.index == p.member
+            members.append({
+                "model": m.model.state_dict(),
+                "optimizer": m.opt.state_dict(),
+                "scheduler": m.sched.state_dict(),
+                # a member stopped mid-epoch draws that epoch's order again on resume
+                "order_gen": m.order_start if mid_epoch else m.order_gen.get_state(),
+                "aug_gen": m.aug_gen.get_state() if m.aug_gen is not None else None,
+                "skipped_steps": getattr(m.opt, "skipped_steps", None),
+            })  # fmt: skip
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        return {
+            "format": PAYLOAD_FORMAT,
+            "config": self.config.to_dict(),
+            "versions": versions(),
+            "device": str(self.device),
+            "data": {"fingerprint": self.fingerprint, "train": len(self.data.train), "test": len(self.data.test)},
+            "model": model_spec(self.config, self.data),
+            "components": dict(self.components.names),
+            "position": p.to_dict(),
+            "members": members,
+            "rng": {"torch": torch.get_rng_state(), "cuda": list(cuda_rng)},
+            "scores": self.scores,
+            "masks": self.masks,
+            "history": list(self.history),
+            "clock": dict(self.clock, elapsed_s=self.elapsed()),
+            "forked_from": self.forked_from,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, fork: bool = False) -> None:
+        """Continue from a checkpoint's payload (``state_dict()``'s). Everything is checked
+        before anything is loaded: the data's fingerprint, the device kind, the members and their
+        parameter shapes. ``fork``: a phase-1 checkpoint of another run, whose clocks are not
+        carried (the run's timing counts its own work).
+
+        Raises:
+            ValueError naming what does not match.
+        """
+        c = self.config
+        if state.get("format") != PAYLOAD_FORMAT:
+            raise ValueError(f"not an sbfast training checkpoint payload (format {state.get('format')!r})")
+        if state["data"]["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"the checkpoint was written for other data than this run's (train {state['data']['train']} / test "
+                f"{state['data']['test']} samples there, {len(self.data.train)} / {len(self.data.test)} here, and the "
+                "values differ): point data_root at the run's data"
+            )
+        saved_dev = torch.device(state["device"])
+        if saved_dev.type != self.device.type:
+            raise ValueError(f"the checkpoint was written on {saved_dev.type}, this run uses {self.device}: pass device={saved_dev.type!r}")
+        saved_members = state["members"]
+        if len(saved_members) != c.members:
+            raise ValueError(f"the checkpoint has {len(saved_members)} members, the config {c.members}")
+        for m, s in zip(self.members, saved_members, strict=True):
+            _check_same_tensors(m.model.state_dict(), s["model"], f"member {m.index}")
+            if (s["aug_gen"] is None) != (m.aug_gen is None):
+                raise ValueError(f"member {m.index}: augmentation generator saved={s['aug_gen'] is not None}, config augment={c.augment}")
+        cuda_rng = state["rng"]["cuda"]
+        if cuda_rng and self.device.type == "cuda" and len(cuda_rng) != torch.cuda.device_count():
+            raise ValueError(f"the checkpoint holds {len(cuda_rng)} CUDA generator states, this machine has {torch.cuda.device_count()} GPUs")
+
+        for m, s in zip(self.members, saved_members, strict=True):
+            m.model.load_state_dict(s["model"])
+            m.opt.load_state_dict(optimizer_state_for(m.opt, s["optimizer"]))
+            m.sched.load_state_dict(s["scheduler"])
+            m.order_gen.set_state(s["order_gen"])
+            if m.aug_gen is not None:
+                m.aug_gen.set_state(s["aug_gen"])
+            skipped = getattr(m.opt, "skipped_steps", None)
+            if skipped is not None and s["skipped_steps"] is not None:
+                skipped.copy_(s["skipped_steps"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if cuda_rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if state["masks"] is not None:
+            self.set_masks(state["masks"].bool())
+            self.scores = state["scores"]
+        self.history = [dict(r) for r in state["history"]]
+        pos = dict(state["position"])
+        pos["losses"] = [t.to(self.device) for t in pos["losses"]]
+        if pos["loss_sum"] is not None:
+            pos["loss_sum"] = pos["loss_sum"].to(self.device)
+        self.position = _Position(**pos)
+        self.forked_from = state.get("forked_from")
+        if not fork:
+            self.clock = {k: float(v) for k, v in state["clock"].items()}
+            self._saved = _describe(self.position, c)
+
+    def save(self, *names: str) -> None:
+        """Write the current state as ``checkpoints/<name>`` for each name (serialised once)."""
+        if self.run_dir is None:
+            raise ValueError("this trainer has no run folder to checkpoint into (run_dir=None)")
+        data = encode(self.state_dict())
+        for name in names:
+            save_checkpoint(self.run_dir, data, name)
+        if LAST in names:
+            p = self.position
+            self._saved, self._saved_at = _describe(p, self.config), (p.epoch, p.member, p.step)
+
+    def _describe_stop(self) -> str:
+        return f"during {self._stage}; the run continues from {self._saved}"
+
+    def _interrupt(self, detail: str) -> RunInterrupted:
+        assert self._catcher is not None and self._catcher.requested is not None and self.run_dir is not None
+        return RunInterrupted(self._catcher.requested, self.run_dir, detail)
+
     # -- the schedule --------------------------------------------------------------------------
 
     def run(self) -> EnsembleResult:
+        """Train from the current position to the end (from epoch 0 on a fresh trainer), then
+        evaluate. With a run folder: log.csv, checkpoints, and SIGINT/SIGTERM handling, which
+        finishes the current step, writes ``last.pt`` and raises :class:`RunInterrupted`."""
+        self._session_start = time.perf_counter()
+        with SignalCatcher(self.run_dir, self._describe_stop) as catcher:
+            self._catcher = catcher
+            try:
+                return self._schedule(catcher)
+            finally:
+                self._catcher = None
+
+    def _schedule(self, catcher: SignalCatcher) -> EnsembleResult:
         c = self.config
-        t_start = time.perf_counter()
-        history: list[dict[str, Any]] = []
         self.callbacks.call("on_train_start", c, [m.model for m in self.members])
+        if self.log is not None:
+            self.log.rewrite(self.history)
+        if self.run_dir is not None:
+            remove_stale_temporaries(self.run_dir / CHECKPOINT_DIR)
+            if self.forked_from is not None and self.position.epoch == c.swap_epoch + 1 and self.masks is None:
+                self.save(PHASE1, LAST)  # the fork's own phase 1 (its config), and the state the scoring starts from
         n = self.train_dev.n
-        bar = progress_bar(range(c.epochs), c.progress, f"{c.method} [{c.backend}/{c.batching}]")
-        train_s = score_s = eval_s = 0.0
+        start = self.position.epoch
+        bar = progress_bar(range(start, c.epochs), c.progress, f"{c.method} [{c.backend}/{c.batching}]", start=start)
         for epoch in bar:
             phase = c.phase_of(epoch)
-            self.callbacks.call("on_epoch_start", epoch, phase)
-            t0 = time.perf_counter()
-            score_time = None
-            if c.method == "sharpbalance" and epoch == c.swap_epoch + 1:
+            p = self.position
+            if p.lr is None:
+                self.callbacks.call("on_epoch_start", epoch, phase)
+            if c.method == "sharpbalance" and epoch == c.swap_epoch + 1 and self.masks is None:
+                # the state before scoring is on disk (last.pt of epoch T_d): a signal stops at once
+                t0 = time.perf_counter()
+                self._stage, catcher.immediate = "scoring", True
                 scores, masks = self.score_and_select()
                 _sync(self.device)
-                score_time = time.perf_counter() - t0
-                score_s += score_time
+                self._stage, catcher.immediate = "training", False
+                p.score_s = time.perf_counter() - t0
+                self.clock["score_s"] += p.score_s
                 self.callbacks.call("on_scores", epoch, scores, masks)
-            lr = float(self.members[0].opt.param_groups[0]["lr"])
+            if p.lr is None:
+                p.lr = float(self.members[0].opt.param_groups[0]["lr"])
             t1 = time.perf_counter()
-            losses = torch.stack([self.train_epoch(j, phase) for j in range(c.members)])
-            train_loss = losses.tolist()  # the epoch's one host sync
+            try:
+                while p.member < c.members:
+                    p.losses.append(self.train_epoch(p.member, phase, start_step=p.step, loss_sum=p.loss_sum))
+                    p.member, p.step, p.loss_sum = p.member + 1, 0, None
+            except _StopAt as stop:
+                p.step, p.loss_sum = stop.step, stop.total
+                p.train_s += time.perf_counter() - t1
+                self.clock["train_s"] += time.perf_counter() - t1
+                self.save(LAST)
+                raise self._interrupt(f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written") from None
+            train_loss = torch.stack(p.losses).tolist()  # the epoch's one host sync
             t2 = time.perf_counter()
-            train_s += t2 - t1
+            self.clock["train_s"] += t2 - t1
+            time_s = p.train_s + t2 - t1
             record: dict[str, Any] = {
-                "epoch": epoch, "phase": phase, "lr": lr, "train_loss": train_loss,
-                "test_acc": None, "ensemble_test_acc": None, "time_s": t2 - t1,
-                "score_s": score_time, "samples_per_s": c.members * n / max(t2 - t1, 1e-12),
+                "epoch": epoch, "phase": phase, "lr": p.lr, "train_loss": train_loss,
+                "test_acc": None, "ensemble_test_acc": None, "time_s": time_s,
+                "score_s": p.score_s, "samples_per_s": c.members * n / max(time_s, 1e-12),
+                "sam_share": self.sam_shares(phase),
             }  # fmt: skip
             skipped = [m.opt.skipped_steps for m in self.members if hasattr(m.opt, "skipped_steps")]
             if skipped:  # the fused optimizer skips non-finite steps on the device and counts them
@@ -250,30 +515,72 @@ class EnsembleTrainer:
             if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
                 record["test_acc"], record["ensemble_test_acc"] = self.test_accuracy()
             record["eval_s"] = time.perf_counter() - t2
-            eval_s += record["eval_s"]
-            history.append(record)
+            self.clock["epoch_eval_s"] += record["eval_s"]
+            record["wall_s"] = self.elapsed()
+            self.history.append(record)
+            self.position = _Position(epoch=epoch + 1)
+            if self.log is not None:
+                self.log.append(record)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(phase=phase, loss=f"{sum(train_loss) / len(train_loss):.3f}",
                                 acc=_fmt_acc(record["ensemble_test_acc"]))  # fmt: skip
             self.callbacks.call("on_epoch_end", epoch, record)
+            if self.run_dir is not None:
+                self._epoch_checkpoints(epoch)
+                if catcher.requested is not None:
+                    if self._saved_at != (epoch + 1, 0, 0):
+                        self.save(LAST)
+                    raise self._interrupt(f"at the end of epoch {epoch}; checkpoint written")
+        if catcher.requested is not None:
+            raise self._interrupt("before the final evaluation; checkpoint written")
+        self._stage, catcher.immediate = "the final evaluation", True
         ev = evaluate_ensemble(
             [m.model for m in self.members], self.data, c, self.device, self.components.fisher,
             test_batches=lambda: (x for x, _ in self.test_dev.slices(c.eval_batch_size)),
         )  # fmt: skip
-        timing = {"total_s": time.perf_counter() - t_start, "train_s": train_s, "score_s": score_s,
-                  "epoch_eval_s": eval_s, **ev["timing"]}  # fmt: skip
+        catcher.immediate = False
+        timing = {"total_s": self.elapsed(), "train_s": self.clock["train_s"], "score_s": self.clock["score_s"],
+                  "epoch_eval_s": self.clock["epoch_eval_s"], **ev["timing"]}  # fmt: skip
         components = dict(self.components.names, batching=c.batching, device=str(self.device))
-        if history and sum(history[-1].get("skipped_steps", [])):
-            warn_once(f"{c.method}: steps skipped for non-finite gradients per member: {history[-1]['skipped_steps']}")
+        if self.forked_from is not None:
+            components["from_phase1"] = self.forked_from
+        if self.history and sum(self.history[-1].get("skipped_steps", [])):
+            warn_once(f"{c.method}: steps skipped for non-finite gradients per member: {self.history[-1]['skipped_steps']}")
         if c.cuda_graphs:
             components["cuda_graph_captures"] = str(sum(g.captures for m in self.members for g in m.graphs.values()))
         result = EnsembleResult(
-            config=c, metrics=ev["metrics"], ood=ev["ood"], history=history, sharpness=ev["sharpness"],
+            config=c, metrics=ev["metrics"], ood=ev["ood"], history=list(self.history), sharpness=ev["sharpness"],
             scores=self.scores, masks=self.masks, timing=timing, components=components,
             models=[m.model for m in self.members], probs=ev["probs"],
         )  # fmt: skip
         self.callbacks.call("on_train_end", result)
         return result
+
+    def _epoch_checkpoints(self, epoch: int) -> None:
+        c = self.config
+        if c.method in ("de_sam", "sharpbalance") and epoch == c.swap_epoch:
+            # phase 1 ends here: the state a sharpbalance run (this one, or a fork) scores from
+            self.save(PHASE1, LAST)
+        elif epoch == c.epochs - 1 or (c.checkpoint_every and (epoch + 1) % c.checkpoint_every == 0):
+            self.save(LAST)
+
+
+def _describe(p: _Position, c: TrainConfig) -> str:
+    if p.member == 0 and p.step == 0:
+        return "the checkpoint at the end of training" if p.epoch >= c.epochs else f"the checkpoint at the end of epoch {p.epoch - 1}"
+    return f"the checkpoint in epoch {p.epoch} (member {p.member}, step {p.step})"
+
+
+def _check_same_tensors(expected: Mapping[str, torch.Tensor], saved: Mapping[str, Any], where: str) -> None:
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{where}: the checkpoint's parameters do not match the model (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, t in expected.items():
+        s = saved[k]
+        if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
+            got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"{where}: {k} is {got} in the checkpoint, {t.dtype} {tuple(t.shape)} in the model")
 
 
 def _sync(device: torch.device) -> None:
@@ -285,12 +592,13 @@ def _fmt_acc(a: float | None) -> str:
     return "-" if a is None else f"{a:.4f}"
 
 
-def progress_bar(it: Any, enabled: bool, desc: str) -> Any:
+def progress_bar(it: Any, enabled: bool, desc: str, start: int = 0) -> Any:
     if not enabled:
         return it
     from tqdm import tqdm
 
-    return tqdm(it, desc=desc, unit="epoch", leave=True, dynamic_ncols=True)
+    total = start + len(it) if hasattr(it, "__len__") else None
+    return tqdm(it, desc=desc, unit="epoch", leave=True, dynamic_ncols=True, initial=start, total=total)
 
 
 class thread_limit:
@@ -314,22 +622,70 @@ def train_ensemble(
     callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None = None,
     *,
     data: TrainData | None = None,
+    resume: str | Path | None = None,
 ) -> EnsembleResult:
-    """Train an ensemble with ``config.method`` and evaluate it (see the module docstring).
+    """Train an ensemble with ``config.method`` and evaluate it (see the package docstring).
+
+    With ``config.output_dir`` the run writes its folder there (docs/runs.md): config.json,
+    log.csv, checkpoints/last.pt (every ``checkpoint_every`` epochs) and phase1.pt (de_sam,
+    sharpbalance: the end of epoch T_d), then ``EnsembleResult.save``'s files. SIGINT/SIGTERM
+    finish the current step, write a checkpoint, print one line saying how to resume and raise
+    :class:`RunInterrupted`.
 
     Args:
         config: a TrainConfig (or a dict of its fields).
         callbacks: Callback instances and/or callables ``fn(epoch, record)`` (epoch end).
         data: a TrainData from :func:`load_data` to reuse across runs (default: loaded here).
+        resume: a run folder to continue from its last good checkpoint (also
+            ``config.resume``). The saved config is used; fields the caller set (a dict's keys,
+            or a TrainConfig's fields that differ from their defaults) may differ from it only
+            where ``RESUME_SAFE_FIELDS`` allows. The result equals the uninterrupted run's.
+    ``config.from_phase1``: start at T_d + 1 from a compatible run's ``phase1.pt`` (the same
+    phase 1 as this config's, ``PHASE1_FIELDS``), bit-identical to training phase 1 again.
+
     Returns:
-        EnsembleResult; also saved under ``config.output_dir`` when that is set.
+        EnsembleResult; also saved under the run folder when there is one.
     Raises:
-        ValueError for a bad config or an unavailable device, before anything is trained.
+        ValueError for a bad config, an unavailable device, an unusable output folder, a refused
+        resume or fork (CheckpointError, a ValueError, for a bad checkpoint file), all before
+        anything is trained. RunInterrupted on SIGINT/SIGTERM.
     """
-    config = as_config(config)
+    asked = config.get("resume") if isinstance(config, Mapping) else getattr(config, "resume", None)
+    if resume is not None and asked is not None and Path(resume) != Path(asked):
+        raise ValueError(f"resume={str(resume)!r} and config.resume={asked!r} name different runs")
+    resume = resume if resume is not None else asked
+    payload: dict[str, Any] | None = None
+    bad_last: Path | None = None
+    if resume is not None:
+        run_dir: Path | None = check_output_dir(resume, resume=True)
+        path, payload = load_latest(run_dir)
+        if path.name == PREVIOUS and (path.parent / LAST).exists():
+            bad_last = path.parent / LAST
+        saved = TrainConfig.from_dict(payload["config"])
+        config = resumed_config(saved, requested_fields(config), run_dir, payload["device"])
+    else:
+        config = as_config(config)
+        if config.from_phase1 is not None:
+            source = phase1_path(config.from_phase1)
+            payload = load_checkpoint(source)
+            check_phase1_compatible(TrainConfig.from_dict(payload["config"]), config, source)
+            payload = dict(payload, forked_from=str(source))
+        config.check_device()  # before the folder is created: a bad device leaves nothing behind
+        run_dir = check_output_dir(config.output_dir) if config.output_dir else None
     device = config.check_device()
     with thread_limit(config.num_threads, device):
-        result = EnsembleTrainer(config, data, callbacks).run()
-    if config.output_dir:
-        result.save(config.output_dir)
+        trainer = EnsembleTrainer(config, data, callbacks, run_dir=run_dir)
+        if payload is not None:
+            trainer.load_state_dict(payload, fork=resume is None)
+        if bad_last is not None:  # keep the damaged file for inspection, out of the rotation
+            bad_last.replace(bad_last.with_name(LAST + ".bad"))
+        if run_dir is not None:
+            write_config(run_dir, config, trainer.device)
+        try:
+            result = trainer.run()
+        except RunInterrupted as e:
+            print(str(e), file=sys.stderr, flush=True)
+            raise
+    if run_dir is not None:
+        result.save(run_dir)
     return result
