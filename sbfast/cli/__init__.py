@@ -71,12 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return fail(str(e), USAGE_EXIT)
     except KeyboardInterrupt as e:
-        # sbfast.train.RunInterrupted (a KeyboardInterrupt) carries the line saying how to resume
-        code = getattr(e, "exit_code", INTERRUPT_EXIT)
         if debug:
             raise
-        print(str(e) if str(e) else "sbfast: interrupted (Ctrl-C); nothing more was written", file=sys.stderr)
-        return code
+        # sbfast.train.RunInterrupted (a KeyboardInterrupt with an exit_code) is a run that wrote
+        # its checkpoint and has already printed the one line saying how to resume it
+        if not hasattr(e, "exit_code"):
+            print("sbfast: interrupted (Ctrl-C)", file=sys.stderr)
+        return int(getattr(e, "exit_code", INTERRUPT_EXIT))
     except BrokenPipeError:  # output piped into a reader that stopped (| head)
         return 0
     except Exception as e:

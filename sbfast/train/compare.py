@@ -215,8 +215,12 @@ class Comparison:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
+        runs = [dict(r) for r in d.get("runs", [])]
+        for r in runs:  # JSON turned the int severity keys into str
+            if r.get("ood_per_severity"):
+                r["ood_per_severity"] = {int(k): v for k, v in r["ood_per_severity"].items()}
         return cls(
-            methods=list(d["methods"]), seeds=[int(s) for s in d["seeds"]], runs=list(d.get("runs", [])),
+            methods=list(d["methods"]), seeds=[int(s) for s in d["seeds"]], runs=runs,
             config=dict(d.get("config", {})), timing=dict(d.get("timing", {})),
         )  # fmt: skip
 

@@ -182,7 +182,8 @@ def run_record(result: EnsembleResult) -> dict[str, Any]:
     Keys: method, seed, ``metrics`` (the comparison row, undefined as None), member_acc [M],
     member_sharpness [M], ``curve`` (epoch, ensemble and mean member test accuracy of every
     evaluated epoch), ``ood_per_severity`` {severity: ensemble accuracy}, swap_epoch (T_d,
-    sharpbalance; else None), epochs, dataset, members, n_test.
+    sharpbalance; else None), epochs, dataset, members, n_test, forked (phase 1 taken from
+    another run).
     """
     c = result.config
     summary = {k: finite_or_none(v) for k, v in result.summary().items() if k != "method"}
@@ -208,4 +209,5 @@ def run_record(result: EnsembleResult) -> dict[str, Any]:
         "dataset": c.dataset,
         "members": c.members,
         "n_test": result.metrics.get("num_samples"),
+        "forked": bool(getattr(c, "from_phase1", None)),
     }
