@@ -17,9 +17,16 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
 
-from sbfast import reference
+from sbfast import ops, reference
 from sbfast.models import create_model
-from sbfast.sharpness import choose_form, fisher_scores, loss_gap, sam_loss_gap_scores, sample_fisher_scores
+from sbfast.sharpness import (
+    choose_form,
+    fisher_scores,
+    linear_conv,
+    loss_gap,
+    sam_loss_gap_scores,
+    sample_fisher_scores,
+)
 from sbfast.sharpness.scorer import Scorer
 
 F32, F64 = torch.float32, torch.float64
@@ -386,6 +393,51 @@ def test_vit_embeddings_take_per_sample_copies_after_the_check():
     assert scorer.expand_state == {"cls_token": "yes", "pos_embed": "yes"}
     assert len(calls) == 1  # vmap on the first batch only
     torch.testing.assert_close(got, vmap_scores(model, x, y), rtol=1e-10, atol=0)
+
+
+class ChunkNet(nn.Module):
+    """Every batch-wide transient of the rules: a convolution called twice (its calls unfolded
+    and concatenated), explicit padding, groups, a Conv1d, a Linear on [B, T, d] sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect")
+        self.shared = nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.seq = nn.Conv1d(6, 8, 3, stride=2)
+        self.mix = nn.Linear(8, 5)
+        self.head = nn.Linear(5 * 3, 4)
+
+    def forward(self, x):
+        h = self.shared(torch.tanh(self.shared(torch.tanh(self.stem(x)))))  # [B, 6, 6, 6]
+        h = self.seq(torch.tanh(h.mean(2)))  # [B, 8, 2]
+        h = self.mix(torch.tanh(h.transpose(1, 2)))  # [B, 2, 5]
+        return self.head(torch.cat([h.flatten(1), h[:, :1].flatten(1)], 1))
+
+
+@pytest.mark.parametrize("form", ["auto", "direct", "gram"])
+def test_memory_budget_chunks_equal_the_whole_batch(monkeypatch, form):
+    # a budget below one sample's transient takes the batch one sample at a time: the same
+    # per-sample numbers as the whole batch at once (float64: within 1e-12), and the vmap ones
+    model = ChunkNet().double()
+    x, y = torch.randn(7, 3, 6, 6, dtype=F64), torch.randint(0, 4, (7,))
+    whole = sample_fisher_scores(model, x, y, form=form)
+    sizes = {}
+    for name in ("per_sample_conv_grad_sq_norm", "per_sample_grad_sq_norm_gram", "per_sample_grad_sq_norm_direct"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda a, *rest, real=real, name=name:
+                            sizes.setdefault(name, []).append(a.shape[0]) or real(a, *rest))
+    monkeypatch.setattr(linear_conv, "TRANSIENT_BUDGET_BYTES", 1)
+    with no_fallback():
+        chunked = sample_fisher_scores(model, x, y, form=form)
+    # every convolution and every Gram form one sample at a time (a grouped convolution's Gram
+    # op sees its 2 groups of one sample); a Linear's direct form forms nothing and is not split
+    conv_calls = [n for n, b in sizes.items() for _ in b if n != "per_sample_grad_sq_norm_direct"]
+    assert len(conv_calls) >= 7 * (2 if form == "gram" else 1), sizes
+    assert all(max(b) <= 2 for n, b in sizes.items() if n != "per_sample_grad_sq_norm_direct"), sizes
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chunked, vmap_scores(model, x, y), rtol=1e-10, atol=0)
+    assert bool((chunked > 0).all())
+    assert linear_conv.batch_step(10, budget=35) == 3 and linear_conv.batch_step(10**9, budget=1) == 1
 
 
 class TwiceLinear(nn.Module):

@@ -22,7 +22,11 @@ Per layer, for sample i (T = sequence or spatial positions, a_t in R^d, g_t in R
   [B, T, C_in/groups * k] per group is a 3-D Linear per group; bias ||sum_t g_t||^2. The direct
   form is ``sbfast::per_sample_conv_grad_sq_norm``: on CPU each sample is unfolded alone in a
   per-thread buffer (the batch's unfold is never formed), on CUDA the Triton direct kernel reads
-  the unfold; the Gram form unfolds and calls the Gram op.
+  the unfold; the Gram form unfolds and calls the Gram op. Either way the batch is taken in
+  chunks whose unfold and Gram matrices fit ``sbfast.sharpness.linear_conv.TRANSIENT_BUDGET_BYTES``
+  (128 MiB), so that scoring needs about a training step's memory, not that plus a whole-batch
+  unfold (0.6 GB per CIFAR ResNet18 stage-1 layer at batch 256); the Gram form of a Linear on
+  [B, T, d] is chunked the same way.
 * BatchNorm (eval: running statistics), LayerNorm, GroupNorm, RMSNorm: the per-sample weight
   gradient is sum over the non-normalised positions of g * x_hat, the bias gradient sum of g.
 * Embedding: ||sum_t onehot(tok_t) g_t^T||^2 = sum of ||sum of g_t over equal tokens||^2
