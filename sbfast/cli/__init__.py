@@ -61,9 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command, rest = _command_and_rest(argv)
         if command == "bench":  # every argument after it belongs to python -m bench, --help included
-            from sbfast.cli.tools import _bench_main
+            from sbfast.cli.tools import find_bench_main
 
-            return int(_bench_main()(rest) or 0)
+            return int(find_bench_main()(rest) or 0)
         args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
     except CliError as e:

@@ -157,7 +157,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_main() -> Any:
+def find_bench_main() -> Any:
     """The bench package's entry point: importable from a source checkout (the working folder or
     the checkout this sbfast was installed from in editable mode)."""
     try:
@@ -178,7 +178,7 @@ def _bench_main() -> Any:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    bench_main = _bench_main()
+    bench_main = find_bench_main()
     return int(bench_main(list(args.bench_args)) or 0)
 
 

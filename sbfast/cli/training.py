@@ -42,6 +42,10 @@ Precedence: TrainConfig defaults and dataset presets < --quick < --config FILE <
 """
 
 
+# Earlier spellings of some flags (the first command line's), kept so that old commands still run.
+OLD_NAMES = {"eval_corruptions": ["--corruptions"], "eval_severities": ["--severities"], "num_threads": ["--threads"]}
+
+
 def _common_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run options")
     g.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields, e.g. a run's config.json or "
@@ -69,7 +73,7 @@ def add_compare_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None
     g.add_argument("--no-fork", action="store_true",
                    help="train sharpbalance's phase 1 itself instead of starting from de_sam's (same numbers, slower)")
     _common_run_flags(p)
-    add_config_flags(p, exclude=("method", "seed", "output_dir", "resume", "from_phase1"),
+    add_config_flags(p, exclude=("method", "seed", "output_dir", "resume", "from_phase1"), aliases=OLD_NAMES,
                      defaults={k: f"{v} on digits" for k, v in MAIN_JOB.items()})  # fmt: skip
     p.set_defaults(handler=cmd_compare)
 
@@ -78,7 +82,7 @@ def add_train_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", parents=parents, help="train one method (also resume a run, or fork from phase 1)",
                        description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _common_run_flags(p)
-    add_config_flags(p, aliases={"output_dir": ["--output"]})
+    add_config_flags(p, aliases={"output_dir": ["--output"], **OLD_NAMES})
     p.set_defaults(handler=cmd_train)
 
 

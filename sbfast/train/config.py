@@ -34,7 +34,7 @@ DEFAULT_CORRUPTIONS: tuple[str, ...] = tuple(c for c in CIFAR_C_BENCHMARK if c i
 
 
 # Per-data-set values of every TrainConfig field left as None. "cifar*" are the public release's
-# (ALGORITHM.md section 1); "digits" is sized so that the three methods run in ~2-4 minutes on 2
+# (docs/algorithm.md, section 1); "digits" is sized so that the three methods run in ~2-4 minutes on 2
 # CPU cores and still learn (ensemble accuracy > 90%; measured ~1.5-2 min, 99% ensemble accuracy).
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(
@@ -92,7 +92,7 @@ class TrainConfig:
     ``metadata["choices"]``): ``sbfast train --help`` is generated from it, and
     ``dataclasses.fields(TrainConfig)`` reads it in Python. The reasons behind some values:
 
-    * release defaults (ALGORITHM.md section 1): lr 0.1, momentum 0.9, weight decay 5e-4, batch
+    * release defaults (docs/algorithm.md, section 1): lr 0.1, momentum 0.9, weight decay 5e-4, batch
       128, step schedule (x0.1 at int(0.5 E) and int(0.75 E), stepped once per epoch), rho 0.2,
       T_d = 100 of 200 epochs, variant boost on CIFAR-10 and balance on CIFAR-100;
     * digits: batch 64, rho 0.2 (0.05 and 0.2 gave the same accuracies within the test set's
