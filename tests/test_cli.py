@@ -134,6 +134,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["compare", "--width", "0"], "width"),
         (["compare", "--model-kwargs", '{"width": -3}'], "width"),
         (["compare", "--output", str(a_file / "x")], str(a_file / "x")),
+        (["compare", "--output", str(tmp_path)], str(tmp_path)),  # holds files: an earlier comparison's place
         (["compare", "--corruption-root", "/nonexistent"], "/nonexistent"),
         (["compare", "--eval-corruptions", "contrast", "--corruption-root", _bad_corruption_folder(tmp_path)], "cifar-c"),
         (["compare", "--ratio", "1.5"], "1.5"),

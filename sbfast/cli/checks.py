@@ -100,8 +100,9 @@ def check_corruption_root(config: TrainConfig, data: Any) -> None:
         )
 
 
-def check_output_dir(path: Path, *, resume: bool = False) -> Path:
-    """The output folder can be created and written, and holds no earlier run (unless resuming).
+def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -> Path:
+    """The output folder can be created and written, and holds no earlier run (unless resuming);
+    with ``empty`` (a comparison, whose runs go into sub-folders) it must hold nothing at all.
 
     Uses ``sbfast.train.check_output_dir`` where the trainer provides it (its rules for run
     folders), and in any case creates the folder and writes a probe file, so that an
@@ -109,6 +110,8 @@ def check_output_dir(path: Path, *, resume: bool = False) -> Path:
     from sbfast import train as T
 
     flag = f"output folder {str(path)!r}"
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise CliError(f"{flag} already holds files (an earlier comparison?); expected a new or empty folder")
     trainer_check = getattr(T, "check_output_dir", None)
     if trainer_check is not None:
         try:

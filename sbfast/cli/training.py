@@ -142,7 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = run_order(args.methods)
     configs = [checks.build_config({**fields, "method": m, "seed": s}) for m in methods for s in seeds]
     data = checks.preflight(configs)
-    out = checks.check_output_dir(Path(args.output)) if args.output else checks.new_run_dir("runs", "compare-")
+    out = checks.check_output_dir(Path(args.output), empty=True) if args.output else checks.new_run_dir("runs", "compare-")
     base_cfg = configs[0]
     print(f"sbfast compare: {', '.join(methods)} x seeds {' '.join(map(str, seeds))} on {_describe(base_cfg, data)}")
     print(f"writing {out}/", flush=True)
