@@ -34,7 +34,9 @@ re-capture. rho, momentum, dampening, nesterov and weight decay are baked into a
 Momentum's first step: torch.optim.SGD sets buf = d when a parameter's buffer does not exist
 yet. A Python bool for that would be frozen into a captured graph (every replay a "first
 step"), so each parameter has a uint8 flag on the device, read by the kernel and set by it after
-an unskipped update. The host mirrors the flags only to split launches where parameters differ.
+an unskipped update. The host mirrors the flags only to split launches where parameters differ;
+``state_dict()`` reads the device's flags (one host synchronisation), so a buffer that only
+skipped steps have touched is not in it, as in ``torch.optim.SGD``.
 
 Non-finite gradients (``nonfinite=``)
 -------------------------------------

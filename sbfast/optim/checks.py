@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["GRAD_NORM", "NONFINITE", "check_group", "check_lr", "is_capturing", "is_real", "nonfinite_flag"]
+__all__ = ["GRAD_NORM", "NONFINITE", "check_group", "check_lr", "is_capturing", "is_real", "nonfinite_flag",
+           "unique_params"]
 
 NONFINITE = ("error", "skip")
 GRAD_NORM = ("per_tensor", "global")
@@ -50,6 +52,20 @@ def check_group(group: dict[str, Any], where: str) -> None:
                          f"momentum={group['momentum']!r}, dampening={damp!r}")
     if group.get("maximize", False):
         raise ValueError(f"{where}: maximize=True is not supported")
+
+
+def unique_params(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """A param group's parameters as a list (a generator is read once, here); ValueError in
+    torch.optim's words if one is listed twice: it would get two updates per step from one flat
+    slot, unlike the reference's de-duplicated list."""
+    params = list(params)
+    first: dict[int, int] = {}
+    for j, p in enumerate(params):
+        if id(p) in first:
+            raise ValueError(f"optimizer contains a parameter group with duplicate parameters (entries "
+                             f"{first[id(p)]} and {j} are the same tensor); pass each parameter once")
+        first[id(p)] = j
+    return params
 
 
 def is_capturing(device: torch.device) -> bool:

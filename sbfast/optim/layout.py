@@ -8,7 +8,9 @@ capture or compilation. Each parameter's slice starts on a 16-element boundary; 
 zero in every buffer and stays zero. Build the optimizer after ``model.to(device, dtype)``:
 ``Module.to`` swaps storages; an eager phase notices (one ``data_ptr`` per parameter, see
 :meth:`FlatLayout.moved`) and re-points the parameters at new buffers with a RuntimeWarning
-(momentum kept), but a capture or a compiled graph made before the move would be stale.
+(momentum kept), but a capture or a compiled graph made before the move would be stale. A move
+in the middle of a SAM step (after ``first_step`` or ``normal_step``) puts w back into the moved
+parameters from the backup, drops the step, re-points them and raises RuntimeError.
 Memory: five parameter-sized buffers per dtype (parameters, two gradient buffers, the backup of
 w, momentum), all allocated at construction so that no step allocates them while being traced
 or captured; the reference holds as many (p, p.grad, old_p, normal_g, momentum_buffer) and

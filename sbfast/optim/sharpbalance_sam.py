@@ -18,10 +18,10 @@ from torch import nn
 
 from sbfast import ops, registry
 from sbfast.common import SAM_EPS
-from sbfast.optim.checks import GRAD_NORM, NONFINITE, check_group, is_capturing, is_real, nonfinite_flag
+from sbfast.optim.checks import GRAD_NORM, NONFINITE, check_group, is_capturing, is_real, nonfinite_flag, unique_params
 from sbfast.optim.layout import FlatLayout, Run
 from sbfast.optim.scaler import inverse_scale, report_found_inf
-from sbfast.optim.state import StepState, sgd_layout
+from sbfast.optim.state import StepState, complete_groups, sgd_layout
 
 __all__ = ["SharpBalanceSAM"]
 
@@ -110,17 +110,8 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         capture or compilation, and not in the middle of a SAM step."""
         merged = {**getattr(self, "defaults", {}), **{k: v for k, v in param_group.items() if k != "params"}}
         check_group(merged, "param group")
-        params = param_group["params"]
-        if not isinstance(params, (torch.Tensor, set)):  # torch.optim refuses a set itself
-            params = list(params)  # a generator is read once, here
-            param_group = {**param_group, "params": params}
-            first: dict[int, int] = {}
-            for j, p in enumerate(params):
-                if id(p) in first:
-                    # a parameter listed twice would get two updates per step from one flat slot
-                    raise ValueError(f"optimizer contains a parameter group with duplicate parameters (entries "
-                                     f"{first[id(p)]} and {j} are the same tensor); pass each parameter once")
-                first[id(p)] = j
+        if not isinstance(param_group["params"], (torch.Tensor, set)):  # torch.optim refuses a set itself
+            param_group = {**param_group, "params": unique_params(param_group["params"])}
         if getattr(self, "_built", False) and (self._st.perturbed is not None or self._st.has_normal):
             raise ValueError("add_param_group in the middle of a SAM step (after normal_step or first_step)")
         super().add_param_group(param_group)
@@ -600,13 +591,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         sd = sgd_layout(state_dict, self.defaults)
         lr_tensors = [g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in self.param_groups]
         super().load_state_dict(sd)
-        for gi, g in enumerate(self.param_groups):
-            for key, value in self.defaults.items():
-                g.setdefault(key, value)
-            if lr_tensors[gi] is not None and not isinstance(g["lr"], torch.Tensor):
-                # keep the user's lr tensor (captured graphs read it): fill it in place
-                lr_tensors[gi].fill_(float(g["lr"]))
-                g["lr"] = lr_tensors[gi]
+        complete_groups(self.param_groups, self.defaults, lr_tensors)
         params = self._layout.params
         loaded = {id(p): self.state[p].get("momentum_buffer") for p in params if p in self.state}
         self.state.clear()

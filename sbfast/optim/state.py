@@ -8,7 +8,7 @@ import torch
 
 from sbfast.optim.checks import check_group
 
-__all__ = ["StepState", "sgd_layout"]
+__all__ = ["StepState", "complete_groups", "sgd_layout"]
 
 
 class StepState:
@@ -49,3 +49,16 @@ def sgd_layout(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str
     sd["state"] = state
     sd["param_groups"] = groups
     return sd
+
+
+def complete_groups(groups: list[dict[str, Any]], defaults: dict[str, Any],
+                    lr_tensors: list[torch.Tensor | None]) -> None:
+    """After ``Optimizer.load_state_dict``: fill the keys a foreign state dict lacks from
+    ``defaults``, and where a group had an lr tensor (``lr_tensors[gi]``) and the loaded lr is a
+    float, fill that tensor in place and keep it (captured graphs read it)."""
+    for gi, g in enumerate(groups):
+        for key, value in defaults.items():
+            g.setdefault(key, value)
+        if lr_tensors[gi] is not None and not isinstance(g["lr"], torch.Tensor):
+            lr_tensors[gi].fill_(float(g["lr"]))
+            g["lr"] = lr_tensors[gi]
