@@ -43,8 +43,8 @@ def _loader(data, args, seed):
 
 @pytest.mark.usefixtures("float64_default")
 def test_main_py_flow_matches_the_reference(tmp_path, capsys):
-    m, n_train = 3, 30
-    args = cifar_args(tmp_path, n_train, width=2, sam="True", rho=0.2, flat_ratio=0.5, initial_epochs=0, epochs=3,
+    m, n_train = 3, 24
+    args = cifar_args(tmp_path, n_train, width=2, sam="True", rho=0.2, flat_ratio=0.5, initial_epochs=0, epochs=2,
                       batch_size=8, save_path=str(tmp_path / "run") + "/")
     train_data, val_data, test_data, num_classes = compat.create_dataset(args)
     train_data = compat.CustomDataset(train_data)
