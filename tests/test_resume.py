@@ -228,8 +228,8 @@ def test_checkpoint_every_thins_last(data, tmp_path):
                                              eval_corruptions=(), sharpness_samples=0)), data=data)  # fmt: skip
     finally:
         TR.save_checkpoint = saved
-    # T_d = 1 ends phase 1 (phase1 + last), epoch 2 is the 3rd (every 3), epoch 5 the last
-    assert writes == [("phase1.pt", 2), ("last.pt", 2), ("last.pt", 3), ("last.pt", 6)]
+    # T_d = 1 ends phase 1 (last, then phase1), epoch 2 is the 3rd (every 3), epoch 5 the last
+    assert writes == [("last.pt", 2), ("phase1.pt", 2), ("last.pt", 3), ("last.pt", 6)]
 
 
 # ------------------------------------------------------------------------------ kills and signals
@@ -307,6 +307,19 @@ def test_signal_during_scoring_stops_at_once_and_resumes_exactly(runs, data, tmp
     assert len(lines) == 1 and "during scoring; the run continues from the checkpoint at the end of epoch 1" in lines[0]
     assert C.load_checkpoint(d / "checkpoints" / "last.pt")["position"]["epoch"] == 2
     assert_same_run(resume(d, data), runs["static"][1])
+
+
+def test_stop_between_last_and_phase1_writes_phase1_on_resume(runs, data, tmp_path):
+    # last.pt at the end of T_d written, phase1.pt not yet: the resume writes phase1.pt first
+    src, want = runs["static"]
+    d = tmp_path / "copy"
+    shutil.copytree(src, d)
+    ck = d / "checkpoints"
+    (ck / "phase1.pt").replace(ck / "last.pt")
+    (ck / "prev.pt").unlink()
+    expected = (ck / "last.pt").read_bytes()
+    assert_same_run(resume(d, data), want)
+    assert C.load_checkpoint(ck / "phase1.pt")["position"] == C.decode(expected)["position"]
 
 
 # ------------------------------------------------------------------------------ damaged checkpoints
@@ -475,6 +488,6 @@ def test_load_ensemble_warns_on_an_unfinished_run(runs, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(runs["static"][0], d)
     (d / "checkpoints" / "last.pt").unlink()
-    with pytest.warns(RuntimeWarning, match="has not finished training"):
+    with pytest.warns(RuntimeWarning, match="last.pt: missing"), pytest.warns(RuntimeWarning, match="has not finished training"):
         models = T.load_ensemble(d)
     assert len(models) == BASE["members"]
