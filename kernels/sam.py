@@ -6,7 +6,8 @@ Math (see ``sbfast.reference.sam_perturb_`` / ``sam_restore_sgd_``):
   buf = d (first step) or momentum * buf + (1 - dampening) * d; d = d + momentum * buf
   (nesterov) or buf; w = w0 - lr * d. skip != 0: w = w0 only.
 
-One program per BLOCK elements of a flat contiguous run; bfloat16/float16 compute in float32,
+One program per BLOCK elements of a flat contiguous run (the same BLOCK on the GPU and under the
+interpreter, so the tests run the GPU's launch configuration); bfloat16/float16 compute in float32,
 float64 in float64. lr, skip and inv_scale are read from device tensors (so an LR schedule or
 a device-side skip never recompiles or re-captures). The float hyperparameters travel as the
 int64 bits of their float64 value and are bit-cast back in the kernel: a Python float argument
@@ -22,16 +23,11 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from sbfast.kernels.indexing import block_offsets
+from sbfast.kernels.launch import launch
 
 BLOCK = 1024
-# Under the interpreter (CPU tensors) each program is a handful of numpy calls: fewer, larger
-# programs run the same math ~100x faster.
-INTERPRETER_BLOCK = 1 << 16
-
-
-def _block(t: torch.Tensor) -> int:
-    return BLOCK if t.is_cuda else INTERPRETER_BLOCK
+READY_BLOCK = 1024  # momentum flags per program of the flag update
 
 
 def _bits(x: float) -> int:
@@ -61,7 +57,7 @@ def _round(x, dtype, BF16: tl.constexpr):
 def _perturb_kernel(w_ptr, backup_ptr, g_ptr, scale_ptr, n, ADAPTIVE: tl.constexpr,
                     ACC_FP64: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     acc = tl.float64 if ACC_FP64 else tl.float32
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = block_offsets(tl.program_id(0), BLOCK)
     mask = offsets < n
     w_raw = tl.load(w_ptr + offsets, mask=mask, other=0.0)
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(acc)
@@ -85,7 +81,7 @@ def _restore_sgd_kernel(w_ptr, src_ptr, g_ptr, gn_ptr, buf_ptr, ready_ptr, lr_pt
                         HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr,
                         BF16: tl.constexpr, BLOCK: tl.constexpr):
     acc = tl.float64 if ACC_FP64 else tl.float32
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = block_offsets(tl.program_id(0), BLOCK)
     mask = offsets < n
     src_raw = tl.load(src_ptr + offsets, mask=mask, other=0.0)
     w0 = src_raw.to(acc)
@@ -119,7 +115,7 @@ def _restore_sgd_kernel(w_ptr, src_ptr, g_ptr, gn_ptr, buf_ptr, ready_ptr, lr_pt
 @triton.jit
 def _mark_ready_kernel(ready_ptr, skip_ptr, n, BLOCK: tl.constexpr):
     # after the step, in a launch of its own: no program of the step may still read the flag
-    offsets = tl.arange(0, BLOCK)
+    offsets = block_offsets(tl.program_id(0), BLOCK)
     mask = offsets < n
     old = tl.load(ready_ptr + offsets, mask=mask, other=0)
     new = tl.where(tl.load(skip_ptr) != 0, old, 1).to(old.dtype)
@@ -128,15 +124,14 @@ def _mark_ready_kernel(ready_ptr, skip_ptr, n, BLOCK: tl.constexpr):
 
 def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
                  adaptive: bool) -> None:
-    """backup = w; w = w + e in place over one flat run (contiguous, same dtype and size)."""
+    """backup = w; w = w + e in place over one flat run (contiguous, same dtype and size; checked by
+    ``sbfast.registry`` before this runs)."""
     n = param.numel()
     if n == 0:
         return
-    block = _block(param)
-    wrap_triton(_perturb_kernel)[(triton.cdiv(n, block),)](
-        param, backup, grad, scale, n, ADAPTIVE=bool(adaptive), ACC_FP64=param.dtype == torch.float64,
-        BF16=param.dtype == torch.bfloat16, BLOCK=block,
-    )
+    launch(_perturb_kernel, (triton.cdiv(n, BLOCK),),
+           param, backup, grad, scale, n, ADAPTIVE=bool(adaptive), ACC_FP64=param.dtype == torch.float64,
+           BF16=param.dtype == torch.bfloat16, BLOCK=BLOCK)
 
 
 def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: torch.Tensor,
@@ -144,12 +139,13 @@ def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: tor
                      momentum_ready: torch.Tensor | None, lr: torch.Tensor, skip: torch.Tensor,
                      inv_scale: torch.Tensor, weight_decay: float, momentum: float, dampening: float,
                      nesterov: bool, write_grad_sum: bool) -> None:
-    """Restore w and take one SGD step in place over one flat run (see the module docstring)."""
+    """Restore w and take one SGD step in place over one flat run (see the module docstring;
+    inputs checked by ``sbfast.registry`` before this runs)."""
     n = param.numel()
     has_momentum = momentum != 0
     if n > 0:
-        block = _block(param)
-        wrap_triton(_restore_sgd_kernel)[(triton.cdiv(n, block),)](
+        launch(
+            _restore_sgd_kernel, (triton.cdiv(n, BLOCK),),
             param,
             backup if backup is not None else param,
             grad,
@@ -160,10 +156,8 @@ def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: tor
             _bits(weight_decay), _bits(momentum), _bits(1.0 - dampening),
             HAS_NORMAL=normal_grad is not None, WRITE_SUM=bool(write_grad_sum) and normal_grad is not None,
             HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
-            ACC_FP64=param.dtype == torch.float64, BF16=param.dtype == torch.bfloat16, BLOCK=block,
+            ACC_FP64=param.dtype == torch.float64, BF16=param.dtype == torch.bfloat16, BLOCK=BLOCK,
         )
     if has_momentum:
-        wrap_triton(_mark_ready_kernel)[(1,)](
-            momentum_ready, skip, momentum_ready.numel(),
-            BLOCK=triton.next_power_of_2(max(momentum_ready.numel(), 1)),
-        )
+        k = momentum_ready.numel()
+        launch(_mark_ready_kernel, (triton.cdiv(k, READY_BLOCK),), momentum_ready, skip, k, BLOCK=READY_BLOCK)

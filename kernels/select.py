@@ -1,4 +1,4 @@
-"""Triton kernels of ``sbfast::ksmallest_mask`` and ``sbfast::sharpbalance_masks`` (ALGORITHM.md s. 4).
+"""Triton kernels of ``sbfast::ksmallest_mask`` and ``sbfast::sharpbalance_masks`` (SharpBalance's subset selection).
 
 ksmallest_mask(scores [M, N] floating, k) -> bool [M, N]: per row the k smallest scores, ties by
 ascending index, i.e. exactly the first k of a stable ascending sort.
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from sbfast.kernels.indexing import block_offsets, wide_mul
+from sbfast.kernels.launch import launch
 
 SELECT_BLOCK = 2048
 ALGEBRA_BLOCK = 1024
@@ -51,9 +52,9 @@ def _order_key(x, KEY64: tl.constexpr):
 
 @triton.jit
 def _ksmallest_mask_kernel(x_ptr, out_ptr, n, k, BLOCK: tl.constexpr, KEY64: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * n
-    out_row = out_ptr + row * n
+    row_start = wide_mul(tl.program_id(0), n)  # int64: M * N may pass 2^31
+    x_row = x_ptr + row_start
+    out_row = out_ptr + row_start
     if KEY64:
         KEY_BITS: tl.constexpr = 64
         prefix = tl.full([], 0, tl.uint64)
@@ -95,22 +96,17 @@ def _ksmallest_mask_kernel(x_ptr, out_ptr, n, k, BLOCK: tl.constexpr, KEY64: tl.
 
 
 def ksmallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool [M, N]: per row of floating ``scores`` [M, N], its k smallest (ties by index)."""
-    # The C++ kernels' checks (TORCH_CHECK raises RuntimeError), so every face refuses alike.
-    if scores.dim() != 2 or not scores.is_floating_point():
-        raise RuntimeError(f"sbfast::ksmallest_mask: expected floating scores [M, N], got {scores.dtype} "
-                           f"{tuple(scores.shape)}")
+    """Bool [M, N]: per row of floating ``scores`` [M, N], its k smallest (ties by index). Inputs
+    are checked by ``sbfast.registry`` before this runs; non-contiguous scores are read through a
+    contiguous copy (the kernel indexes rows of length N)."""
     m, n = scores.shape
-    if not 0 <= k <= n:
-        raise RuntimeError(f"sbfast::ksmallest_mask: k = {k} outside [0, N = {n}]")
     if k <= 0 or m == 0 or n == 0:
         return torch.zeros(m, n, dtype=torch.bool, device=scores.device)
     if k >= n:
         return torch.ones(m, n, dtype=torch.bool, device=scores.device)
     out = torch.empty(m, n, dtype=torch.bool, device=scores.device)
-    wrap_triton(_ksmallest_mask_kernel)[(m,)](
-        scores.contiguous(), out, n, k, BLOCK=SELECT_BLOCK, KEY64=scores.dtype == torch.float64, num_warps=8
-    )
+    launch(_ksmallest_mask_kernel, (m,),
+           scores.contiguous(), out, n, k, BLOCK=SELECT_BLOCK, KEY64=scores.dtype == torch.float64, num_warps=8)
     return out
 
 
@@ -127,7 +123,7 @@ def _member_counts(flat_ptr, offs, inb, m, n):
 @triton.jit
 def _rest_counts_kernel(flat_ptr, tile_counts_ptr, m, n, BLOCK: tl.constexpr):
     tile = tl.program_id(0)
-    offs = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = block_offsets(tile, BLOCK)
     inb = offs < n
     in_rest = inb & (_member_counts(flat_ptr, offs, inb, m, n) == 0)
     tl.store(tile_counts_ptr + tile, tl.sum(in_rest.to(tl.int64), 0))
@@ -137,7 +133,7 @@ def _rest_counts_kernel(flat_ptr, tile_counts_ptr, m, n, BLOCK: tl.constexpr):
 def _sharpbalance_write_kernel(flat_ptr, tile_counts_ptr, tile_ends_ptr, out_ptr, m, n, BOOST: tl.constexpr,
                                BLOCK: tl.constexpr):
     tile = tl.program_id(0)
-    offs = tile.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = block_offsets(tile, BLOCK)
     inb = offs < n
     count = _member_counts(flat_ptr, offs, inb, m, n)
     in_rest = (inb & (count == 0)).to(tl.int64)
@@ -158,12 +154,8 @@ def _sharpbalance_write_kernel(flat_ptr, tile_counts_ptr, tile_ends_ptr, out_ptr
 
 def sharpbalance_masks(flat_mask: torch.Tensor, variant: int) -> torch.Tensor:
     """Bool [M, N] SAM masks from the flat sets ``flat_mask`` (bool [M, N]); variant 0 = balance
-    (A_i | R_i), 1 = boost (A_i | (R minus R_i))."""
-    if flat_mask.dim() != 2 or flat_mask.dtype != torch.bool:
-        raise RuntimeError(f"sbfast::sharpbalance_masks: expected a bool flat_mask [M, N], got {flat_mask.dtype} "
-                           f"{tuple(flat_mask.shape)}")
-    if variant not in (0, 1):
-        raise RuntimeError(f"sbfast::sharpbalance_masks: variant = {variant}, expected 0 (balance) or 1 (boost)")
+    (A_i | R_i), 1 = boost (A_i | (R minus R_i)). Inputs are checked by ``sbfast.registry`` before
+    this runs; a non-contiguous mask is read through a contiguous copy."""
     m, n = flat_mask.shape
     out = torch.empty(m, n, dtype=torch.bool, device=flat_mask.device)
     if m == 0 or n == 0:
@@ -171,9 +163,8 @@ def sharpbalance_masks(flat_mask: torch.Tensor, variant: int) -> torch.Tensor:
     flat = flat_mask.contiguous()
     tiles = triton.cdiv(n, ALGEBRA_BLOCK)
     tile_counts = torch.empty(tiles, dtype=torch.int64, device=flat.device)
-    wrap_triton(_rest_counts_kernel)[(tiles,)](flat, tile_counts, m, n, BLOCK=ALGEBRA_BLOCK)
+    launch(_rest_counts_kernel, (tiles,), flat, tile_counts, m, n, BLOCK=ALGEBRA_BLOCK)
     tile_ends = torch.cumsum(tile_counts, 0)
-    wrap_triton(_sharpbalance_write_kernel)[(tiles,)](
-        flat, tile_counts, tile_ends, out, m, n, BOOST=variant == 1, BLOCK=ALGEBRA_BLOCK
-    )
+    launch(_sharpbalance_write_kernel, (tiles,),
+           flat, tile_counts, tile_ends, out, m, n, BOOST=variant == 1, BLOCK=ALGEBRA_BLOCK)
     return out

@@ -1,6 +1,6 @@
 """The one registration file: every ``sbfast`` op's schema, fake, and per-device implementation.
 
-Faces of an op (see DESIGN.md):
+Faces of an op:
 - schema + fake: defined here, so the op exists (and traces under ``torch.compile``) even
   where ``sbfast._C`` was not built;
 - CPU: the C++ kernel from ``sbfast._C`` (``TORCH_LIBRARY_IMPL(sbfast, CPU)``), else the
@@ -10,12 +10,24 @@ Faces of an op (see DESIGN.md):
   ``SBFAST_CUDA_BACKEND`` picks one: ``auto`` (CUDA C++ where built, else Triton), ``cuda``
   or ``triton``. Where neither exists the op raises an error naming what is missing.
 
+Input checks: every Python face registered here (Triton, and the reference where it serves
+CPU) first runs the op's contract from :mod:`sbfast.op_checks`, the same function that the
+wrappers in :mod:`sbfast.ops` run before dispatch; the C++ faces check the same contract in
+C++. So a face called directly refuses what the wrapper refuses.
+
+Triton launches: :data:`TRITON_LAUNCH` says how the Triton faces start their kernels, decided
+once when the kernels are imported here (see :mod:`sbfast.kernels.launch`): ``"wrap_triton"``,
+or ``"direct"`` under the Triton interpreter on a torch whose ``wrap_triton`` refuses
+interpreted kernels (torch 2.11). Either way it is the Triton kernel that runs, never the
+reference; ``None`` where Triton is not installed.
+
 ``sbfast.ops`` calls :func:`op_for` to get the callable that serves a device; use
 :func:`backends` to see the choice for every op.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.machinery
 import os
@@ -27,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.library import Library
 
-from sbfast import reference
+from sbfast import op_checks, reference
 
 # Keeps the Python registrations alive for the life of the process.
 _lib = Library("sbfast", "DEF")
@@ -72,7 +84,7 @@ def _global_sq_norm_fake(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].new_empty((), dtype=acc)
 
 
-# issue 6: top-k subset selection. Two ops rather than one fused: the k-smallest mask is a
+# Top-k subset selection. Two ops rather than one fused: the k-smallest mask is a
 # primitive of its own (a stable sort's first k), the mask algebra needs only the flat sets,
 # and the split costs one extra bool [M, N] write and read.
 _define(
@@ -105,7 +117,7 @@ def _sharpbalance_masks_fake(flat_mask: torch.Tensor, variant: int) -> torch.Ten
     return flat_mask.new_empty(flat_mask.shape, dtype=torch.bool)
 
 
-# issue 5: per-sample squared norm of a layer's weight gradient, s_i = ||G_i^T A_i||_F^2 for
+# Per-sample squared norm of a layer's weight gradient, s_i = ||G_i^T A_i||_F^2 for
 # a [B, T, d] and g [B, T, p], in its two forms (direct product, Gram/ghost norm). Same value;
 # fisher_scores picks the cheaper one per layer (sbfast.sharpness.choose_form).
 for _form in ("direct", "gram"):
@@ -124,7 +136,7 @@ for _form in ("direct", "gram"):
         return a.new_empty((a.shape[0],), dtype=acc)
 
 
-# issue 4: the fused SAM optimizer's two passes over a flat parameter run (sbfast.optim).
+# The fused SAM optimizer's two passes over a flat parameter run (sbfast.optim).
 # Both mutate in place and return nothing; lr, skip and inv_scale are device tensors so that
 # LR schedules and device-side skips need no recompilation or re-capture.
 _define(
@@ -165,7 +177,7 @@ def _sam_restore_sgd_fake(param, backup, grad, normal_grad, momentum_buf, moment
     return None
 
 
-# issue 5: the direct form for a convolution without materialising its unfold on CPU (the C++
+# The direct form for a convolution without materialising its unfold on CPU (the C++
 # kernel uses the convolution library's weight-gradient kernel per sample); Triton unfolds and
 # runs the direct kernel.
 _define(
@@ -221,6 +233,12 @@ try:
 except ImportError as exc:
     TRITON_ERROR = str(exc)
 
+TRITON_LAUNCH: str | None = None
+if TRITON_ERROR is None:
+    from sbfast.kernels import launch as kernel_launch
+
+    TRITON_LAUNCH = kernel_launch.LAUNCH_MODE
+
 _TRITON_OPS: dict[str, Callable] = {}
 
 
@@ -239,18 +257,32 @@ def _missing_cuda_stub(name: str) -> Callable:
     return stub
 
 
+def _checked(name: str, face: Callable) -> Callable:
+    """``face`` behind op ``name``'s input contract (same signature, so ``triton_op`` infers the
+    same schema from it)."""
+    check = op_checks.CHECKS[name]
+
+    @functools.wraps(face)
+    def checked_face(*args, **kwargs):
+        check(*args, **kwargs)
+        return face(*args, **kwargs)
+
+    return checked_face
+
+
 # Where _C registered nothing for a device, this file fills the key: these sets say which.
 _CPU_FROM_REFERENCE: set[str] = set()
 _CUDA_FROM_PYTHON: set[str] = set()
 
 for _spec in OPS.values():
     if not _has_kernel(_spec.name, "CPU"):
-        _lib.impl(_spec.name, _spec.reference, "CPU")
+        _lib.impl(_spec.name, _checked(_spec.name, _spec.reference), "CPU")
         _CPU_FROM_REFERENCE.add(_spec.name)
     if TRITON_ERROR is None and _spec.triton_module is not None:
         _module = importlib.import_module(f"sbfast.kernels.{_spec.triton_module}")
         _TRITON_OPS[_spec.name] = torch.library.triton_op(
-            f"sbfast::{_spec.name}_triton", getattr(_module, _spec.name), mutates_args=_spec.mutates_args
+            f"sbfast::{_spec.name}_triton", _checked(_spec.name, getattr(_module, _spec.name)),
+            mutates_args=_spec.mutates_args,
         )
     if not _has_kernel(_spec.name, "CUDA"):
         _lib.impl(_spec.name, _TRITON_OPS.get(_spec.name) or _missing_cuda_stub(_spec.name), "CUDA")

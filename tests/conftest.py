@@ -29,6 +29,21 @@ DEVICES = [
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def triton_launch_record(tmp_path_factory) -> str:
+    """The file where this session records every Triton specialisation it launches
+    (sbfast.kernels.launch, SBFAST_TRITON_RECORD), so that tests/test_triton_aot.py compiles
+    them for the GPU as well; a record file set by the caller is kept."""
+    given = os.environ.get("SBFAST_TRITON_RECORD")
+    if given:
+        yield given
+        return
+    path = str(tmp_path_factory.mktemp("triton") / "launches.jsonl")
+    os.environ["SBFAST_TRITON_RECORD"] = path
+    yield path
+    os.environ.pop("SBFAST_TRITON_RECORD", None)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_seed():
     torch.manual_seed(0)

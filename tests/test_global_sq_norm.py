@@ -36,6 +36,7 @@ def _lists(dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
         [torch.randn(5, dtype=dtype, device=device) for _ in range(40)],  # many small tensors
         [torch.randn(0, dtype=dtype, device=device), torch.randn(7, dtype=dtype, device=device)],  # an empty one
         [torch.randn(64, 33, dtype=dtype, device=device).t()],  # non-contiguous
+        [torch.randn(4 * 1031, dtype=dtype, device=device)[1::4], torch.randn(9, 4, dtype=dtype, device=device)[:, 1]],
     ]
 
 
@@ -57,11 +58,21 @@ def test_reference_matches_float64(dtype, atol):
         assert_within_plain_error(reference.global_sq_norm(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
 
 
+def _triton_block() -> int:
+    from sbfast.kernels.global_sq_norm import BLOCK
+
+    return BLOCK
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 def test_triton_matches_float64(dtype, atol):
     triton_face = registry.triton_op("global_sq_norm")
-    for tensors in _lists(dtype, TRITON_DEVICE):
+    block = _triton_block()
+    # the GPU's launch: one program per BLOCK, so sizes just under, at and past a block, and a
+    # grid of several programs with a ragged last one
+    crossing = [[torch.randn(n, dtype=dtype, device=TRITON_DEVICE)] for n in (block - 1, block, block + 1, 3 * block + 5)]
+    for tensors in _lists(dtype, TRITON_DEVICE) + crossing:
         exact = _exact(tensors)
         assert_within_plain_error(triton_face(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
 

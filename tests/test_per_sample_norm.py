@@ -108,16 +108,32 @@ def test_identity_by_hand():
         assert getattr(ops, f"per_sample_grad_sq_norm_{form}")(a, g).tolist() == [73.0]
 
 
+# The kernels' tiles are 32 wide in p, d and T, and the Gram kernel steps through d and p by 16:
+# shapes below, at and past those widths, so every grid has several programs and ragged tails.
 TRITON_SHAPES = [(3, t, d, p) for t, d, p in itertools.product([1, 7], [1, 7, 33], [1, 7, 33])] + [
     (2, 40, 5, 3),  # more than one T block: off-diagonal Gram tiles count twice
+    (2, 33, 33, 65),  # 2 T blocks, 2 d tiles, 3 p tiles: ragged in every direction
+    (1, 65, 16, 32),  # 3 T blocks (6 Gram pairs); d and p exactly one step / one tile
     (0, 7, 7, 7),
     (3, 0, 7, 7),
 ]
 
 
+# bfloat16 runs on a GPU only: the Triton interpreter's tl.dot multiplies bfloat16 operands as
+# their raw 16-bit patterns (3.6 and 3.8 alike). scripts/triton_aot_check.py compiles the bfloat16
+# twin of every float16 specialisation, so the GPU's bfloat16 kernels are still compiled in CI.
+TRITON_DTYPES = [
+    (torch.float32, 1e-6),
+    (torch.float64, 1e-13),
+    (torch.float16, 1e-6),
+    pytest.param(torch.bfloat16, 1e-6, marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA GPU (the interpreter's bfloat16 tl.dot is wrong)")]),
+]
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-13), (torch.float16, 1e-6)])
+@pytest.mark.parametrize("dtype,atol", TRITON_DTYPES)
 def test_triton_matches_float64(form, dtype, atol):
     face = registry.triton_op(f"per_sample_grad_sq_norm_{form}")
     for shape in TRITON_SHAPES:

@@ -102,3 +102,60 @@ def test_public_api_names_resolve():
     assert sbfast.select_sam_masks is sbfast.select.select_sam_masks
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         sbfast.nonexistent  # noqa: B018
+
+
+def test_reference_face_checks_its_inputs_like_the_wrapper():
+    # Without _C the reference serves CPU; called directly (no wrapper) it refuses alike.
+    result = _run_python(
+        """
+        import sys, json
+        sys.modules["sbfast._C"] = None
+        import torch, sbfast
+        from sbfast import ops
+        def err(fn, *a):
+            try:
+                fn(*a)
+            except Exception as e:
+                return [type(e).__name__, str(e)]
+        w = torch.randn(7, 2).t()  # non-contiguous param
+        args = (w, torch.empty(2, 7), torch.randn(2, 7), torch.tensor(0.1), False)
+        before = w.clone()
+        print(json.dumps({"face": err(torch.ops.sbfast.sam_perturb_, *args), "wrapper": err(ops.sam_perturb_, *args),
+                          "kept": bool(torch.equal(w, before)),
+                          "int": err(torch.ops.sbfast.global_sq_norm, [torch.ones(3, dtype=torch.long)])}))
+        """,
+        SBFAST_NO_EXT="1",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["face"] == payload["wrapper"] and payload["face"][0] == "ValueError"
+    assert "contiguous" in payload["face"][1] and payload["kept"]
+    assert payload["int"][0] == "TypeError" and "floating" in payload["int"][1]
+
+
+@pytest.mark.triton
+def test_triton_launch_mode_is_what_this_torch_needs():
+    # Decided once at import: "direct" exactly where torch's wrap_triton refuses an interpreted
+    # kernel (torch 2.11 under TRITON_INTERPRET=1); it is the Triton kernel that runs either way.
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+
+    @triton.jit
+    def probe(x_ptr):
+        tl.store(x_ptr, 1.0)
+
+    try:
+        wrap_triton(probe)
+        refused = False
+    except RuntimeError:
+        refused = True
+    assert registry.TRITON_LAUNCH == ("direct" if refused else "wrap_triton")
+    if torch.cuda.is_available():
+        assert registry.TRITON_LAUNCH == "wrap_triton"
+    # the Triton face really runs the kernel: the launch record sees it
+    from sbfast.kernels import launch
+
+    x = torch.arange(5.0, device="cuda" if torch.cuda.is_available() else "cpu")
+    assert registry.triton_op("global_sq_norm")([x]).item() == 30.0
+    assert any("global_sq_norm" in entry for entry in launch.recorded())

@@ -136,18 +136,29 @@ def test_perturb_huge_and_many_small(device, dtype, n, offset):
                            _run_perturb(reference.sam_perturb_, w, g, s, True)[0])
 
 
+def _triton_sizes() -> list[int]:
+    """The GPU's launch: one program per BLOCK elements, so sizes just under, at and past a
+    block, and grids of several programs with a ragged last one (4097 = 4 blocks + 1)."""
+    from sbfast.kernels.sam import BLOCK
+
+    return [0, *ODD_SIZES, BLOCK - 1, BLOCK, BLOCK + 1]
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype,bit_exact,atol", DTYPES)
 def test_perturb_triton_matches_reference(dtype, bit_exact, atol):
-    _check_perturb_face(registry.triton_op("sam_perturb_"), TRITON_DEVICE, dtype, False, atol, [0, *ODD_SIZES])
+    _check_perturb_face(registry.triton_op("sam_perturb_"), TRITON_DEVICE, dtype, False, atol, _triton_sizes())
 
 
 @pytest.mark.triton
 def test_triton_huge_and_many_small():
-    # ~4M elements in one launch, and 40 small tensors launched one by one (float64 rule: the
-    # interpreter's fma is two roundings, so within a few ulps of the twins rather than equal)
+    # 65 programs in one launch (the last one ragged), and 40 small tensors launched one by one
+    # (float64 rule: the interpreter's fma is two roundings, so within a few ulps of the twins
+    # rather than equal)
+    from sbfast.kernels.sam import BLOCK
+
     tp, tr = registry.triton_op("sam_perturb_"), registry.triton_op("sam_restore_sgd_")
-    cases = [((1 << 22) + 3, torch.float32)] + [(5, torch.float64)] * 40
+    cases = [(64 * BLOCK + 3, torch.float32)] + [(5, torch.float64)] * 40
     for n, dtype in cases:
         w, g, s = _perturb_inputs(n, dtype, TRITON_DEVICE)
         fast, ref = _run_perturb(tp, w, g, s, True), _run_perturb(reference.sam_perturb_, w, g, s, True)
@@ -228,7 +239,27 @@ def test_restore_sgd_huge_and_many_small(device, dtype, n, offset):
 @pytest.mark.parametrize("dtype,bit_exact,atol", DTYPES)
 def test_restore_sgd_triton_matches_reference(dtype, bit_exact, atol):
     # the interpreter emulates fma with two roundings: held to the float64 rule, not to bits
-    _check_sgd_face(registry.triton_op("sam_restore_sgd_"), TRITON_DEVICE, dtype, False, max(atol, 1e-7), [0, *ODD_SIZES])
+    _check_sgd_face(registry.triton_op("sam_restore_sgd_"), TRITON_DEVICE, dtype, False, max(atol, 1e-7),
+                    _triton_sizes())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("skip", [0.0, 1.0])
+def test_triton_momentum_flags_past_one_block(skip):
+    # the flag update runs one program per READY_BLOCK flags: more flags than one program holds
+    from sbfast.kernels.sam import READY_BLOCK
+
+    inputs = _sgd_inputs(33, torch.float32, TRITON_DEVICE, SGD_CONFIGS[1])
+    flags = 2 * READY_BLOCK + 3
+    inputs["momentum_ready"] = torch.zeros(flags, dtype=torch.uint8, device=TRITON_DEVICE)
+    inputs["skip"] = torch.tensor(skip, device=TRITON_DEVICE)
+    fast = _run_sgd(registry.triton_op("sam_restore_sgd_"), inputs)
+    ref = _run_sgd(reference.sam_restore_sgd_, inputs)
+    assert fast[3].tolist() == ref[3].tolist() == [0 if skip else 1] * flags
+    if skip:
+        assert torch.equal(fast[0], inputs["backup"])  # skipped: w restored exactly
+    else:
+        torch.testing.assert_close(fast[0], ref[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("face", ["dispatched", "reference", pytest.param("triton", marks=pytest.mark.triton)])

@@ -1,4 +1,4 @@
-"""Subset selection (issue 6): sbfast.select and the ops sbfast::ksmallest_mask and
+"""Subset selection: sbfast.select and the ops sbfast::ksmallest_mask and
 sbfast::sharpbalance_masks, every face (C++ CPU, CUDA C++, Triton, reference) against
 sbfast.reference.select_sam_masks. Masks are bools, so every comparison is exact equality."""
 
@@ -169,9 +169,14 @@ def test_reference_twins_compose_to_select_sam_masks():
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_triton_ksmallest_mask(dtype):
+    # one program per row walks the row in SELECT_BLOCK chunks: rows of one chunk exactly, and
+    # of two and a bit (the last chunk ragged)
+    from sbfast.kernels.select import SELECT_BLOCK
+
     face = registry.triton_op("ksmallest_mask")
     for kind in ("ties", "special", "random"):
-        for m, n in [(1, 1), (3, 7), (2, 129)] + ([(1, 4097)] if kind == "ties" else []):
+        long_rows = [(1, 2 * SELECT_BLOCK + 1), (1, SELECT_BLOCK)] if kind == "ties" else []
+        for m, n in [(1, 1), (3, 7), (2, 129)] + long_rows:
             scores = _scores(m, n, kind, dtype=dtype, device=TRITON_DEVICE)
             for k in _ks(n):
                 assert torch.equal(face(scores, k).cpu(), _stable_first_k(scores, k)), (kind, m, n, k)
@@ -180,11 +185,15 @@ def test_triton_ksmallest_mask(dtype):
 @pytest.mark.triton
 @pytest.mark.parametrize("variant", MASK_VARIANTS)
 def test_triton_sharpbalance_masks(variant):
+    # one program per ALGEBRA_BLOCK samples: tiles just under, at and past a block, and grids of
+    # several tiles with a ragged last one (the rank in R is carried across tiles)
+    from sbfast.kernels.select import ALGEBRA_BLOCK
+
     face = registry.triton_op("sharpbalance_masks")
     g = torch.Generator().manual_seed(6)
     code = MASK_VARIANTS.index(variant)
     for m in (1, 3, 8):
-        for n in ODD_SIZES:
+        for n in ODD_SIZES + [ALGEBRA_BLOCK, ALGEBRA_BLOCK + 1, 3 * ALGEBRA_BLOCK]:
             for density in (0.0, 0.2, 1.0):
                 flat = torch.rand(m, n, generator=g) < density
                 assert torch.equal(face(flat.to(TRITON_DEVICE), code).cpu(), reference.sharpbalance_masks(flat, code))
@@ -354,23 +363,27 @@ def test_op_wrappers_reject_bad_inputs():
 
 
 def _kernel_faces(device: str) -> list:
-    faces = [(torch.ops.sbfast.ksmallest_mask, torch.ops.sbfast.sharpbalance_masks, device)]
-    if "ksmallest_mask" in registry._TRITON_OPS:
-        faces.append((registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks"), TRITON_DEVICE))
+    """(ksmallest_mask face, sharpbalance_masks face, device, errors): the C++/CUDA kernels
+    raise RuntimeError (TORCH_CHECK), the Python faces the wrapper's TypeError/ValueError."""
+    cpp = (torch.ops.sbfast.ksmallest_mask, torch.ops.sbfast.sharpbalance_masks, device, RuntimeError, RuntimeError)
+    faces = [cpp]
+    if registry.TRITON_ERROR is None:
+        faces.append((registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks"), TRITON_DEVICE,
+                      TypeError, ValueError))
     return faces
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernels_check_their_inputs(device):
-    # Called without the wrapper, the kernels (C++/CUDA and Triton) still refuse what they cannot do.
-    for ks, alg, dev in _kernel_faces(device):
-        with pytest.raises(RuntimeError, match="outside"):
+    # Called without the wrapper, every face (C++/CUDA and Triton) still refuses what it cannot do.
+    for ks, alg, dev, type_error, value_error in _kernel_faces(device):
+        with pytest.raises(value_error, match="outside"):
             ks(torch.zeros(2, 3, device=dev), 5)
-        with pytest.raises(RuntimeError, match="floating"):
+        with pytest.raises(type_error, match="floating"):
             ks(torch.zeros(2, 3, dtype=torch.long, device=dev), 1)
-        with pytest.raises(RuntimeError, match="variant"):
+        with pytest.raises(value_error, match="variant"):
             alg(torch.zeros(2, 3, dtype=torch.bool, device=dev), 7)
-        with pytest.raises(RuntimeError, match="bool"):
+        with pytest.raises(type_error, match="bool"):
             alg(torch.zeros(2, 3, device=dev), 0)
 
 
