@@ -302,6 +302,12 @@ class TrainConfig:
         integer("batch_size", 1)
         integer("augment_pad", 0)
         integer("seed", 0)
+        top = self.seed + (self.members - 1) + AUG_SEED_OFFSET
+        if top >= 2**63:
+            raise ValueError(
+                f"seed must be <= {2**63 - 1 - AUG_SEED_OFFSET - (self.members - 1)} (member j seeds its "
+                f"augmentation with seed + j + {AUG_SEED_OFFSET}, which must stay below 2**63), got {self.seed}"
+            )
         integer("fisher_trials", 1)
         integer("scoring_batch_size", 1)
         integer("sharpness_samples", 0)
