@@ -192,6 +192,9 @@ def _phase1_config(source: str) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sbfast import train as T
+    from sbfast.distributed.launch import quiet_unless_rank0
+
+    quiet_unless_rank0()  # under torchrun every rank runs this command; rank 0 reports
 
     given = config_overrides(args)
     resume = given.get("resume")

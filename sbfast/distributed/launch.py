@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "LaunchEnv", "init_distributed", "launch_env", "shutdown"]
+__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "LaunchEnv", "init_distributed", "launch_env", "quiet_unless_rank0", "shutdown"]
 
 # Long enough for the slowest rank to finish an epoch's scoring (every collective of a run waits
 # for it), short enough that a dead rank ends the job within minutes.
@@ -121,7 +122,8 @@ def init_distributed(
     rank: int | None = None,
     world_size: int | None = None,
 ) -> DistContext | None:
-    """Join the process group the launcher set up, or return None when there is none.
+    """Join the process group the launcher set up, or return None when there is none. A process
+    group that already exists (the caller's) is used as it is, and left to its owner.
 
     Args:
         device: the run's device ("cpu", "cuda"). "cuda" without an index becomes
@@ -142,9 +144,13 @@ def init_distributed(
         raise ValueError("give rank and world_size together (or neither, to read them from the launcher)")
     env = launch_env()
     if rank is None:
-        if env is None:
+        if dist.is_available() and dist.is_initialized():  # the caller's own job: join it as it is
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            local_rank = env.local_rank if env is not None else rank
+        elif env is None:
             return None
-        rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
+        else:
+            rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     else:
         assert world_size is not None
         if not 0 <= rank < world_size:
@@ -180,3 +186,11 @@ def shutdown(ctx: DistContext | None) -> None:
     """Leave the process group if :func:`init_distributed` created it (no-op otherwise)."""
     if ctx is not None and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quiet_unless_rank0() -> None:
+    """Under a launcher, send this process's standard output to /dev/null unless it is rank 0:
+    a command line then prints its report once, not once per rank (errors still reach stderr)."""
+    env = launch_env()
+    if env is not None and env.rank > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process

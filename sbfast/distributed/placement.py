@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["PLACEMENT_MODES", "Placement", "place"]
+__all__ = ["PLACEMENT_MODES", "Placement", "check_spec", "place"]
 
 PLACEMENT_MODES: tuple[str, ...] = ("auto", "members", "data-parallel")
 
@@ -198,3 +198,19 @@ def place(members: int, world_size: int, spec: str = "auto") -> Placement:
         raise ValueError(f"unknown placement {spec!r}; expected one of {PLACEMENT_MODES} or an explicit list, one "
                          "entry per member: a rank ('0,0,1') or a range of ranks sharing a member ('0-1,2-3')")
     return Placement(world_size, _parse_explicit(spec, members, world_size), "explicit")
+
+
+def check_spec(spec: object, members: int) -> None:
+    """Check a placement spec as far as it can be checked before the world size is known
+    (a config's field): a mode name, or an explicit list with one valid entry per member that
+    leaves no rank below its highest one idle. Raises ValueError / TypeError as :func:`place`."""
+    if not isinstance(spec, str):
+        raise TypeError(f"placement must be a string ({', '.join(PLACEMENT_MODES)} or a list like '0,0,1'), "
+                        f"got {type(spec).__name__}")
+    s = spec.strip()
+    if s in PLACEMENT_MODES:
+        return
+    if not s or not s[0].isdigit():
+        place(members, 1, s)  # raises: unknown placement
+    highest = max((int(x) for x in re.findall(r"\d+", s)), default=0)
+    place(members, highest + 1, s)

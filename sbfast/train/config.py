@@ -16,6 +16,8 @@ from sbfast.data import (
     CIFAR_C_BENCHMARK,
     CORRUPTIONS,
 )
+from sbfast.distributed.data_parallel import SAM_GRAD_SYNC
+from sbfast.distributed.placement import check_spec as check_placement
 from sbfast.models import MODEL_NAMES
 
 METHODS: tuple[str, ...] = ("de", "de_sam", "sharpbalance")
@@ -235,6 +237,24 @@ class TrainConfig:
         "run folder (or phase1.pt) of a compatible de_sam/sharpbalance run: start at T_d + 1 from its phase-1 "
         "checkpoint instead of training phase 1 again",
     )
+    placement: str = option(
+        "auto",
+        "under torchrun: which rank trains which member: auto (members when ranks <= members, else "
+        "data-parallel), members, data-parallel, or the rank of each member such as 0,0,1 (a range 0-1 shares "
+        "a member data parallel); docs/distributed.md",
+    )
+    sam_grad_sync: str = option(
+        "local",
+        "a data-parallel member's SAM perturbation: local (each rank's own gradient, as the release's "
+        "processes) or all (the gradient averaged over the member's ranks)",
+        choices=SAM_GRAD_SYNC,
+    )
+    sync_batchnorm: bool = option(
+        False, "a data-parallel member's BatchNorm normalises with the whole batch's statistics across its ranks"
+    )
+    dist_timeout: float = option(
+        600.0, "seconds a distributed exchange waits for a missing rank before the run stops with an error"
+    )
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -331,8 +351,13 @@ class TrainConfig:
             )
         if self.from_phase1 is not None and self.method not in ("de_sam", "sharpbalance"):
             raise ValueError(f"from_phase1 needs a method with a SAM phase 1 (de_sam, sharpbalance), got {self.method!r}")
-        for name in ("adaptive", "augment", "augment_flip", "cuda_graphs", "progress"):
+        for name in ("adaptive", "augment", "augment_flip", "cuda_graphs", "progress", "sync_batchnorm"):
             boolean(name)
+        check_placement(self.placement, self.members)
+        choice("sam_grad_sync", SAM_GRAD_SYNC)
+        real("dist_timeout", 0.0)
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
         if not isinstance(self.compile, bool) and self.compile not in COMPILE_BACKENDS:
             raise ValueError(f"compile must be a bool or a torch.compile backend in {COMPILE_BACKENDS}, got {self.compile!r}")
         if self.dataset in ("cifar10", "cifar100") and not self.data_root:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,20 @@ def predict_probs(
     return torch.stack(out)
 
 
+class Gather(Protocol):
+    """How a rank that evaluated some members completes the ensemble's evaluation (under
+    torchrun, ``sbfast.distributed.ensemble.EvaluationGather``)."""
+
+    def probs(self, local: torch.Tensor, n: int) -> torch.Tensor | None:
+        """This rank's members' float32 [m, n, C] -> every member's [M, n, C] on the rank that
+        computes the metrics, None elsewhere."""
+        ...
+
+    def floats(self, local: Sequence[float]) -> list[float]:
+        """This rank's members' values -> every member's, on every rank."""
+        ...
+
+
 def accuracies(probs: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], float]:
     t = targets.cpu()
     member = [float((p.argmax(1) == t).double().mean()) for p in probs]
@@ -53,11 +67,25 @@ def evaluate_ensemble(
     fisher: Callable[..., torch.Tensor],
     *,
     test_batches: Callable[[], Iterator[torch.Tensor]] | None = None,
+    gather: Gather | None = None,
 ) -> dict[str, Any]:
     """Final evaluation: ``metrics`` (ensemble_metrics on the test split), ``ood``
     (ood_metrics over the corrupted test sets, or None), ``sharpness`` (each member's mean Fisher
-    score on a fixed training subset of ``sharpness_samples``), the test ``probs`` and timings."""
+    score on a fixed training subset of ``sharpness_samples``), the test ``probs`` and timings.
+
+    With ``gather`` (a distributed run), ``models`` are the members this rank evaluates: their
+    probabilities are gathered and the metrics computed where ``gather.probs`` returns them
+    (``metrics`` and ``ood`` are None on the other ranks); sharpness comes back for every member.
+    """
     dtype = config.torch_dtype
+    classes = data.num_classes
+
+    def probs_of(batches: Callable[[], Iterator[torch.Tensor]], n: int) -> torch.Tensor | None:
+        if gather is None:
+            return predict_probs(models, batches, dtype)
+        local = predict_probs(models, batches, dtype) if models else torch.zeros(0, n, classes)
+        return gather.probs(local, n)
+
     t0 = time.perf_counter()
     if test_batches is None:
         test_dev = DeviceData(data.test, device)
@@ -65,8 +93,8 @@ def evaluate_ensemble(
         def test_batches() -> Iterator[torch.Tensor]:
             return (x for x, _ in test_dev.slices(config.eval_batch_size))
 
-    probs = predict_probs(models, test_batches, dtype)
-    metrics = metrics_mod.ensemble_metrics(probs, data.test.y)
+    probs = probs_of(test_batches, len(data.test))
+    metrics = metrics_mod.ensemble_metrics(probs, data.test.y) if probs is not None else None
     t1 = time.perf_counter()
     ood = None
     if config.eval_corruptions:
@@ -74,9 +102,10 @@ def evaluate_ensemble(
         results = {}
         for key, ds in sets.items():
             dd = DeviceData(ds, device)
-            p = predict_probs(models, lambda dd=dd: (x for x, _ in dd.slices(config.eval_batch_size)), dtype)
-            results[key] = (p, ds.y)
-        ood = metrics_mod.ood_metrics(results)
+            p = probs_of(lambda dd=dd: (x for x, _ in dd.slices(config.eval_batch_size)), len(ds))
+            if p is not None:
+                results[key] = (p, ds.y)
+        ood = metrics_mod.ood_metrics(results) if results else None
     t2 = time.perf_counter()
     sharpness: list[float] = []
     if config.sharpness_samples > 0:
@@ -86,6 +115,8 @@ def evaluate_ensemble(
         for model in models:
             s = fisher(model, sub, config=config, device=device, progress=False)
             sharpness.append(float(s.double().mean()))
+        if gather is not None:
+            sharpness = gather.floats(sharpness)
     t3 = time.perf_counter()
     return {
         "metrics": metrics,

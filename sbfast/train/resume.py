@@ -25,11 +25,14 @@ from sbfast.train.data import TrainData
 #   backend: the fast and reference components compute the same steps (the optimizer state has
 #     one layout, torch.optim.SGD's), the fused optimizer bit for bit on CPU; the scorers agree
 #     to rounding. Keep both as they were for a bit-exact resume.
+#   placement, dist_timeout: where members run under torchrun and how long an exchange waits;
+#     a change of placement that would change a data-parallel member's numbers is refused by
+#     sbfast.distributed.ensemble.check_resume_placement, against the placement saved in the checkpoint.
 # Every other field (model, seeds, schedule, rho, ratio, batching, dtype, compile, ...) is refused.
 RESUME_ROUNDING_FIELDS: tuple[str, ...] = ("num_threads", "backend")
 RESUME_SAFE_FIELDS: tuple[str, ...] = (
     "progress", "checkpoint_every", "output_dir", "resume", "eval_every", "data_root", "corruption_root",
-    *RESUME_ROUNDING_FIELDS,
+    "placement", "dist_timeout", *RESUME_ROUNDING_FIELDS,
 )  # fmt: skip
 
 # Fields that fix phase 1 (epochs 0..T_d): a run may start at T_d + 1 from another run's

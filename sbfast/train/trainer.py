@@ -3,6 +3,7 @@ checkpoints, exact resume and the phase-1 fork (docs/runs.md)."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 import warnings
@@ -16,6 +17,7 @@ from torch import nn
 
 from sbfast import reference
 from sbfast.data import augment_batch
+from sbfast.distributed.ensemble import RankPlan, check_resume_placement, start_plan
 from sbfast.select import sam_index_split
 from sbfast.train.batching import StaticBatcher
 from sbfast.train.callbacks import Callback, CallbackList
@@ -136,9 +138,15 @@ class EnsembleTrainer:
         callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None = None,
         *,
         run_dir: str | Path | None = None,
+        plan: RankPlan | None = None,
     ) -> None:
         self.config = config = as_config(config)
-        self.device = config.check_device()
+        # under torchrun (``plan``) this rank trains only its members, on its own device
+        self.plan = plan
+        self.device = plan.ctx.device if plan is not None else config.check_device()
+        if plan is not None and config.cuda_graphs and any(plan.data_parallel(j) for j in plan.local):
+            raise ValueError("cuda_graphs with a data-parallel member: its gradient all-reduce is not captured; "
+                             "place whole members on ranks (placement='members') or turn cuda_graphs off")
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, the run uses {self.device}")
         self.callbacks = CallbackList(callbacks)
@@ -156,9 +164,12 @@ class EnsembleTrainer:
         self.masks: torch.Tensor | None = None
         # one memory pool for every captured step of the run (see GraphedStep)
         self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
-        self.members = [self._make_member(j) for j in range(config.members)]
+        self.members = [self._make_member(j) for j in (plan.local if plan is not None else range(config.members))]
+        self._member_at = {m.index: m for m in self.members}
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.log = RunLog(self.run_dir) if self.run_dir is not None else None
+        # only one rank writes the run folder: rank 0 (every rank checkpoints through it)
+        self.writes = plan is None or plan.is_main
+        self.log = RunLog(self.run_dir) if self.run_dir is not None and self.writes else None
         self.history: list[dict[str, Any]] = []
         self.position = _Position()
         self.clock = {"train_s": 0.0, "score_s": 0.0, "epoch_eval_s": 0.0, "elapsed_s": 0.0}
@@ -169,13 +180,19 @@ class EnsembleTrainer:
         self._saved = "no checkpoint yet"  # what last.pt holds, for the interrupt message
         self._saved_at: tuple[int, int, int] | None = None  # last.pt's position (epoch, member, step)
         self._stage = "training"
+        self.placement_note: str | None = None  # set by a resume whose placement changed
 
     # -- setup -----------------------------------------------------------------------------
 
     def _make_member(self, j: int) -> _Member:
         c = self.config
         model = build_member(c, self.data, j, self.device)
+        if self.plan is not None:
+            model = self.plan.prepare_model(j, model)  # synchronised BatchNorm, before the optimizer
         opt = self.components.make_optimizer(model, c)  # before compile: a fused optimizer may re-home params
+        sched = make_lr_scheduler(opt, c)
+        if self.plan is not None:
+            opt = self.plan.wrap_optimizer(j, opt)  # a data-parallel member averages its gradients
         forward: Forward = model
         if c.compile:
             backend = "inductor" if c.compile is True else c.compile
@@ -185,7 +202,7 @@ class EnsembleTrainer:
         if c.augment:
             aug_gen = torch.Generator(device=self.device).manual_seed(seeds["augment"])
         return _Member(
-            index=j, model=model, forward=forward, opt=opt, sched=make_lr_scheduler(opt, c),
+            index=j, model=model, forward=forward, opt=opt, sched=sched,
             order_gen=torch.Generator().manual_seed(seeds["order"]), aug_gen=aug_gen,
         )  # fmt: skip
 
@@ -235,8 +252,16 @@ class EnsembleTrainer:
             g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
         return g(self._lr_key(member), *inputs)
 
+    def member(self, j: int) -> _Member:
+        """Member j (under torchrun: one of this rank's members)."""
+        if j not in self._member_at:
+            raise ValueError(f"member {j} is not trained here (this rank trains members {sorted(self._member_at)})")
+        return self._member_at[j]
+
     def _step(self, m: _Member, phase: str, batch: Any) -> torch.Tensor:
         fwd, opt = m.forward, m.opt
+        if self.plan is not None and self.plan.data_parallel(m.index):
+            return self.plan.step(m.index, fwd, opt, phase, batch, lambda idx: self._batch(m, idx), m.mask)
         if phase == "mixed" and self.config.batching == "static":
             sam_idx, nor_idx = batch
             x, y = self._batch(m, torch.cat([nor_idx, sam_idx]))
@@ -260,17 +285,19 @@ class EnsembleTrainer:
         order generator set back to its state at the epoch's start, the augmentation generator
         to its state after those steps, ``loss_sum`` the float64 running sum of their losses).
         """
-        m = self.members[j]
+        m = self.member(j)
         m.model.train()
         m.order_start = m.order_gen.get_state()
         batches = self._epoch_batches(m, phase)
         total = torch.zeros((), device=self.device, dtype=torch.float64) if loss_sum is None else loss_sum
-        stop = self._catcher
+        stop = self._catcher if self.plan is None else None  # ranks stop together, at an epoch's end
         for k in range(start_step, len(batches)):
             total += self._step(m, phase, batches[k])
             if stop is not None and stop.requested is not None:
                 raise _StopAt(k + 1, total)  # the step is done: a resume continues with step k + 1
         m.sched.step()
+        if self.plan is not None:
+            self.plan.sync_buffers(j, m.model)  # per-rank BatchNorm statistics: the leader's
         return total / max(len(batches), 1)
 
     # -- scoring and selection ---------------------------------------------------------------
@@ -282,13 +309,26 @@ class EnsembleTrainer:
         c = self.config
         # a bar per member only where scoring takes a while (it would interleave with the epoch bar)
         progress = c.progress and len(self.data.train) >= 5000
-        rows = [
-            self.components.fisher(m.model, self.data.train, config=c, device=self.device, progress=progress)
-            for m in self.members
-        ]
-        scores = torch.stack([r.float().to(self.device) for r in rows])
         seeds = [member_seeds(c, j)["init"] for j in range(c.members)]
-        masks = self.components.select(scores, c.ratio, c.variant, seeds).bool()
+        if self.plan is not None:
+            # this rank's rows (a data-parallel member's slice of the samples), then every rank's
+            n = len(self.data.train)
+            pieces = self.plan.score_pieces(n)
+            rows = [
+                self.components.fisher(self.member(j).model, self.data.train if (s, e) == (0, n) else
+                                       self.data.train.subset(torch.arange(s, e)), config=c, device=self.device,
+                                       progress=progress and self.plan.is_main)
+                for j, s, e in pieces
+            ]  # fmt: skip
+            scores = self.plan.exchange_scores([r.float() for r in rows], n)
+            masks = self.plan.select(scores, self.components.select, c.ratio, c.variant, seeds).bool()
+        else:
+            rows = [
+                self.components.fisher(m.model, self.data.train, config=c, device=self.device, progress=progress)
+                for m in self.members
+            ]
+            scores = torch.stack([r.float().to(self.device) for r in rows])
+            masks = self.components.select(scores, c.ratio, c.variant, seeds).bool()
         self.set_masks(masks)
         self.scores = scores.cpu()
         return self.scores, self.masks  # type: ignore[return-value]
@@ -316,13 +356,20 @@ class EnsembleTrainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
+    def evaluated_members(self) -> list[_Member]:
+        """The members this rank evaluates: all of them, or under torchrun those it leads."""
+        return [m for m in self.members if self.plan is None or self.plan.leads(m.index)]
+
     def test_accuracy(self) -> tuple[list[float], float]:
-        probs = predict_probs(
-            [m.model for m in self.members],
-            lambda: (x for x, _ in self.test_dev.slices(self.config.eval_batch_size)),
-            self.config.torch_dtype,
-        )
-        return accuracies(probs, self.data.test.y)
+        models = [m.model for m in self.evaluated_members()]
+        batches = lambda: (x for x, _ in self.test_dev.slices(self.config.eval_batch_size))  # noqa: E731
+        if self.plan is None:
+            return accuracies(predict_probs(models, batches, self.config.torch_dtype), self.data.test.y)
+        n = len(self.data.test)
+        local = predict_probs(models, batches, self.config.torch_dtype) if models else torch.zeros(0, n, self.data.num_classes)
+        probs = self.plan.evaluation([m.index for m in self.evaluated_members()], self.data.num_classes).probs(local, n)
+        acc = accuracies(probs, self.data.test.y) if probs is not None else None
+        return self.plan.broadcast(acc, "the test accuracies")  # the same history on every rank
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -330,12 +377,15 @@ class EnsembleTrainer:
         """Wall seconds of the run, over every session (a resumed run carries the earlier ones)."""
         return self.clock["elapsed_s"] + time.perf_counter() - self._session_start
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any] | None:
         """Everything the rest of the run depends on (the checkpoint's payload): members'
         parameters and buffers, optimizer states (torch.optim.SGD's layout), LR schedulers, every
         generator (torch CPU/CUDA, per-member order and augmentation), the position (epoch,
         member, step, and the unfinished epoch's losses), scores, masks, the history, the
-        config, the data's fingerprint and the versions. Tensors and plain containers only."""
+        config, the data's fingerprint and the versions. Tensors and plain containers only.
+
+        Under torchrun every rank must call it: rank 0 gathers every member's state and returns
+        the whole payload (with the placement it ran under); the other ranks return None."""
         p = self.position
         members = []
         for m in self.members:
@@ -349,6 +399,14 @@ class EnsembleTrainer:
                 "aug_gen": m.aug_gen.get_state() if m.aug_gen is not None else None,
                 "skipped_steps": getattr(m.opt, "skipped_steps", None),
             })  # fmt: skip
+        placement = None
+        if self.plan is not None:
+            gathered = self.plan.gather_states({m.index: s for m, s in zip(self.members, members, strict=True)})
+            if gathered is None:
+                return None
+            members = gathered
+            placement = {"world_size": self.plan.ctx.world_size, "groups": [list(g) for g in self.plan.placement.groups],
+                         "sam_grad_sync": self.config.sam_grad_sync, "sync_batchnorm": self.config.sync_batchnorm}  # fmt: skip
         # the training device's CUDA generator only: a resume may see another number of GPUs
         cuda_rng = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
         return {
@@ -367,6 +425,7 @@ class EnsembleTrainer:
             "history": list(self.history),
             "clock": dict(self.clock, elapsed_s=self.elapsed()),
             "forked_from": self.forked_from,
+            "placement": placement,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, fork: bool = False) -> None:
@@ -393,13 +452,19 @@ class EnsembleTrainer:
         saved_members = state["members"]
         if len(saved_members) != c.members:
             raise ValueError(f"the checkpoint has {len(saved_members)} members, the config {c.members}")
-        for m, s in zip(self.members, saved_members, strict=True):
+        self.placement_note = check_resume_placement(
+            state.get("placement"), self.plan.placement if self.plan is not None else None, c.members,
+            c.sam_grad_sync, c.sync_batchnorm, any(isinstance(x, nn.modules.batchnorm._BatchNorm)
+                                                   for m in self.members for x in m.model.modules()),
+        ) if not fork else None  # fmt: skip
+        mine = [(m, saved_members[m.index]) for m in self.members]
+        for m, s in mine:
             _check_same_tensors(m.model.state_dict(), s["model"], f"member {m.index}")
             if (s["aug_gen"] is None) != (m.aug_gen is None):
                 raise ValueError(f"member {m.index}: augmentation generator saved={s['aug_gen'] is not None}, config augment={c.augment}")
         cuda_rng = state["rng"]["cuda"]
 
-        for m, s in zip(self.members, saved_members, strict=True):
+        for m, s in mine:
             m.model.load_state_dict(s["model"])
             m.opt.load_state_dict(optimizer_state_for(m.opt, s["optimizer"]))
             m.sched.load_state_dict(s["scheduler"])
@@ -430,9 +495,11 @@ class EnsembleTrainer:
         """Write the current state as ``checkpoints/<name>`` for each name (serialised once)."""
         if self.run_dir is None:
             raise ValueError("this trainer has no run folder to checkpoint into (run_dir=None)")
-        data = encode(self.state_dict())
-        for name in names:
-            save_checkpoint(self.run_dir, data, name)
+        state = self.state_dict()  # under torchrun: gathered on rank 0, which alone writes
+        if state is not None:
+            data = encode(state)
+            for name in names:
+                save_checkpoint(self.run_dir, data, name)
         if LAST in names:
             p = self.position
             self._saved, self._saved_at = _describe(p, self.config), (p.epoch, p.member, p.step)
@@ -464,7 +531,8 @@ class EnsembleTrainer:
         if self.log is not None:
             self.log.rewrite(self.history)
         if self.run_dir is not None:
-            remove_stale_temporaries(self.run_dir / CHECKPOINT_DIR)
+            if self.writes:
+                remove_stale_temporaries(self.run_dir / CHECKPOINT_DIR)
             p = self.position
             at_phase1_end = (
                 c.method in ("de_sam", "sharpbalance") and (p.epoch, p.member, p.step) == (c.swap_epoch + 1, 0, 0)
@@ -476,7 +544,8 @@ class EnsembleTrainer:
                 self.save(PHASE1)  # a run stopped between writing last.pt and phase1.pt at T_d
         n = self.train_dev.n
         start = self.position.epoch
-        bar = progress_bar(range(start, c.epochs), c.progress, f"{c.method} [{c.backend}/{c.batching}]", start=start)
+        bar = progress_bar(range(start, c.epochs), c.progress and self.writes, f"{c.method} [{c.backend}/{c.batching}]",
+                           start=start)  # fmt: skip
         for epoch in bar:
             phase = c.phase_of(epoch)
             p = self.position
@@ -495,8 +564,11 @@ class EnsembleTrainer:
             if p.lr is None:
                 p.lr = float(self.members[0].opt.param_groups[0]["lr"])
             t1 = time.perf_counter()
+            stop_all = False
             try:
-                while p.member < c.members:
+                if self.plan is not None:
+                    train_loss, stop_all = self._epoch_on_ranks(phase, catcher)
+                while self.plan is None and p.member < c.members:
                     p.losses.append(self.train_epoch(p.member, phase, start_step=p.step, loss_sum=p.loss_sum))
                     p.member, p.step, p.loss_sum = p.member + 1, 0, None
             except _StopAt as stop:
@@ -505,7 +577,8 @@ class EnsembleTrainer:
                 self.clock["train_s"] += time.perf_counter() - t1
                 self.save(LAST)
                 raise self._interrupt(f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written") from None
-            train_loss = torch.stack(p.losses).tolist()  # the epoch's one host sync
+            if self.plan is None:
+                train_loss = torch.stack(p.losses).tolist()  # the epoch's one host sync
             t2 = time.perf_counter()
             self.clock["train_s"] += t2 - t1
             time_s = p.train_s + t2 - t1
@@ -518,6 +591,8 @@ class EnsembleTrainer:
             skipped = [m.opt.skipped_steps for m in self.members if hasattr(m.opt, "skipped_steps")]
             if skipped:  # the fused optimizer skips non-finite steps on the device and counts them
                 record["skipped_steps"] = [int(v) for v in skipped]
+                if self.plan is not None:
+                    record["skipped_steps"] = self.plan.member_counts({m.index: m.opt.skipped_steps for m in self.members})
             if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
                 record["test_acc"], record["ensemble_test_acc"] = self.test_accuracy()
             record["eval_s"] = time.perf_counter() - t2
@@ -533,6 +608,8 @@ class EnsembleTrainer:
             self.callbacks.call("on_epoch_end", epoch, record)
             if self.run_dir is not None:
                 self._epoch_checkpoints(epoch)
+                if stop_all and catcher.requested is None:  # another rank was signalled: stop with it
+                    catcher.requested = signal.SIGTERM
                 if catcher.requested is not None:
                     if self._saved_at != (epoch + 1, 0, 0):
                         self.save(LAST)
@@ -540,10 +617,14 @@ class EnsembleTrainer:
         if catcher.requested is not None:
             raise self._interrupt("before the final evaluation; checkpoint written")
         self._stage, catcher.immediate = "the final evaluation", True
+        evaluated = self.evaluated_members()
         ev = evaluate_ensemble(
-            [m.model for m in self.members], self.data, c, self.device, self.components.fisher,
+            [m.model for m in evaluated], self.data, c, self.device, self.components.fisher,
             test_batches=lambda: (x for x, _ in self.test_dev.slices(c.eval_batch_size)),
+            gather=self.plan.evaluation([m.index for m in evaluated], self.data.num_classes) if self.plan else None,
         )  # fmt: skip
+        if self.plan is not None:  # the metrics, computed on rank 0, in every rank's result
+            ev["metrics"], ev["ood"] = self.plan.broadcast((ev["metrics"], ev["ood"]), "the final metrics")
         catcher.immediate = False
         timing = {"total_s": self.elapsed(), "train_s": self.clock["train_s"], "score_s": self.clock["score_s"],
                   "epoch_eval_s": self.clock["epoch_eval_s"], **ev["timing"]}  # fmt: skip
@@ -561,6 +642,28 @@ class EnsembleTrainer:
         )  # fmt: skip
         self.callbacks.call("on_train_end", result)
         return result
+
+    def _epoch_on_ranks(self, phase: str, catcher: SignalCatcher) -> tuple[list[float], bool]:
+        """One epoch of this rank's members under torchrun; every member's mean loss (gathered)
+        and whether any rank was signalled. A position inside the epoch (a resumed single-process
+        checkpoint) is honoured: members before it are done, its member continues from its step."""
+        p = self.position
+        local: dict[int, torch.Tensor | float] = {}
+        for m in self.members:
+            j = m.index
+            if j < p.member:  # done before the checkpoint: its loss is in the position, counted once
+                if self.plan.leads(j):  # type: ignore[union-attr]
+                    local[j] = p.losses[j]
+                continue
+            resume_here = j == p.member and p.step > 0
+            lead = self.plan.leads(j)  # type: ignore[union-attr]
+            # a data-parallel member's running sum is the whole member's: its leader carries it
+            start_sum = p.loss_sum if resume_here and lead else None
+            start_step = p.step if resume_here else 0
+            if start_sum is None and resume_here:
+                start_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+            local[j] = self.train_epoch(j, phase, start_step=start_step, loss_sum=start_sum)
+        return self.plan.epoch_end(local, catcher.requested is not None)  # type: ignore[union-attr]
 
     def _epoch_checkpoints(self, epoch: int) -> None:
         c = self.config
@@ -678,21 +781,47 @@ def train_ensemble(
             check_phase1_compatible(TrainConfig.from_dict(payload["config"]), config, source)
             payload = dict(payload, forked_from=str(source))
         config.check_device()  # before the folder is created: a bad device leaves nothing behind
-        run_dir = check_output_dir(config.output_dir) if config.output_dir else None
+        run_dir = Path(config.output_dir) if config.output_dir else None
     device = config.check_device()
-    with thread_limit(config.num_threads, device):
-        trainer = EnsembleTrainer(config, data, callbacks, run_dir=run_dir)
-        if payload is not None:
-            trainer.load_state_dict(payload, fork=resume is None)
-        if bad_last is not None:  # keep the damaged file for inspection, out of the rotation
-            bad_last.replace(bad_last.with_name(LAST + ".bad"))
-        if run_dir is not None:
-            write_config(run_dir, config, trainer.device)
-        try:
-            result = trainer.run()
-        except RunInterrupted as e:
-            print(str(e), file=sys.stderr, flush=True)
-            raise
-    if run_dir is not None:
-        result.save(run_dir)
+    # under torchrun: join the job, place the members (docs/distributed.md); None otherwise
+    plan = start_plan(config.members, config.resolved_device(), placement=config.placement,
+                      sam_grad_sync=config.sam_grad_sync, sync_batchnorm=config.sync_batchnorm,
+                      timeout_s=config.dist_timeout)  # fmt: skip
+    try:
+        if plan is not None and resume is None:
+            # rank 0's folder is the run's; a folder this rank's caller made for it (each rank of
+            # a command line names one) is left empty, so it goes
+            own = run_dir
+            run_dir = plan.on_rank0(lambda: check_output_dir(own) if own is not None else None, "the output folder check")
+            if own is not None and run_dir is not None and own.resolve() != run_dir.resolve() and own.is_dir() \
+                    and not any(own.iterdir()):  # fmt: skip
+                own.rmdir()
+            config = config.replace(output_dir=str(run_dir) if run_dir is not None else None)
+        elif resume is None and run_dir is not None:
+            run_dir = check_output_dir(run_dir)
+        if plan is not None and plan.is_main:
+            print(plan.describe(), flush=True)
+        with thread_limit(config.num_threads, device):
+            trainer = EnsembleTrainer(config, data, callbacks, run_dir=run_dir, plan=plan)
+            if payload is not None:
+                trainer.load_state_dict(payload, fork=resume is None)
+                if trainer.placement_note is not None and trainer.writes:
+                    print(trainer.placement_note, flush=True)
+            if plan is not None and payload is not None:
+                plan.barrier("reading the checkpoint")  # every rank has read it before rank 0 writes
+            if bad_last is not None and trainer.writes:  # keep the damaged file for inspection, out of the rotation
+                bad_last.replace(bad_last.with_name(LAST + ".bad"))
+            if run_dir is not None and trainer.writes:
+                write_config(run_dir, config, trainer.device)
+            try:
+                result = trainer.run()
+            except RunInterrupted as e:
+                if trainer.writes:
+                    print(str(e), file=sys.stderr, flush=True)
+                raise
+        if run_dir is not None and trainer.writes:
+            result.save(run_dir)
+    finally:
+        if plan is not None:
+            plan.shutdown()
     return result
