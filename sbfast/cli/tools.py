@@ -12,7 +12,6 @@ from typing import Any
 
 from sbfast.cli import checks
 from sbfast.cli.errors import CliError
-from sbfast.cli.flags import flag_name
 
 
 def add_tool_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -221,4 +220,4 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_tool_parsers", "flag_name"]
+__all__ = ["add_tool_parsers", "find_bench_main"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from sbfast.cli import checks
 from sbfast.cli.errors import CliError
-from sbfast.cli.flags import add_config_flags, config_fields, config_overrides, read_config_file
+from sbfast.cli.flags import add_config_flags, config_overrides, read_config_file
 from sbfast.train.compare import MAIN_JOB, MAIN_SEEDS, QUICK, QUICK_SEEDS
 from sbfast.train.config import METHODS
 
@@ -256,4 +256,4 @@ def _print_result(result: Any, out: Path) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["add_compare_parser", "add_train_parser", "config_fields"]
+__all__ = ["OLD_NAMES", "add_compare_parser", "add_train_parser"]
