@@ -15,7 +15,7 @@ float32 result of ``fisher_scores`` (computed in float64, cast at the end) withi
 Also checked: the given model's modes are restored, its weights and gradients untouched, and
 the fallback warns exactly when the rule-less module has trainable parameters.
 
-Cost: ``EXAMPLES`` examples, about 10 s on one core.
+Cost: ``EXAMPLES`` (100) examples, about 10 s of one core.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from sbfast.sharpness import fisher_scores, linear_conv, sample_fisher_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXAMPLES = 60
+EXAMPLES = 100
 F64 = torch.float64
 
 
@@ -107,9 +107,10 @@ class RandomNet(nn.Module):
         self.conv = nn.Conv2d(s["c_in"], s["c1"], s["k"], s["stride"], s["padding"], s["dilation"], s["groups"],
                               bias=s["conv_bias"], padding_mode=s["mode"])
         with torch.no_grad():
-            w_out = self.conv(torch.zeros(1, s["c_in"], s["h"], s["w"])).shape[3]
+            h_out, w_out = self.conv(torch.zeros(1, s["c_in"], s["h"], s["w"])).shape[2:]
         self.bn2 = nn.BatchNorm2d(s["c1"]) if s["bn2"] else None
-        self.gn = nn.GroupNorm(s["gn_groups"], s["c1"]) if s["gn"] else None
+        per_group = s["c1"] // s["gn_groups"] * h_out * w_out  # torch refuses to normalise one value
+        self.gn = nn.GroupNorm(s["gn_groups"], s["c1"]) if s["gn"] and per_group > 1 else None
         k1 = min(s["k1"], w_out)
         pad1 = max(0, -(-(s["dilation1"] * (k1 - 1) + 1 - w_out) // 2))
         self.conv1d = nn.Conv1d(s["c1"], s["c2"], k1, s["stride1"], pad1, s["dilation1"], s["groups1"])
@@ -171,6 +172,7 @@ def brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return torch.stack(out)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")  # torch's note, not ours
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs(), data=st.data())
 def test_fisher_scores_equal_one_backward_per_sample(spec, data):
