@@ -102,6 +102,8 @@ def test_bad_inputs_name_the_problem():
         ops.global_sq_norm([torch.ones(3, dtype=torch.int64)])
     with pytest.raises(TypeError, match="torch.Tensor"):
         ops.global_sq_norm([torch.ones(3), [1.0, 2.0]])
+    with pytest.raises(TypeError, match="element 0 is a float, expected a torch.Tensor"):
+        ops.global_sq_norm([1.0, torch.ones(3)])  # the first element was read as a tensor (AttributeError)
     with pytest.raises(TypeError, match="sparse"):
         ops.global_sq_norm([torch.ones(3).to_sparse()])
     if torch.cuda.is_available():
