@@ -273,3 +273,19 @@ def test_torchrun_sbfast_train_writes_one_run_folder_and_reports_once(tmp_path):
     out = proc.stdout
     assert out.count("placement: 3 members on 2 ranks (members): rank 0: members 0, 1 | rank 1: member 2") == 1
     assert out.count("sbfast train: sharpbalance on synthetic") == 1 and out.count("== sharpbalance") == 1
+
+
+@pytest.mark.parametrize("backend", ["fast", "reference"])
+def test_a_data_parallel_run_resumes_on_its_placement_bit_for_bit(tmp_path, backend):
+    folder, snapshot = tmp_path / "run", tmp_path / "snapshot"
+    config = dict(BASE, members=2, epochs=4, swap_epoch=1, placement="0,1-2", backend=backend, output_dir=str(folder))
+    out = run_ranks(tmp_path, 3, _run_folder_job, config, str(snapshot))
+    final = _merged_params(out)
+    payload = load_checkpoint(folder / "checkpoints" / "last.pt")
+    for j in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(payload["members"][j]["model"].values(), final[j], strict=True))
+    got = run_ranks(tmp_path, 3, _resume_job, str(snapshot), {})
+    params = _merged_params(got)
+    assert got[0]["train_loss"] == out[0]["train_loss"] and got[0]["metrics"] == out[0]["metrics"]
+    for j in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(params[j], final[j], strict=True)), f"member {j} differs"

@@ -17,6 +17,7 @@ from torch import nn
 
 from sbfast import reference
 from sbfast.data import augment_batch
+from sbfast.distributed.data_parallel import DataParallelOptimizer
 from sbfast.distributed.ensemble import RankPlan, check_resume_placement, start_plan
 from sbfast.select import sam_index_split
 from sbfast.train.batching import StaticBatcher
@@ -466,7 +467,8 @@ class EnsembleTrainer:
 
         for m, s in mine:
             m.model.load_state_dict(s["model"])
-            m.opt.load_state_dict(optimizer_state_for(m.opt, s["optimizer"]))
+            inner = m.opt.optimizer if isinstance(m.opt, DataParallelOptimizer) else m.opt  # the layout it loads
+            m.opt.load_state_dict(optimizer_state_for(inner, s["optimizer"]))
             m.sched.load_state_dict(s["scheduler"])
             m.order_gen.set_state(s["order_gen"])
             if m.aug_gen is not None:
