@@ -122,10 +122,10 @@ def _ood_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> None:
     else:
         ax.set_xticks(range(0, 6), ["clean", "1", "2", "3", "4", "5"])
         ax.set_xlabel("corruption severity")
-        ax.set_ylabel("ensemble accuracy")
+        ax.set_ylabel("ensemble accuracy, mean over corruptions")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ax.set_title("OOD accuracy per severity, mean over corruptions (higher is better)", fontsize=10)
+    ax.set_title("OOD accuracy per severity (higher is better)", fontsize=10)
 
 
 def _describe(runs: Sequence[dict], seeds: Sequence[int]) -> str:
