@@ -5,14 +5,16 @@
 #   bash scripts/compat_matrix.sh                       # every combo, the whole test suite
 #   bash scripts/compat_matrix.sh tests/test_select.py  # every combo, these tests only
 #
-# Combos: COMPAT_COMBOS, space-separated "torch:triton[:venv]" (default "2.11.0:3.6.0 2.14.1:3.8.0":
-# the GPU image's pair and the newest torch that installs here). A combo's venv defaults to
-# $COMPAT_DIR/venv-torch<torch> (COMPAT_DIR default ~/.cache/sbfast-compat); it is created with
-# `python3 -m venv` and pip (torch, triton, then requirements.txt's other pins) when missing, and
-# reused as it is otherwise.
-# Each combo builds its own copy of the working tree (tracked and untracked, not ignored files)
-# under $COMPAT_DIR, so the checkout's own sbfast/_C*.so is never touched. SBFAST_CUDA defaults
-# to 0 here (CPU kernels only; CI's build compiles the CUDA sources); MAX_JOBS to 2.
+# Combos: COMPAT_COMBOS, space-separated "torch:triton[:venv[:checkout]]" (default
+# "2.11.0:3.6.0 2.14.1:3.8.0": the GPU image's pair and the newest torch that installs here).
+# A combo's venv defaults to $COMPAT_DIR/venv-torch<torch> (COMPAT_DIR default
+# ~/.cache/sbfast-compat); it is created with `python3 -m venv` and pip (torch, triton, then
+# requirements.txt's other pins) when missing, and reused as it is otherwise.
+# Each combo builds sbfast into its venv from its own copy of this working tree (tracked and
+# untracked, not ignored files) under $COMPAT_DIR, so this checkout's sbfast/_C*.so is never
+# touched; or, given a checkout (e.g. a git worktree of this repository that the venv already
+# has installed), from that checkout as it is. SBFAST_CUDA defaults to 0 here (CPU kernels only;
+# CI's build compiles the CUDA sources); MAX_JOBS to 2.
 # COMPAT_OUT: the table (default docs/compat_matrix.md). Logs: $COMPAT_DIR/torch<version>/.
 #
 # Not part of CI: two venvs, two builds and two full test runs take far longer than CI's budget.
@@ -32,7 +34,7 @@ others=$(grep -v -E '^\s*(#|$)|^(torch|triton)==' requirements.txt | tr '\n' ' '
 
 logs=()
 for combo in $combos; do
-  IFS=: read -r torch_v triton_v venv <<< "$combo"
+  IFS=: read -r torch_v triton_v venv checkout <<< "$combo"
   venv="${venv:-$compat_dir/venv-torch$torch_v}"
   py="$venv/bin/python"
   log="$compat_dir/torch$torch_v"
@@ -44,16 +46,23 @@ for combo in $combos; do
     "$py" -m pip install --quiet "torch==$torch_v" "triton==$triton_v"
     # shellcheck disable=SC2086
     "$py" -m pip install --quiet $others
+    # Triton 3.6's interpreter turns 1-element arrays into ints, which numpy 2.4 refuses ("only
+    # 0-dimensional arrays can be converted to Python scalars" in any loop over a scalar argument)
+    case "$triton_v" in 3.[0-6].*) "$py" -m pip install --quiet "numpy<2.4" ;; esac
   fi
   "$py" -c 'import torch, triton, platform; print(torch.__version__, triton.__version__, platform.python_version())' \
     > "$log/versions"
 
-  # a copy of the working tree for this torch's build
-  src="$compat_dir/src-torch$torch_v"
-  rm -rf "$src" && mkdir -p "$src"
-  git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
-    if [ -e "$f" ]; then printf '%s\0' "$f"; fi
-  done | tar --null -T - -cf - | tar -xf - -C "$src"
+  if [ -n "${checkout:-}" ]; then
+    src="$checkout"
+    echo "   from $src at $(git -C "$src" log --oneline -1)"
+  else  # a copy of the working tree for this torch's build
+    src="$compat_dir/src-torch$torch_v"
+    rm -rf "$src" && mkdir -p "$src"
+    git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+      if [ -e "$f" ]; then printf '%s\0' "$f"; fi
+    done | tar --null -T - -cf - | tar -xf - -C "$src"
+  fi
 
   start=$(date +%s)
   if (cd "$src" && "$py" -m pip install --no-build-isolation --no-deps -e . > "$log/build.log" 2>&1); then
