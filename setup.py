@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -95,7 +95,8 @@ def _ext_modules() -> tuple[list, dict]:
 ext_modules, cmdclass = _ext_modules()
 
 setup(
-    packages=["sbfast", "sbfast.kernels"],
+    # every subpackage (cli, train, data, ...) plus the Triton kernels, which live in kernels/
+    packages=[*find_packages(include=["sbfast", "sbfast.*"]), "sbfast.kernels"],
     package_dir={"sbfast": "sbfast", "sbfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
