@@ -1,4 +1,4 @@
-"""select_sam_masks (issue 6): SharpBalance's subset selection for M members x N samples, at
+"""select_sam_masks: SharpBalance's subset selection for M members x N samples, at
 the paper's 3 x 50k (CIFAR), 8 x 50k and 8 x 1.28M (ImageNet-sized), ratio 0.5, variant
 balance; against sbfast.reference.select_sam_masks (the release takes 0.115 s at 3 x 50k).
 

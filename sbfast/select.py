@@ -1,4 +1,4 @@
-"""SharpBalance's subset selection (ALGORITHM.md section 4) on the scores' device.
+"""SharpBalance's subset selection (docs/algorithm.md, section 4) on the scores' device.
 
 ``select_sam_masks`` has the contract of :func:`sbfast.reference.select_sam_masks` and returns
 the same masks bit for bit. ``balance`` and ``boost`` run as two ``sbfast`` ops, with no host
@@ -155,7 +155,7 @@ def sam_share(masks: torch.Tensor) -> torch.Tensor:
     """Share of SAM samples per member: ``masks.sum(1) / N``, without host sync.
 
     Static-shape batching gives every batch of b samples round(b * share_i) SAM samples for
-    member i, so every shape is fixed for the whole second phase (ALGORITHM.md section 5).
+    member i, so every shape is fixed for the whole second phase (docs/algorithm.md, section 5).
 
     Args:
         masks: bool [M, N] (from :func:`select_sam_masks`).

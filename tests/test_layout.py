@@ -188,3 +188,24 @@ def test_nothing_points_outside_the_repository_or_cites_a_tracker():
             if re.search(r"\b[Ii]ssues? #?\d+\b", line):
                 bad.append(f"{path.relative_to(ROOT)}:{i}: cites a tracker number")
     assert not bad, "\n".join(bad[:40]) + (f"\n... and {len(bad) - 40} more" if len(bad) > 40 else "")
+
+
+def test_readme_layout_matches_the_tree():
+    """Every path the README's layout names exists, and every package under sbfast/ is named."""
+    text = README.read_text()
+    block = re.search(r"### Layout\n+```\n(.*?)```", text, flags=re.S)
+    assert block, "README has no layout block under '### Layout'"
+    named = []
+    for line in block.group(1).splitlines():
+        head = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        if not head or not re.match(r"[\w.]+/", head):
+            continue  # a continuation of the previous line's description
+        first = head.split("/")[0]
+        for part in head.split(", "):
+            path = part if "/" in part else f"{first}/{part}"  # "sbfast/data/, models.py" names sbfast/models.py
+            named.append(path)
+    missing = [p for p in named if not (ROOT / p).exists()]
+    assert not missing, f"the README's layout names paths that do not exist: {missing}"
+    packages = {p.parent.relative_to(ROOT).as_posix() + "/" for p in PACKAGE.glob("*/__init__.py")}
+    unnamed = sorted(p for p in packages if p not in named)
+    assert not unnamed, f"packages the README's layout does not name: {unnamed}"
