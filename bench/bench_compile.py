@@ -26,13 +26,11 @@ from sbfast.optim import SharpBalanceSAM
 from sbfast.train import mixed_step_static, sam_step
 
 
-def _step_faces(model_name: str, kw: dict, shape: tuple[int, ...], batch: int,
-                device: torch.device) -> tuple[Callable[[], object], Callable[[], object], float]:  # fmt: skip
-    """(eager step, compiled step, compile seconds) for a SAM step on one fixed batch."""
-    torch.manual_seed(0)
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    steps = []
+def _eager_and_compiled(model_name: str, kw: dict, device: torch.device,
+                        run: Callable[[Callable, SharpBalanceSAM], torch.Tensor]) -> tuple[list[Callable[[], object]], float]:  # fmt: skip
+    """[eager step, compiled step] for ``run(forward, opt)`` on two identical fresh models, and
+    the seconds the compiled step's first call took (it compiles)."""
+    steps: list[Callable[[], object]] = []
     compile_s = 0.0
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -41,42 +39,22 @@ def _step_faces(model_name: str, kw: dict, shape: tuple[int, ...], batch: int,
         forward = torch.compile(model, dynamic=False) if compiled else model
 
         def step(forward: Callable = forward, opt: SharpBalanceSAM = opt) -> object:
-            loss = sam_step(forward, opt, x, y)
+            loss = run(forward, opt)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             return loss
 
         if compiled:
             t0 = time.perf_counter()
-            step()  # compiles both passes' graphs
+            step()
             compile_s = time.perf_counter() - t0
         steps.append(step)
-    return steps[0], steps[1], compile_s
+    return steps, compile_s
 
 
-def _mixed_faces(model_name: str, kw: dict, shape: tuple[int, ...], batch: int,
-                 device: torch.device) -> tuple[Callable[[], object], Callable[[], object]]:  # fmt: skip
-    torch.manual_seed(1)
-    half = batch // 2
-    xn, xs = torch.randn(half, *shape, device=device), torch.randn(batch - half, *shape, device=device)
-    yn, ys = torch.randint(0, 10, (half,), device=device), torch.randint(0, 10, (batch - half,), device=device)
-    out = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = create_model(model_name, 10, **kw).to(device)
-        opt = SharpBalanceSAM(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, rho=0.05)
-        forward = torch.compile(model, dynamic=False) if compiled else model
-
-        def step(forward: Callable = forward, opt: SharpBalanceSAM = opt) -> object:
-            loss = mixed_step_static(forward, opt, xn, yn, xs, ys)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return loss
-
-        if compiled:
-            step()
-        out.append(step)
-    return out[0], out[1]
+def _batch(shape: tuple[int, ...], n: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
 
 
 def cases(device: torch.device) -> list[BenchCase]:
@@ -88,16 +66,21 @@ def cases(device: torch.device) -> list[BenchCase]:
     ]  # fmt: skip
     out = []
     for name, kw, shape, batch, label in configs:
-        eager, compiled, compile_s = _step_faces(name, kw, shape, batch, device)
+        x, y = _batch(shape, batch, device, 0)
+        (eager, compiled), compile_s = _eager_and_compiled(name, kw, device, lambda f, o, x=x, y=y: sam_step(f, o, x, y))
         out.append(BenchCase(
             op="compile", shape=f"{label}, SAM step, b={batch}", reference=eager,
             faces={"torch.compile(model)": compiled}, samples=batch,
             notes=f"reference = eager model; compile of the first step {compile_s:.1f} s",
         ))  # fmt: skip
-        eager_m, compiled_m = _mixed_faces(name, kw, shape, batch, device)
+        half = batch // 2
+        (xn, yn), (xs, ys) = _batch(shape, half, device, 1), _batch(shape, batch - half, device, 2)
+        (eager, compiled), _ = _eager_and_compiled(
+            name, kw, device, lambda f, o, b=(xn, yn, xs, ys): mixed_step_static(f, o, *b)
+        )
         out.append(BenchCase(
-            op="compile", shape=f"{label}, mixed step (SAM share 1/2), b={batch}", reference=eager_m,
-            faces={"torch.compile(model)": compiled_m}, samples=batch, notes="reference = eager model",
+            op="compile", shape=f"{label}, mixed step (SAM share 1/2), b={batch}", reference=eager,
+            faces={"torch.compile(model)": compiled}, samples=batch, notes="reference = eager model",
         ))  # fmt: skip
     return out
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sbfast.train.config import METHODS, TrainConfig
-from sbfast.train.results import EnsembleResult, dumps_strict, finite_or_none, run_record
+from sbfast.train.results import EnsembleResult, finite_or_none, run_record, write_strict_json
 
 # The comparison's metrics, each with the direction that is better (docs/cli.md explains them).
 METRICS: dict[str, str] = {
@@ -226,10 +226,7 @@ class Comparison:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Strict JSON (undefined numbers are null, never NaN); written to ``path`` if given."""
-        text = dumps_strict(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return write_strict_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> Comparison:

@@ -44,6 +44,14 @@ def dumps_strict(obj: Any) -> str:
     return json.dumps(jsonable(obj), indent=1, allow_nan=False)
 
 
+def write_strict_json(obj: Any, path: str | Path | None = None) -> str:
+    """:func:`dumps_strict` of ``obj``; also written to ``path`` (with a final newline) if given."""
+    text = dumps_strict(obj)
+    if path is not None:
+        Path(path).write_text(text + "\n")
+    return text
+
+
 def shown(v: Any) -> Any:
     """A table cell: undefined numbers (None, NaN) as "-", everything else as it is."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -136,10 +144,7 @@ class EnsembleResult:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Strict JSON text (undefined numbers are null); also written to ``path`` if given."""
-        text = dumps_strict(self.to_dict())
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
+        return write_strict_json(self.to_dict(), path)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> EnsembleResult:
