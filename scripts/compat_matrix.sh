@@ -16,6 +16,7 @@
 # has installed), from that checkout as it is. SBFAST_CUDA defaults to 0 here (CPU kernels only;
 # CI's build compiles the CUDA sources); MAX_JOBS to 2.
 # COMPAT_OUT: the table (default docs/compat_matrix.md). Logs: $COMPAT_DIR/torch<version>/.
+# COMPAT_REPORT_ONLY=1 writes the table again from the logs of the last run, building nothing.
 #
 # Not part of CI: two venvs, two builds and two full test runs take far longer than CI's budget.
 set -euo pipefail
@@ -38,8 +39,9 @@ for combo in $combos; do
   venv="${venv:-$compat_dir/venv-torch$torch_v}"
   py="$venv/bin/python"
   log="$compat_dir/torch$torch_v"
-  rm -rf "$log" && mkdir -p "$log"
   logs+=("$log")
+  [ "${COMPAT_REPORT_ONLY:-0}" = 1 ] && continue
+  rm -rf "$log" && mkdir -p "$log"
   echo "== torch $torch_v + Triton $triton_v ($venv)"
   if [ ! -x "$py" ]; then
     python3 -m venv "$venv"
@@ -56,12 +58,14 @@ for combo in $combos; do
   if [ -n "${checkout:-}" ]; then
     src="$checkout"
     echo "   from $src at $(git -C "$src" log --oneline -1)"
+    git -C "$src" rev-parse --short HEAD > "$log/source"
   else  # a copy of the working tree for this torch's build
     src="$compat_dir/src-torch$torch_v"
     rm -rf "$src" && mkdir -p "$src"
     git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
       if [ -e "$f" ]; then printf '%s\0' "$f"; fi
     done | tar --null -T - -cf - | tar -xf - -C "$src"
+    echo "$(git rev-parse --short HEAD) + working tree" > "$log/source"
   fi
 
   start=$(date +%s)
@@ -96,7 +100,7 @@ def summary(log):
     text = read(log)
     if not text:
         return "not run", []
-    ends = [line.strip("= ") for line in text.splitlines()
+    ends = [re.sub(r" in [0-9.]+s.*", "", line.strip("= ")) for line in text.splitlines()
             if re.search(r"\b(passed|failed|errors?|no tests ran)\b", line) and " in " in line]
     fails = [re.sub(r" - .*", "", line) for line in text.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     return (ends[-1] if ends else "no summary (crashed?)"), fails
@@ -109,13 +113,15 @@ lines = [
     "(CPU kernels only, `SBFAST_CUDA=0`) against each torch + Triton pair, each in its own venv, and",
     "tested there. The Triton tests run under the interpreter (`TRITON_INTERPRET=1`);",
     "`scripts/triton_aot_check.py` compiles their kernels for sm_80 and sm_90 with each Triton (see",
-    "[triton_aot.md](triton_aot.md)).",
+    "[triton_aot.md](triton_aot.md)). The GPU image has torch 2.11 and Triton 3.6 on Python 3.12; this",
+    "machine has Python 3.11 only. Triton 3.6's interpreter needs numpy < 2.4 (it converts 1-element",
+    "arrays to ints, which numpy 2.4 refuses), so the script installs that in Triton 3.6 venvs.",
     "",
     f"Tests: `{tests}`. Machine: {platform.machine()} {platform.system()}, no GPU. "
     f"Run on {datetime.date.today().isoformat()}.",
     "",
-    "| torch | Triton | Python | build | tests (not triton) | Triton tests (interpreter) |",
-    "|---|---|---|---|---|---|",
+    "| torch | Triton | Python | source | build | tests (not triton) | Triton tests (interpreter) |",
+    "|---|---|---|---|---|---|---|",
 ]
 failures = []
 for log in logs:
@@ -123,12 +129,13 @@ for log in logs:
     status, build_s = (read(f"{log}/build", "not run 0").rsplit(" ", 1) + ["0"])[:2]
     main, main_fails = summary(f"{log}/pytest.log")
     trit, trit_fails = summary(f"{log}/pytest-triton.log")
-    lines.append(f"| {torch_v} | {triton_v} | {python_v} | {status} ({build_s} s) "
+    lines.append(f"| {torch_v} | {triton_v} | {python_v} | {read(f'{log}/source', '?')} | {status} ({build_s} s) "
                  f"| {main} ({read(f'{log}/pytest.seconds', '0')} s) "
                  f"| {trit} ({read(f'{log}/pytest-triton.seconds', '0')} s) |")
     failures += [(torch_v, f) for f in main_fails + trit_fails]
 if failures:
-    lines += ["", "Failures:", ""] + [f"- torch {t}: `{f}`" for t, f in failures]
+    lines += ["", "Failures (one that every row shows comes from the code, not from the torch version):", ""]
+    lines += [f"- torch {t}: `{f}`" for t, f in failures]
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
