@@ -69,7 +69,7 @@ def _trainer(device: torch.device, run_dir: Path) -> T.EnsembleTrainer:
               "ensemble_test_acc": 0.1, "time_s": 1.0, "score_s": None, "samples_per_s": 1.0, "eval_s": 0.1,
               "sam_share": [1.0] * MEMBERS, "skipped_steps": [0] * MEMBERS, "wall_s": 1.0}  # fmt: skip
     trainer.history = [dict(record, epoch=e) for e in range(EPOCHS)]
-    trainer.position = T.trainer._Position(epoch=EPOCHS)
+    trainer.position = T.trainer_state.Position(epoch=EPOCHS)
     return trainer
 
 

@@ -52,6 +52,8 @@ release's ``RandomSampler`` does) and, offset by ``AUG_SEED_OFFSET``, its augmen
 | ``plots`` | ``plot_results``, ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity`` |
 | ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
 | ``trainer`` | ``EnsembleTrainer``, ``train_ensemble`` |
+| ``trainer_state`` | what a trainer saves and loads (members, position, checkpoint payload) |
+| ``runtime`` | threads, progress bars, device syncs, one-time warnings |
 | ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |
 | ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv |
 | ``resume`` | ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS``: what a resume or fork may change |

@@ -24,7 +24,7 @@ from sbfast.train.data import load_data
 from sbfast.train.evaluate import accuracies, evaluate_ensemble, predict_probs
 from sbfast.train.members import build_member, make_lr_scheduler, member_seeds
 from sbfast.train.results import EnsembleResult
-from sbfast.train.trainer import progress_bar, thread_limit
+from sbfast.train.runtime import progress_bar, thread_limit
 
 
 def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None, *, data: Any = None) -> Any:

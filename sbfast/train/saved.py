@@ -19,7 +19,7 @@ from sbfast.train.data import load_data
 from sbfast.train.evaluate import evaluate_ensemble
 from sbfast.train.results import EnsembleResult
 from sbfast.train.resume import data_fingerprint
-from sbfast.train.trainer import thread_limit
+from sbfast.train.runtime import thread_limit
 
 METRIC_KEYS: tuple[str, ...] = ("metrics", "ood", "sharpness")
 

@@ -6,34 +6,26 @@ from __future__ import annotations
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from sbfast import reference
 from sbfast.data import augment_batch
-from sbfast.distributed.data_parallel import DataParallelOptimizer
-from sbfast.distributed.ensemble import RankPlan, check_resume_placement, start_plan
+from sbfast.distributed.ensemble import RankPlan, start_plan
 from sbfast.select import sam_index_split
 from sbfast.train.batching import StaticBatcher
 from sbfast.train.callbacks import Callback, CallbackList
 from sbfast.train.checkpoint import (
     CHECKPOINT_DIR,
     LAST,
-    PAYLOAD_FORMAT,
     PHASE1,
     PREVIOUS,
-    encode,
     load_checkpoint,
     load_latest,
     phase1_path,
     remove_stale_temporaries,
-    save_checkpoint,
 )
 from sbfast.train.components import get_components
 from sbfast.train.config import TrainConfig, as_config
@@ -46,57 +38,13 @@ from sbfast.train.results import EnsembleResult
 from sbfast.train.resume import (
     check_phase1_compatible,
     data_fingerprint,
-    model_spec,
     requested_fields,
     resumed_config,
 )
-from sbfast.train.run_folder import RunLog, check_output_dir, versions, write_config
+from sbfast.train.run_folder import RunLog, check_output_dir, write_config
+from sbfast.train.runtime import fmt_acc, progress_bar, sync_device, thread_limit, warn_once
 from sbfast.train.steps import Forward, mixed_step_exact, mixed_step_static, sam_step, sgd_step
-
-_WARNED: set[str] = set()
-
-
-def warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-@dataclass
-class _Member:
-    index: int
-    model: nn.Module  # the module itself (scored, evaluated, returned)
-    forward: Forward  # the module or its torch.compile wrapper (training)
-    opt: Any
-    sched: Any
-    order_gen: torch.Generator
-    aug_gen: torch.Generator | None
-    batcher: StaticBatcher | None = None
-    mask: torch.Tensor | None = None  # bool [N] on the device (exact batching)
-    order_start: torch.Tensor | None = None  # order_gen's state before this epoch's draw
-    graphs: dict[str, GraphedStep] = field(default_factory=dict)
-
-
-@dataclass
-class _Position:
-    """The next thing a run does, and what its unfinished epoch has gathered so far.
-
-    ``member`` members have finished epoch ``epoch`` (their mean losses in ``losses``); member
-    ``member`` has done ``step`` steps of it (its running loss sum in ``loss_sum``).
-    """
-
-    epoch: int = 0
-    member: int = 0
-    step: int = 0
-    losses: list[torch.Tensor] = field(default_factory=list)
-    loss_sum: torch.Tensor | None = None
-    lr: float | None = None  # members' lr at the start of the epoch (the history's)
-    score_s: float | None = None
-    train_s: float = 0.0  # training seconds of this epoch so far
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "member": self.member, "step": self.step, "losses": list(self.losses),
-                "loss_sum": self.loss_sum, "lr": self.lr, "score_s": self.score_s, "train_s": self.train_s}  # fmt: skip
+from sbfast.train.trainer_state import Member, Position, TrainerState
 
 
 class _StopAt(Exception):  # noqa: N818 - control flow inside the trainer, never escapes it
@@ -104,26 +52,7 @@ class _StopAt(Exception):  # noqa: N818 - control flow inside the trainer, never
         self.step, self.total = step, total
 
 
-def optimizer_state_for(opt: Any, state: Mapping[str, Any]) -> dict[str, Any]:
-    """A saved optimizer state in the layout ``opt`` loads. Checkpoints hold torch.optim.SGD's
-    layout (what ``SharpBalanceSAM.state_dict`` gives); ``reference.SAM`` keeps momentum in its
-    base optimizer, so it gets the state there (and ``SharpBalanceSAM`` reads a reference SAM's
-    ``base_optimizer`` entry itself)."""
-    state = dict(state)
-    if len(state["param_groups"]) == len(opt.param_groups):
-        # keys the other optimizer has and the saved groups lack (torch.optim.SGD's "fused",
-        # "foreach", ...) keep the loading optimizer's values
-        state["param_groups"] = [
-            {**{k: v for k, v in cur.items() if k != "params"}, **saved}
-            for cur, saved in zip(opt.param_groups, state["param_groups"], strict=True)
-        ]
-    if isinstance(opt, reference.SAM) and "base_optimizer" not in state:
-        groups = state["param_groups"]
-        return {"state": {}, "param_groups": groups, "base_optimizer": {"state": state["state"], "param_groups": groups}}
-    return state
-
-
-class EnsembleTrainer:
+class EnsembleTrainer(TrainerState):
     """The fast trainer behind :func:`train_ensemble`, exposed so that single epochs can be run
     and timed (``bench/bench_train.py``). ``run()`` does the whole schedule.
 
@@ -172,7 +101,7 @@ class EnsembleTrainer:
         self.writes = plan is None or plan.is_main
         self.log = RunLog(self.run_dir) if self.run_dir is not None and self.writes else None
         self.history: list[dict[str, Any]] = []
-        self.position = _Position()
+        self.position = Position()
         self.clock = {"train_s": 0.0, "score_s": 0.0, "epoch_eval_s": 0.0, "elapsed_s": 0.0}
         self.forked_from: str | None = None  # the phase1.pt this run started from
         self._fingerprint: str | None = None
@@ -185,7 +114,7 @@ class EnsembleTrainer:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _make_member(self, j: int) -> _Member:
+    def _make_member(self, j: int) -> Member:
         c = self.config
         model = build_member(c, self.data, j, self.device)
         if self.plan is not None:
@@ -202,7 +131,7 @@ class EnsembleTrainer:
         aug_gen = None
         if c.augment:
             aug_gen = torch.Generator(device=self.device).manual_seed(seeds["augment"])
-        return _Member(
+        return Member(
             index=j, model=model, forward=forward, opt=opt, sched=sched,
             order_gen=torch.Generator().manual_seed(seeds["order"]), aug_gen=aug_gen,
         )  # fmt: skip
@@ -215,13 +144,13 @@ class EnsembleTrainer:
 
     # -- data ------------------------------------------------------------------------------
 
-    def _batch(self, member: _Member, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, member: Member, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.train_dev.fetch(idx)
         if member.aug_gen is not None:
             x = augment_batch(x, member.aug_gen, self.config.augment_pad, flip=self.config.augment_flip, fill=self.fill)
         return x.to(self.config.torch_dtype), y
 
-    def _epoch_batches(self, m: _Member, phase: str) -> list[Any]:
+    def _epoch_batches(self, m: Member, phase: str) -> list[Any]:
         """The epoch's batches of member m: index tensors [b], or (sam [k_s], normal [k_n]) pairs
         (static mixed phase). Draws the epoch's order from m.order_gen, all of it up front, so
         that a resumed epoch draws the same order from the same generator state."""
@@ -236,14 +165,14 @@ class EnsembleTrainer:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _lr_key(self, member: _Member) -> tuple[float, ...] | None:
+    def _lr_key(self, member: Member) -> tuple[float, ...] | None:
         # a float lr may be baked into a capture: re-capture when it changes; a tensor lr is read
         # by the kernels at replay (and float() of it would synchronise), so it needs no key
         if any(isinstance(g["lr"], torch.Tensor) for g in member.opt.param_groups):
             return None
         return tuple(float(g["lr"]) for g in member.opt.param_groups)
 
-    def _run(self, member: _Member, kind: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, member: Member, kind: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """Run a step, through a CUDA graph when enabled and the batch has the run's full size."""
         full = inputs[0].shape[0] + (inputs[2].shape[0] if kind == "mixed" else 0) == self.config.batch_size
         if not (self.config.cuda_graphs and full):
@@ -253,13 +182,13 @@ class EnsembleTrainer:
             g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
         return g(self._lr_key(member), *inputs)
 
-    def member(self, j: int) -> _Member:
+    def member(self, j: int) -> Member:
         """Member j (under torchrun: one of this rank's members)."""
         if j not in self._member_at:
             raise ValueError(f"member {j} is not trained here (this rank trains members {sorted(self._member_at)})")
         return self._member_at[j]
 
-    def _step(self, m: _Member, phase: str, batch: Any) -> torch.Tensor:
+    def _step(self, m: Member, phase: str, batch: Any) -> torch.Tensor:
         fwd, opt = m.forward, m.opt
         if self.plan is not None and self.plan.data_parallel(m.index):
             return self.plan.step(m.index, fwd, opt, phase, batch, lambda idx: self._batch(m, idx), m.mask)
@@ -357,7 +286,7 @@ class EnsembleTrainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def evaluated_members(self) -> list[_Member]:
+    def evaluated_members(self) -> list[Member]:
         """The members this rank evaluates: all of them, or under torchrun those it leads."""
         return [m for m in self.members if self.plan is None or self.plan.leads(m.index)]
 
@@ -377,134 +306,6 @@ class EnsembleTrainer:
     def elapsed(self) -> float:
         """Wall seconds of the run, over every session (a resumed run carries the earlier ones)."""
         return self.clock["elapsed_s"] + time.perf_counter() - self._session_start
-
-    def state_dict(self) -> dict[str, Any] | None:
-        """Everything the rest of the run depends on (the checkpoint's payload): members'
-        parameters and buffers, optimizer states (torch.optim.SGD's layout), LR schedulers, every
-        generator (torch CPU/CUDA, per-member order and augmentation), the position (epoch,
-        member, step, and the unfinished epoch's losses), scores, masks, the history, the
-        config, the data's fingerprint and the versions. Tensors and plain containers only.
-
-        Under torchrun every rank must call it: rank 0 gathers every member's state and returns
-        the whole payload (with the placement it ran under); the other ranks return None."""
-        p = self.position
-        members = []
-        for m in self.members:
-            mid_epoch = p.step > 0 and m.index == p.member
-            members.append({
-                "model": m.model.state_dict(),
-                "optimizer": m.opt.state_dict(),
-                "scheduler": m.sched.state_dict(),
-                # a member stopped mid-epoch draws that epoch's order again on resume
-                "order_gen": m.order_start if mid_epoch else m.order_gen.get_state(),
-                "aug_gen": m.aug_gen.get_state() if m.aug_gen is not None else None,
-                "skipped_steps": getattr(m.opt, "skipped_steps", None),
-            })  # fmt: skip
-        placement = None
-        if self.plan is not None:
-            gathered = self.plan.gather_states({m.index: s for m, s in zip(self.members, members, strict=True)})
-            if gathered is None:
-                return None
-            members = gathered
-            placement = {"world_size": self.plan.ctx.world_size, "groups": [list(g) for g in self.plan.placement.groups],
-                         "sam_grad_sync": self.config.sam_grad_sync, "sync_batchnorm": self.config.sync_batchnorm}  # fmt: skip
-        # the training device's CUDA generator only: a resume may see another number of GPUs
-        cuda_rng = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
-        return {
-            "format": PAYLOAD_FORMAT,
-            "config": self.config.to_dict(),
-            "versions": versions(),
-            "device": str(self.device),
-            "data": {"fingerprint": self.fingerprint, "train": len(self.data.train), "test": len(self.data.test)},
-            "model": model_spec(self.config, self.data),
-            "components": dict(self.components.names),
-            "position": p.to_dict(),
-            "members": members,
-            "rng": {"torch": torch.get_rng_state(), "cuda": list(cuda_rng)},
-            "scores": self.scores,
-            "masks": self.masks,
-            "history": list(self.history),
-            "clock": dict(self.clock, elapsed_s=self.elapsed()),
-            "forked_from": self.forked_from,
-            "placement": placement,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any], *, fork: bool = False) -> None:
-        """Continue from a checkpoint's payload (``state_dict()``'s). Everything is checked
-        before anything is loaded: the data's fingerprint, the device kind, the members and their
-        parameter shapes. ``fork``: a phase-1 checkpoint of another run, whose clocks are not
-        carried (the run's timing counts its own work).
-
-        Raises:
-            ValueError naming what does not match.
-        """
-        c = self.config
-        if state.get("format") != PAYLOAD_FORMAT:
-            raise ValueError(f"not an sbfast training checkpoint payload (format {state.get('format')!r})")
-        if state["data"]["fingerprint"] != self.fingerprint:
-            raise ValueError(
-                f"the checkpoint was written for other data than this run's (train {state['data']['train']} / test "
-                f"{state['data']['test']} samples there, {len(self.data.train)} / {len(self.data.test)} here, and the "
-                "values differ): point data_root at the run's data"
-            )
-        saved_dev = torch.device(state["device"])
-        if saved_dev.type != self.device.type:
-            raise ValueError(f"the checkpoint was written on {saved_dev.type}, this run uses {self.device}: pass device={saved_dev.type!r}")
-        saved_members = state["members"]
-        if len(saved_members) != c.members:
-            raise ValueError(f"the checkpoint has {len(saved_members)} members, the config {c.members}")
-        self.placement_note = check_resume_placement(
-            state.get("placement"), self.plan.placement if self.plan is not None else None, c.members,
-            c.sam_grad_sync, c.sync_batchnorm, any(isinstance(x, nn.modules.batchnorm._BatchNorm)
-                                                   for m in self.members for x in m.model.modules()),
-        ) if not fork else None  # fmt: skip
-        mine = [(m, saved_members[m.index]) for m in self.members]
-        for m, s in mine:
-            _check_same_tensors(m.model.state_dict(), s["model"], f"member {m.index}")
-            if (s["aug_gen"] is None) != (m.aug_gen is None):
-                raise ValueError(f"member {m.index}: augmentation generator saved={s['aug_gen'] is not None}, config augment={c.augment}")
-        cuda_rng = state["rng"]["cuda"]
-
-        for m, s in mine:
-            m.model.load_state_dict(s["model"])
-            inner = m.opt.optimizer if isinstance(m.opt, DataParallelOptimizer) else m.opt  # the layout it loads
-            m.opt.load_state_dict(optimizer_state_for(inner, s["optimizer"]))
-            m.sched.load_state_dict(s["scheduler"])
-            m.order_gen.set_state(s["order_gen"])
-            if m.aug_gen is not None:
-                m.aug_gen.set_state(s["aug_gen"])
-            skipped = getattr(m.opt, "skipped_steps", None)
-            if skipped is not None and s["skipped_steps"] is not None:
-                skipped.copy_(s["skipped_steps"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if cuda_rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(cuda_rng[0], self.device)
-        if state["masks"] is not None:
-            self.set_masks(state["masks"].bool())
-            self.scores = state["scores"]
-        self.history = [dict(r) for r in state["history"]]
-        pos = dict(state["position"])
-        pos["losses"] = [t.to(self.device) for t in pos["losses"]]
-        if pos["loss_sum"] is not None:
-            pos["loss_sum"] = pos["loss_sum"].to(self.device)
-        self.position = _Position(**pos)
-        self.forked_from = state.get("forked_from")
-        if not fork:
-            self.clock = {k: float(v) for k, v in state["clock"].items()}
-            self._saved = _describe(self.position, c)
-
-    def save(self, *names: str) -> None:
-        """Write the current state as ``checkpoints/<name>`` for each name (serialised once)."""
-        if self.run_dir is None:
-            raise ValueError("this trainer has no run folder to checkpoint into (run_dir=None)")
-        state = self.state_dict()  # under torchrun: gathered on rank 0, which alone writes
-        if state is not None:
-            data = encode(state)
-            for name in names:
-                save_checkpoint(self.run_dir, data, name)
-        if LAST in names:
-            p = self.position
-            self._saved, self._saved_at = _describe(p, self.config), (p.epoch, p.member, p.step)
 
     def _describe_stop(self) -> str:
         return f"during {self._stage}; the run continues from {self._saved}"
@@ -558,7 +359,7 @@ class EnsembleTrainer:
                 t0 = time.perf_counter()
                 self._stage, catcher.immediate = "scoring", True
                 scores, masks = self.score_and_select()
-                _sync(self.device)
+                sync_device(self.device)
                 self._stage, catcher.immediate = "training", False
                 p.score_s = time.perf_counter() - t0
                 self.clock["score_s"] += p.score_s
@@ -601,12 +402,12 @@ class EnsembleTrainer:
             self.clock["epoch_eval_s"] += record["eval_s"]
             record["wall_s"] = self.elapsed()
             self.history.append(record)
-            self.position = _Position(epoch=epoch + 1)
+            self.position = Position(epoch=epoch + 1)
             if self.log is not None:
                 self.log.append(record)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(phase=phase, loss=f"{sum(train_loss) / len(train_loss):.3f}",
-                                acc=_fmt_acc(record["ensemble_test_acc"]))  # fmt: skip
+                                acc=fmt_acc(record["ensemble_test_acc"]))  # fmt: skip
             self.callbacks.call("on_epoch_end", epoch, record)
             if self.run_dir is not None:
                 self._epoch_checkpoints(epoch)
@@ -675,58 +476,6 @@ class EnsembleTrainer:
             self.save(LAST, PHASE1)
         elif epoch == c.epochs - 1 or (c.checkpoint_every and (epoch + 1) % c.checkpoint_every == 0):
             self.save(LAST)
-
-
-def _describe(p: _Position, c: TrainConfig) -> str:
-    if p.member == 0 and p.step == 0:
-        return "the checkpoint at the end of training" if p.epoch >= c.epochs else f"the checkpoint at the end of epoch {p.epoch - 1}"
-    return f"the checkpoint in epoch {p.epoch} (member {p.member}, step {p.step})"
-
-
-def _check_same_tensors(expected: Mapping[str, torch.Tensor], saved: Mapping[str, Any], where: str) -> None:
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{where}: the checkpoint's parameters do not match the model (missing {missing[:5]}, unexpected {extra[:5]})")
-    for k, t in expected.items():
-        s = saved[k]
-        if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
-            got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(f"{where}: {k} is {got} in the checkpoint, {t.dtype} {tuple(t.shape)} in the model")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _fmt_acc(a: float | None) -> str:
-    return "-" if a is None else f"{a:.4f}"
-
-
-def progress_bar(it: Any, enabled: bool, desc: str, start: int = 0) -> Any:
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    total = start + len(it) if hasattr(it, "__len__") else None
-    return tqdm(it, desc=desc, unit="epoch", leave=True, dynamic_ncols=True, initial=start, total=total)
-
-
-class thread_limit:
-    """Set torch's intra-op threads for a block (CPU runs), restoring them after."""
-
-    def __init__(self, n: int | None, device: torch.device) -> None:
-        self.n = n if (n and device.type == "cpu") else None
-        self.before = torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.n is not None:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.n is not None:
-            torch.set_num_threads(self.before)
 
 
 def train_ensemble(
