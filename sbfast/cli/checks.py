@@ -104,22 +104,18 @@ def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -
     """The output folder can be created and written, and holds no earlier run (unless resuming);
     with ``empty`` (a comparison, whose runs go into sub-folders) it must hold nothing at all.
 
-    Uses ``sbfast.train.check_output_dir`` where the trainer provides it (its rules for run
-    folders), and in any case creates the folder and writes a probe file, so that an
+    Uses ``sbfast.train.check_output_dir`` (the trainer's rules for run folders), then creates
+    the folder and writes a probe file, so that an
     unwritable place (``/proc/x``) fails now and not after the first method has trained."""
     from sbfast import train as T
 
     flag = f"output folder {str(path)!r}"
     if empty and path.is_dir() and any(path.iterdir()):
         raise CliError(f"{flag} already holds files (an earlier comparison?); expected a new or empty folder")
-    trainer_check = getattr(T, "check_output_dir", None)
-    if trainer_check is not None:
-        try:
-            trainer_check(str(path), resume=resume)
-        except (ValueError, OSError) as e:
-            raise CliError(f"{flag}: {e}") from None
-    elif not resume and path.is_dir() and any(path.iterdir()):
-        raise CliError(f"{flag} already holds files; expected a new or empty folder")
+    try:
+        T.check_output_dir(str(path), resume=resume)
+    except (ValueError, OSError) as e:
+        raise CliError(str(e)) from None  # the trainer's message names the folder already
     if path.exists() and not path.is_dir():
         raise CliError(f"{flag} is a file; expected a folder")
     try:
