@@ -82,8 +82,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sbfast.metrics import format_table
     from sbfast.train.results import dumps_strict, shown
 
-    if not hasattr(T, "evaluate_run"):
-        raise CliError("sbfast eval is not available in this build (sbfast.train.evaluate_run is missing)")
     device = _device(args.device)
     config = _run_config(args.run_dir, data_root=args.data_root, corruption_root=args.corruption_root)
     data = checks.load_checked_data(config)
@@ -121,8 +119,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from sbfast import train as T
 
-    if not hasattr(T, "load_ensemble"):
-        raise CliError("sbfast score is not available in this build (sbfast.train.load_ensemble is missing)")
     device = _device(args.device)
     if args.batch_size is not None and args.batch_size < 1:
         raise CliError(f"--batch-size {args.batch_size}: expected an integer >= 1")
