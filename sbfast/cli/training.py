@@ -4,8 +4,10 @@ check everything before the first epoch, train, print and save."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,20 @@ class _Started:
     def __init__(self) -> None:
         self.started = False
 
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Run training inside: a ValueError/TypeError before training began is a bad input
+        (one CliError line, exit 2); after it, the run's own failure. Torch's UserWarnings
+        (e.g. the LR scheduler's order notice) are silenced."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                yield
+            except (ValueError, TypeError) as e:
+                if not self.started:
+                    raise CliError(str(e)) from None
+                raise
+
 
 def _callback(started: _Started) -> Any:
     from sbfast.train import Callback
@@ -163,15 +179,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def tracked(cfg: Any, **kw: Any) -> Any:
         return trainer(cfg, [_callback(started)], **kw)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # e.g. torch's lr-scheduler order notice
-        try:
-            comp = run_comparison(base_cfg, methods, seeds, out, data=data, trainer=tracked,
-                                  fork_phase1=not args.no_fork and not args.reference_trainer, on_run=on_run)  # fmt: skip
-        except (ValueError, TypeError) as e:
-            if not started.started:
-                raise CliError(str(e)) from None
-            raise
+    with started.guard():
+        comp = run_comparison(base_cfg, methods, seeds, out, data=data, trainer=tracked,
+                              fork_phase1=not args.no_fork and not args.reference_trainer, on_run=on_run)  # fmt: skip
     print()
     print(comp.report())
     print(f"\nwrote {out}/ (comparison.txt, comparison.json, comparison.png, curves.png, sharpness_diversity.png, "
@@ -212,14 +222,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         checks.preflight([checks.build_config({**saved.to_dict(), **given, "resume": None, "output_dir": str(run_dir)})])
         print(f"sbfast train: resuming {run_dir}", flush=True)
         requested = {k: v for k, v in given.items() if k != "resume"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                result = T.train_ensemble(requested, [_callback(started)], resume=str(run_dir))
-            except (ValueError, TypeError) as e:
-                if not started.started:
-                    raise CliError(str(e)) from None
-                raise
+        with started.guard():
+            result = T.train_ensemble(requested, [_callback(started)], resume=str(run_dir))
         _print_result(result, run_dir)
         return 0
 
@@ -237,14 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = cfg.replace(output_dir=str(out))
     print(f"sbfast train: {cfg.method} on {_describe(cfg, data)}")
     print(f"writing {out}/", flush=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            result = _trainer(args)(cfg, [_callback(started)], data=data)
-        except (ValueError, TypeError) as e:
-            if not started.started:
-                raise CliError(str(e)) from None
-            raise
+    with started.guard():
+        result = _trainer(args)(cfg, [_callback(started)], data=data)
     _print_result(result, out)
     return 0
 
