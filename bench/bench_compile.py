@@ -45,6 +45,10 @@ def _eager_and_compiled(model_name: str, kw: dict, device: torch.device,
             return loss
 
         if compiled:
+            # dynamo caches per code object, so a model of the same class compiled before (by
+            # another case, or when pytest collected this module) would make the first call free:
+            # start from an empty cache to time a real compile (other cases recompile in warm-up)
+            torch._dynamo.reset()
             t0 = time.perf_counter()
             step()
             compile_s = time.perf_counter() - t0
