@@ -108,7 +108,7 @@ def test_reference_and_common_import_nothing_above_them():
     assert not bad, "\n".join(bad)
 
 
-def _sbfast_module_aliases(tree: ast.AST, path: Path) -> dict[str, str]:
+def _sbfast_module_aliases(tree: ast.AST) -> dict[str, str]:
     aliases = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -140,7 +140,7 @@ def test_no_private_names_cross_modules():
                 if n.startswith("_") and not n.startswith("__"):
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports private {module}.{n}")
         tree = ast.parse(path.read_text())
-        aliases = _sbfast_module_aliases(tree, path)
+        aliases = _sbfast_module_aliases(tree)
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id in aliases and aliases[node.value.id] != me

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sbfast import metrics as metrics_mod
+from sbfast.common import module_modes, restore_modes
 from sbfast.train.config import SHARPNESS_SUBSET_SEED, TrainConfig
 from sbfast.train.data import DeviceData, TrainData
 
@@ -27,13 +28,12 @@ def predict_probs(
     """
     out = []
     for model in models:
-        was = [(m, m.training) for m in model.modules()]
+        modes = module_modes(model)
         model.eval()
         try:
             parts = [torch.softmax(model(x.to(dtype)), dim=1).float() for x in batches()]
         finally:
-            for m, t in was:
-                m.training = t
+            restore_modes(modes)
         out.append(torch.cat(parts).cpu())
     return torch.stack(out)
 

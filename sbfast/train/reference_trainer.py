@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from sbfast.data import RandomCropFlip, make_loader
-from sbfast.reference import SAM, fisher_scores, select_sam_masks, train_member_epoch
+from sbfast.reference import select_sam_masks, train_member_epoch
 from sbfast.train.callbacks import CallbackList
-from sbfast.train.components import reference_fisher
+from sbfast.train.components import reference_fisher, reference_optimizer
 from sbfast.train.config import as_config
 from sbfast.train.data import load_data
 from sbfast.train.evaluate import accuracies, evaluate_ensemble, predict_probs
@@ -28,7 +28,7 @@ from sbfast.train.runtime import progress_bar, thread_limit
 
 
 def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None, *, data: Any = None) -> Any:
-    """Section 6 for ``de``, ``de_sam`` and ``sharpbalance``, plainly (see the section header).
+    """Section 6 for ``de``, ``de_sam`` and ``sharpbalance``, plainly (see the module docstring).
 
     Args:
         config: a ``sbfast.train.TrainConfig`` (or a dict of its fields). Its ``backend``,
@@ -62,8 +62,7 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
                     model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
                 )
             else:
-                opt = SAM(model.parameters(), torch.optim.SGD, rho=config.rho, adaptive=config.adaptive,
-                          lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)  # fmt: skip
+                opt = reference_optimizer(model, config)
             seeds = member_seeds(config, j)
             transform = None
             if config.augment:
@@ -85,9 +84,8 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
             score_time = None
             if config.method == "sharpbalance" and epoch == config.swap_epoch + 1:
                 t0 = time.perf_counter()
-                plain = make_loader(data.train, config.scoring_batch_size, shuffle=False)
                 scores = torch.stack([
-                    fisher_scores(m, plain, trials=config.fisher_trials, device=device, num_samples=n).float().cpu()
+                    reference_fisher(m, data.train, config=config, device=device, progress=False).float().cpu()
                     for m in models
                 ])  # fmt: skip
                 seeds_all = [member_seeds(config, j)["init"] for j in range(m_count)]
