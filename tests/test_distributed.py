@@ -440,6 +440,36 @@ def test_per_rank_batchnorm_keeps_parameters_identical_and_buffers_are_made_one(
     assert all(torch.equal(a, b) for a, b in zip(out[0]["after"], out[0]["before"], strict=True))
 
 
+def _skip_flag_job(ctx):
+    model = _mlp()
+    inner = SharpBalanceSAM(model.parameters(), lr=LR, momentum=MOMENTUM, rho=RHO, nonfinite="skip")
+    opt = DataParallelOptimizer(inner, ctx, sam_grad_sync="local")
+    w = [p.detach().clone() for p in model.parameters()]
+    _, _, xs, ys = _batches()[1]
+    x, y = shard(xs, ctx.rank, ctx.world_size), shard(ys, ctx.rank, ctx.world_size)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    if ctx.rank == 0:  # only rank 0's own perturbation gradient is not finite
+        next(model.parameters()).grad[0, 0] = float("inf")
+    traffic.reset()
+    opt.first_step(zero_grad=True)
+    after_first = inner.found_nonfinite.clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+    return {"after_first": after_first, "after_step": inner.found_nonfinite.clone(),
+            "skipped": inner.skipped_steps.clone(), "traffic": traffic.snapshot(),
+            "unchanged": all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))}
+
+
+def test_a_nonfinite_perturbation_norm_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    out = run_ranks(tmp_path, 2, _skip_flag_job)
+    for rank, o in enumerate(out):
+        assert o["after_first"].item() > 0, f"rank {rank}: found_nonfinite not raised after the all-reduce"
+        assert o["after_step"].item() == 0 and o["skipped"].item() == 1, rank
+        assert o["unchanged"], f"rank {rank} took the update that rank 0 skipped"
+        assert o["traffic"]["the skip-flag all-reduce"] == {"calls": 1, "bytes": 4}
+
+
 def test_data_parallel_optimizer_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="sam_grad_sync must be one of"):
         DataParallelOptimizer(object(), None, sam_grad_sync="some")  # type: ignore[arg-type]

@@ -395,6 +395,27 @@ def test_nonfinite_error_mode_raises_before_any_change():
     _train(model, opt, _batches("mlp", 2, torch.float64))  # usable afterwards
 
 
+def test_found_nonfinite_is_set_by_a_nonfinite_first_norm_and_cleared_when_the_step_ends():
+    model = _model("mlp")
+    opt = SharpBalanceSAM(model.parameters(), **RELEASE, nonfinite="skip")
+    x, y, _ = _batches("mlp", 1, torch.float64)[0]
+    flag = opt.found_nonfinite
+    assert flag.shape == () and flag.dtype == torch.float32 and flag.device == next(model.parameters()).device
+    for poison in (True, False, True):
+        w = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        _grads_at(model, x, y)
+        if poison:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        opt.first_step(zero_grad=True)
+        assert bool(opt.found_nonfinite > 0) is poison
+        _grads_at(model, x, y)
+        opt.second_step(zero_grad=True)
+        assert opt.found_nonfinite.item() == 0
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True)) is poison
+    assert opt.skipped_steps.item() == 2
+
+
 @pytest.fixture
 def no_host_sync(monkeypatch):
     """Make every host read of a tensor value raise (CPU stand-in for cuda sync debug mode)."""

@@ -50,6 +50,7 @@ from torch import nn
 
 from sbfast.distributed.collectives import broadcast_module_state, guard, traffic
 from sbfast.distributed.launch import DistContext
+from sbfast.optim import SharpBalanceSAM
 
 __all__ = [
     "SAM_GRAD_SYNC",
@@ -197,8 +198,9 @@ class DataParallelOptimizer:
         else:
             self._fill_missing_grads()
         self.optimizer.first_step(zero_grad=zero_grad, **kwargs)
-        found = getattr(self.optimizer, "_found", None)
-        if self.sam_grad_sync == "local" and self.size > 1 and isinstance(found, torch.Tensor):
+        # reference.SAM has no device-side skip (it never skips a step): nothing to agree on
+        found = self.optimizer.found_nonfinite if isinstance(self.optimizer, SharpBalanceSAM) else None
+        if self.sam_grad_sync == "local" and self.size > 1 and found is not None:
             # a rank whose own gradient norm was not finite will skip the update (device-side);
             # the others must skip it too, or the group's copies of the member drift apart
             buf = found if found.device == self.ctx.comm_device else found.to(self.ctx.comm_device)

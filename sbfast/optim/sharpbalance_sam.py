@@ -152,6 +152,25 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         """Whether ``normal_step`` kept gradients for the coming step."""
         return self._st.has_normal
 
+    @property
+    def found_nonfinite(self) -> torch.Tensor:
+        """The current step's skip flag: a 0-d float32 tensor on the parameters' device, > 0 when
+        the step's update will be skipped for a non-finite value.
+
+        Written only in device-side modes (``nonfinite="skip"``, a GradScaler, torch.compile, a
+        CUDA graph capture): ``first_step`` adds 1 when the gradient norm is not finite (the
+        perturbation is then zero), ``second_step`` / ``third_step`` add 1 when a gradient they
+        use is not finite, and their update kernel takes no update where it is > 0. It is zeroed
+        when the step finishes: at the end of ``second_step`` / ``third_step`` (after
+        ``skipped_steps`` counted it) or by ``restore``. In ``"error"`` mode it stays 0 (the
+        phases raise instead).
+
+        The tensor itself, not a copy, and reading it is no host synchronisation: a data-parallel
+        wrapper all-reduces it in place (MAX) after ``first_step``, so that every rank of a group
+        skips the same steps. Rebuilding the flat buffers (a moved parameter,
+        ``add_param_group``) replaces it: read it after the phase, do not keep it."""
+        return self._found
+
     # a subclass that expects Module.to after construction (compat.NSAM) turns the warning off
     _warn_on_moved_params = True
 
