@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import platform
 import re
-from collections.abc import Callable
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,14 +84,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
     return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def collect_cases(device: torch.device, modules: list[str] | None = None) -> list[BenchCase]:
-    cases = []
-    for name in modules or BENCH_MODULES:
-        module = importlib.import_module(f"bench.{name}")
-        cases += module.cases(device)
-    return cases
-
-
 def run_case(case: BenchCase, device: torch.device, min_run_time: float) -> list[dict]:
     ref_ms = time_ms(case.reference, device, min_run_time)
     rows = []
@@ -110,6 +107,91 @@ def run_case(case: BenchCase, device: torch.device, min_run_time: float) -> list
             row["reference_samples/s"] = round(case.samples / (ref_ms * 1e-3), 1)
         rows.append(row)
     return rows
+
+
+class CaseTimeout(Exception):
+    """A case ran past its cap (``run_all``'s ``case_cap_s``)."""
+
+
+@contextmanager
+def time_cap(seconds: float | None) -> Iterator[None]:
+    """Raise :class:`CaseTimeout` in the block once ``seconds`` of wall time have passed.
+
+    A soft cap: the alarm is a signal, handled when control is next in Python (between timed
+    calls, never inside one kernel), so one slow case cannot hold up the cases after it. Only
+    the main thread receives signals; elsewhere, or with ``seconds`` None, there is no cap."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CaseTimeout(f"ran past its cap of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass
+class BenchRun:
+    """What :func:`run_all` did: the rows of every case that finished, and the cases that did
+    not, each as ``"<module or op> [<shape>]: <why>"``."""
+
+    rows: list[dict] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # raised, or ran past the per-case cap
+    not_run: list[str] = field(default_factory=list)  # not started: the whole run's budget was spent
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.not_run
+
+
+def run_all(device: torch.device, modules: list[str] | None = None, min_run_time: float = 0.5, *,
+            case_cap_s: float | None = None, budget_s: float | None = None,
+            after_case: Callable[[BenchRun], None] | None = None,
+            progress: Callable[[str], None] | None = None) -> BenchRun:
+    """Run every case of ``modules`` (all by default) in the order given.
+
+    A module is imported and its cases built only when its turn comes, so one that fails to
+    build is recorded and the others still run. A case that raises, or runs past
+    ``case_cap_s``, is recorded as failed; once ``budget_s`` seconds have passed no further case
+    is started (each is recorded as not run). ``after_case`` sees the run after every case (the
+    CLI writes the results file there, so an interrupted run keeps what it measured)."""
+    run = BenchRun()
+    start = time.monotonic()
+
+    def out_of_time() -> bool:
+        return budget_s is not None and time.monotonic() - start >= budget_s
+
+    for name in modules or BENCH_MODULES:
+        if out_of_time():
+            run.not_run.append(f"{name}: the bench's budget of {budget_s:g} s was spent")
+            continue
+        try:
+            with time_cap(case_cap_s):
+                cases = importlib.import_module(f"bench.{name}").cases(device)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the next module runs
+            run.failed.append(f"{name} (building its cases): {type(exc).__name__}: {exc}")
+            continue
+        for case in cases:
+            label = f"{case.op} [{case.shape}]"
+            if out_of_time():
+                run.not_run.append(f"{label}: the bench's budget of {budget_s:g} s was spent")
+                continue
+            if progress is not None:
+                progress(label)
+            try:
+                with time_cap(case_cap_s):
+                    run.rows += run_case(case, device, min_run_time)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the next case runs
+                run.failed.append(f"{label}: {type(exc).__name__}: {exc}")
+            if after_case is not None:
+                after_case(run)
+    return run
 
 
 def format_table(rows: list[dict]) -> str:
@@ -149,7 +231,10 @@ def write_results(rows: list[dict], device: torch.device, path: Path | None = No
         "torch": torch.__version__,
         "rows": kept + rows,
     }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    # written whole or not at all: the file is rewritten after every case of a run
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
