@@ -416,6 +416,84 @@ def test_found_nonfinite_is_set_by_a_nonfinite_first_norm_and_cleared_when_the_s
     assert opt.skipped_steps.item() == 2
 
 
+def test_restore_goes_back_to_w_bit_for_bit_and_leaves_no_trace():
+    model = _model("resnet18")
+    twin = copy.deepcopy(model)
+    opt = SharpBalanceSAM(model.parameters(), **RELEASE, bn_freeze=model)
+    other = SharpBalanceSAM(twin.parameters(), **RELEASE, bn_freeze=twin)
+    batches = _batches("resnet18", 6, torch.float64)
+    _train(model, opt, batches[:3])  # momentum started
+    _train(twin, other, batches[:3])
+    x, y, _ = batches[3]
+    for o, m in ((opt, model), (other, twin)):  # g_n kept, and g at w
+        o.zero_grad()
+        _grads_at(m, x, y)
+        o.normal_step(zero_grad=True)
+        _grads_at(m, x, y)
+    w = [p.detach().clone() for p in model.parameters()]
+    stats = [b.clone() for b in model.buffers()]
+    opt.first_step(zero_grad=True)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+    _grads_at(model, x, y)  # the forward at w + e moves the running statistics
+    assert not all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+    opt.restore(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats, strict=True))
+    assert all(not p.grad.any() for p in model.parameters())
+    assert opt.has_normal  # g_n stays for the coming step
+    opt.third_step(zero_grad=True)  # the kept g_n alone: as the twin's step that drops g
+    other.zero_grad()
+    other.third_step(zero_grad=True)
+    _train(model, opt, batches[4:])  # a later first_step works
+    _train(twin, other, batches[4:])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(_momenta(opt, model), _momenta(other, twin), strict=True))
+
+
+def test_restore_when_not_perturbed_is_a_no_op():
+    model = _model("mlp")
+    opt = SharpBalanceSAM(model.parameters(), **RELEASE)
+    x, y, _ = _batches("mlp", 1, torch.float64)[0]
+    opt.zero_grad()
+    _grads_at(model, x, y)
+    opt.normal_step(zero_grad=True)
+    _grads_at(model, x, y)
+    w = [p.detach().clone() for p in model.parameters()]
+    g = [p.grad.clone() for p in model.parameters()]
+    opt.restore()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+    assert all(torch.equal(p.grad, q) for p, q in zip(model.parameters(), g, strict=True))
+    assert opt.has_normal
+    opt.restore(zero_grad=True)  # zeroes the gradients all the same
+    assert all(not p.grad.any() for p in model.parameters()) and opt.has_normal
+    _grads_at(model, x, y)
+    opt.first_step(zero_grad=True)
+    _grads_at(model, x, y)
+    opt.second_step(zero_grad=True)
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+
+
+def test_restore_after_a_nonfinite_first_norm_clears_the_skip_flag():
+    model = _model("mlp")
+    opt = SharpBalanceSAM(model.parameters(), **RELEASE, nonfinite="skip")
+    x, y, _ = _batches("mlp", 1, torch.float64)[0]
+    w = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    _grads_at(model, x, y)
+    next(model.parameters()).grad[0, 0] = float("inf")
+    opt.first_step(zero_grad=True)
+    assert opt.found_nonfinite.item() > 0
+    opt.restore()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+    assert opt.found_nonfinite.item() == 0
+    _grads_at(model, x, y)
+    opt.first_step(zero_grad=True)
+    _grads_at(model, x, y)
+    opt.second_step(zero_grad=True)  # not skipped: the dropped step left no flag behind
+    assert opt.skipped_steps.item() == 0
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+
+
 @pytest.fixture
 def no_host_sync(monkeypatch):
     """Make every host read of a tensor value raise (CPU stand-in for cuda sync debug mode)."""

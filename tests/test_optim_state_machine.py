@@ -5,8 +5,8 @@ own lr, momentum, dampening, nesterov, weight decay, rho and ASAM flag), one fus
 ``nonfinite="error"`` or ``"skip"`` mode and one reference SAM over torch.optim.SGD, and then
 runs a random sequence of: gradients (accumulated as backward does, for every parameter, or a
 fresh set after ``zero_grad(set_to_none=True)``), NaN / +-inf injected into any gradient,
-``normal_step`` / ``first_step`` / ``second_step`` / ``third_step`` (with and without
-``zero_grad``), ``zero_grad``, state-dict round trips (the fused optimizer loading its own state
+``normal_step`` / ``first_step`` / ``second_step`` / ``third_step`` / ``restore`` (with and
+without ``zero_grad``), ``zero_grad``, state-dict round trips (the fused optimizer loading its own state
 dict or the reference's), LR changes, a negative LR that must be refused, and calls out of
 order that must be refused.
 
@@ -91,7 +91,7 @@ class SAMMachine(RuleBasedStateMachine):
         self.ref = reference.SAM(groups(self.ref_p), torch.optim.SGD, lr=0.1)
         self.nonfinite = nonfinite
         self.skipped = 0
-        self.perturbed = False  # between first_step and second_step
+        self.perturbed: set[int] = set()  # between first_step and second_step: ids of the perturbed params
         self.poisoned: list[torch.Tensor] | None = None  # skip mode: masks of a non-finite first norm
         for p in self.fast_p + self.ref_p:
             p.grad = None
@@ -242,6 +242,7 @@ class SAMMachine(RuleBasedStateMachine):
                     opt.first_step(zero_grad=zero_grad)
             self._assert_unchanged(before)
             return
+        perturbed = {id(p) for p in self.ref_p if p.grad is not None}
         if not finite:  # skip mode: the fused step goes on device-side, the reference cannot
             self.poisoned = [~torch.isfinite(p.grad) if p.grad is not None else torch.zeros_like(p, dtype=torch.bool)
                              for p in self.ref_p]
@@ -251,7 +252,7 @@ class SAMMachine(RuleBasedStateMachine):
         else:
             self.fast.first_step(zero_grad=zero_grad)
             self.ref.first_step(zero_grad=zero_grad)
-        self.perturbed = True
+        self.perturbed = perturbed
 
     @rule(zero_grad=st.booleans())
     def second_step(self, zero_grad):
@@ -269,7 +270,7 @@ class SAMMachine(RuleBasedStateMachine):
             if zero_grad:
                 self.ref.zero_grad()
             self.skipped += 1
-        self.perturbed = False
+        self.perturbed = set()
         self.poisoned = None
 
     @rule(zero_grad=st.booleans())
@@ -300,6 +301,23 @@ class SAMMachine(RuleBasedStateMachine):
                 self.ref.zero_grad()
             self.skipped += 1
 
+    @rule(zero_grad=st.booleans())
+    def restore(self, zero_grad):
+        """Back from w + e to w without an update (the release's back_step, as
+        compat.ReferenceNSAM does it on the reference); a no-op when not perturbed. In skip mode
+        after a non-finite first norm the reference never moved, and the fused step's skip flag
+        must go with the dropped step."""
+        self.fast.restore(zero_grad=zero_grad)
+        for p in self.ref_p:
+            old = self.ref.state.get(p, {}).pop("old_p", None)
+            if old is not None:
+                with torch.no_grad():
+                    p.copy_(old)
+        if zero_grad:
+            self.ref.zero_grad()
+        self.perturbed = set()
+        self.poisoned = None
+
     @rule(group=st.integers(0, 1), lr=st.sampled_from([0.0, 0.02, 0.3]))
     def set_lr(self, group, lr):
         self.fast.param_groups[group]["lr"] = lr
@@ -315,7 +333,7 @@ class SAMMachine(RuleBasedStateMachine):
         def updated(p: torch.Tensor) -> bool:
             state = self.ref.state.get(p, {})
             return (p.grad is not None or (self.ref.has_normal and "normal_g" in state)
-                    or (phase == "second_step" and self.perturbed))
+                    or (phase == "second_step" and id(p) in self.perturbed))
 
         if not any(updated(p) for p in self.ref.param_groups[group]["params"]):
             return  # the phase reads no lr of this group

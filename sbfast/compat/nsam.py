@@ -79,16 +79,10 @@ class FusedNSAM(NSAM, SharpBalanceSAM):
         """The optimizer itself: SGD is built in, so schedulers on it drive the fused step."""
         return self
 
-    @torch.no_grad()
     def back_step(self, zero_grad: bool = False) -> None:
-        """Go back from w + e to w (exactly) without an update, as the release's back_step."""
-        self._check_layout()
-        if self._st.perturbed is not None:
-            runs = self._runs(lambda i: (True, False, False, False) if self._st.perturbed[i] else None)
-            self._restore_only(runs)
-            self._st.perturbed = None
-        if zero_grad:
-            self.zero_grad()
+        """Go back from w + e to w (exactly) without an update, as the release's back_step
+        (:meth:`sbfast.optim.SharpBalanceSAM.restore`)."""
+        self.restore(zero_grad=zero_grad)
 
 
 class ReferenceNSAM(NSAM, SAM):

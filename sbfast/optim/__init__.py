@@ -10,6 +10,8 @@ the model: :mod:`sbfast.optim.layout`), so that each phase is one pass over one 
 - ``normal_step``: keeps g_n by swapping the gradient buffer for a second one (no copy);
 - ``second_step`` / ``third_step``: one fused pass restores w exactly from the backup, adds the
   kept g_n, applies weight decay, momentum and the update (``sbfast::sam_restore_sgd_``).
+- ``restore``: back from w + e to w exactly, without an update (drops the SAM step; the
+  release NSAM's ``back_step``).
 
 Gradients
 ---------
@@ -47,7 +49,8 @@ Non-finite gradients (``nonfinite=``)
   capture the error cannot be raised, so these modes behave as ``"skip"``.
 - ``"skip"``: device-side: a non-finite norm makes the perturbation zero, a non-finite gradient
   skips the update (w restored, buffers untouched), and ``skipped_steps`` (an int64 device
-  tensor) counts skipped steps. No host synchronisation.
+  tensor) counts skipped steps; ``found_nonfinite`` is the current step's flag (float32, > 0:
+  the update will be skipped). No host synchronisation.
 
 Mixed precision: see :mod:`sbfast.optim.scaler` (fp16 with a GradScaler across both passes).
 

@@ -1,5 +1,5 @@
 """SharpBalanceSAM, the optimizer and its phases (normal_step, first_step, second_step,
-third_step, step) and its state dict.
+third_step, step, restore) and its state dict.
 
 How to use it, what the phases compute and what they do to the model: the package docstring
 (:mod:`sbfast.optim`). The flat buffers are :mod:`sbfast.optim.layout`'s, the GradScaler
@@ -374,6 +374,27 @@ class SharpBalanceSAM(torch.optim.Optimizer):
                 self._slice(run, bucket.param), self._slice(run, bucket.backup),
                 self._slice(run, bucket.grads[self._st.cur]), scales[key], bool(group["adaptive"]))
         self._st.perturbed = present
+        if zero_grad:
+            self.zero_grad()
+        _phase_boundary()
+
+    @torch.no_grad()
+    def restore(self, zero_grad: bool = False) -> None:
+        """Go back from w + e to w exactly, without an update: drop the SAM step that
+        ``first_step`` began. A no-op when the parameters are not perturbed.
+
+        Every parameter that ``first_step`` perturbed gets its backup copied back (bit for bit),
+        the BatchNorm statistics saved for ``bn_freeze`` are put back, and ``found_nonfinite`` is
+        cleared (the dropped step is not counted in ``skipped_steps``). Momentum, lr and the
+        gradients kept by ``normal_step`` are untouched, so the next phase may be ``first_step``
+        again (a new perturbation) or ``third_step``. ``zero_grad=True`` then zeroes the gradient
+        buffer, perturbed or not. The release NSAM's ``back_step``."""
+        self._check_layout()
+        perturbed = self._st.perturbed
+        if perturbed is not None:
+            self._restore_only(self._runs(lambda i: (True,) if perturbed[i] else None))
+            self._st.perturbed = None
+            self._found.zero_()
         if zero_grad:
             self.zero_grad()
         _phase_boundary()
