@@ -38,7 +38,9 @@ from sbfast.data import (
     normalize,
     train_transform_for,
 )
-from sbfast.data.corruptions import _defocus_kernel
+from sbfast.data.corruptions.blur import defocus_kernel
+from sbfast.data.corruptions.digital import elastic_transform
+from sbfast.data.corruptions.filters import magick_motion_blur
 
 # --------------------------------------------------------------------------------------------
 # Container
@@ -593,11 +595,11 @@ def test_jpeg_and_pixelate_match_pil(rgb):
 
 
 def test_defocus_kernel():
-    k = _defocus_kernel(0.3, 0.4)  # disk of radius 0.3 = one pixel, then a 3x3 Gaussian (sigma 0.4)
+    k = defocus_kernel(0.3, 0.4)  # disk of radius 0.3 = one pixel, then a 3x3 Gaussian (sigma 0.4)
     g = torch.exp(-torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64) / (2 * 0.4**2))
     g = g / g.sum()
     assert k.shape == (3, 3) and torch.allclose(k, torch.outer(g, g))
-    k = _defocus_kernel(1.5, 0.1)  # 3x3 disk (corners at distance sqrt 2 < 1.5), blurred to 5x5
+    k = defocus_kernel(1.5, 0.1)  # 3x3 disk (corners at distance sqrt 2 < 1.5), blurred to 5x5
     assert (
         k.shape == (5, 5)
         and abs(float(k.sum()) - 1) < 1e-12
@@ -607,19 +609,17 @@ def test_defocus_kernel():
 
 
 def test_motion_blur_with_tiny_sigma_is_identity(rgb):
-    from sbfast.data.corruptions import _motion_blur
-
-    out = _motion_blur(rgb.double(), 3, 1e-3, torch.zeros(rgb.shape[0]))  # all weight on tap 0
+    out = magick_motion_blur(rgb.double(), 3, 1e-3, torch.zeros(rgb.shape[0]))  # all weight on tap 0
     assert torch.allclose(out, rgb.double())
     # Radius 0.5 -> 2 * ceil(0.5) + 1 = 3 taps; a huge sigma weighs them equally, and angle 0
     # points them to the right: the mean of each pixel and its next two (edge replicated).
-    out = _motion_blur(rgb.double(), 0.5, 1e6, torch.zeros(rgb.shape[0]))
+    out = magick_motion_blur(rgb.double(), 0.5, 1e6, torch.zeros(rgb.shape[0]))
     x = rgb.double()
     r1 = torch.cat([x[..., 1:], x[..., -1:]], dim=-1)
     r2 = torch.cat([x[..., 2:], x[..., -1:], x[..., -1:]], dim=-1)
     assert torch.allclose(out, (x + r1 + r2) / 3, atol=1e-9)
     # Angle 90 points them down the rows instead.
-    out = _motion_blur(x, 0.5, 1e6, torch.full((rgb.shape[0],), 90.0))
+    out = magick_motion_blur(x, 0.5, 1e6, torch.full((rgb.shape[0],), 90.0))
     d1 = torch.cat([x[..., 1:, :], x[..., -1:, :]], dim=-2)
     d2 = torch.cat([x[..., 2:, :], x[..., -1:, :], x[..., -1:, :]], dim=-2)
     assert torch.allclose(out, (x + d1 + d2) / 3, atol=1e-9)
@@ -659,13 +659,11 @@ def test_make_corrupted_sets_float_and_uint8(digits):
 
 def test_defocus_filter_matches_scipy_correlate(rgb):
     ndimage = pytest.importorskip("scipy.ndimage")
-    k = _defocus_kernel(1.5, 0.1)  # severity 5
+    k = defocus_kernel(1.5, 0.1)  # severity 5
     want = ndimage.correlate(rgb.double().numpy(), k.numpy()[None, None], mode="mirror")  # OpenCV's reflect-101
     assert np.allclose(corrupt(rgb.double(), "defocus_blur", 5).numpy(), np.clip(want, 0, 1), atol=1e-10)
 
 
 def test_elastic_without_jitter_or_displacement_is_identity(rgb):
-    from sbfast.data.corruptions import _elastic
-
-    out = _elastic(rgb.double(), (0, 0, 0), torch.Generator().manual_seed(0), 1.0)
+    out = elastic_transform(rgb.double(), (0, 0, 0), torch.Generator().manual_seed(0), 1.0)
     assert torch.allclose(out, rgb.double(), atol=1e-9)
