@@ -525,6 +525,22 @@ def test_corruption_errors(rgb):
         corrupt((rgb * 255).to(torch.uint8), "fog", 1)
     with pytest.raises(ValueError, match="C in"):
         corrupt(torch.rand(1, 2, 8, 8), "fog", 1)
+    normalised = (rgb - 0.5) / 0.25  # never denormalised: values far outside [0, 1]
+    with pytest.raises(ValueError, match=r"x must hold pixel values in \[0, 1\] \(denormalise first\), got values in \[-1\.9"):
+        corrupt(normalised, "shot_noise", 1)
+    with pytest.raises(ValueError, match=r"got values in \[nan"):
+        corrupt(torch.full((1, 3, 4, 4), float("nan")), "fog", 1)
+
+
+@pytest.mark.parametrize("name", ["shot_noise", "gaussian_noise", "contrast"])
+def test_corruption_takes_pixels_that_rounding_moved_just_outside_0_1(rgb, name):
+    # a normalise/denormalise round trip can leave -1e-7 or 1 + 1e-7; shot noise's Poisson rate must not go negative
+    strayed = rgb.clone()
+    strayed[..., 0, 0] = -1e-7
+    strayed[..., 1, 1] = 1 + 1e-7
+    out = corrupt(strayed, name, 3, seed=4)
+    assert torch.equal(out, corrupt(strayed.clamp(0, 1), name, 3, seed=4))
+    assert out.min() >= 0 and out.max() <= 1
 
 
 def test_noise_corruptions_statistics():

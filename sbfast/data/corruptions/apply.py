@@ -17,6 +17,11 @@ from sbfast.data.datasets import IndexedTensorDataset, normalize
 __all__ = ["corrupt", "corruption_seed", "make_corrupted_sets"]
 
 
+# How far outside [0, 1] corrupt() accepts a pixel (rounding of a normalise/denormalise round
+# trip), before clamping it in; anything further is an input that was never denormalised.
+PIXEL_SLACK = 1e-3
+
+
 def _corrupt(x: torch.Tensor, name: str, severity: int, gen: torch.Generator, spatial_scale: float) -> torch.Tensor:
     c = SEVERITY_PARAMS[name][int(severity) - 1]
     return CORRUPTION_FUNCS[name](x, c, gen, spatial_scale).clamp(0.0, 1.0)
@@ -56,6 +61,12 @@ def corrupt(
         raise ValueError(f"x must be [B, C, H, W] with C in (1, 3) and H, W >= 2, got {tuple(x.shape)}")
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be > 0, got {spatial_scale!r}")
+    if x.numel():
+        lo, hi = x.min().item(), x.max().item()
+        if not (-PIXEL_SLACK <= lo and hi <= 1 + PIXEL_SLACK):  # also catches NaN
+            raise ValueError(f"x must hold pixel values in [0, 1] (denormalise first), got values in [{lo:g}, {hi:g}]")
+        # a denormalised image can stray from [0, 1] by rounding; shot noise needs a rate >= 0
+        x = x.clamp(0.0, 1.0)
     gen = torch.Generator().manual_seed(check_seed(seed))
     return _corrupt(x, name, severity, gen, float(spatial_scale))
 
