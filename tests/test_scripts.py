@@ -10,20 +10,50 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
-def _run(*args: str, tmp_path: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(*args: str, tmp_path: Path, timeout: float = 120, **env_changes: str | None) -> subprocess.CompletedProcess:
     # CUDA_VISIBLE_DEVICES="" hides any GPU, so this checks the no-GPU path on every machine;
-    # the inner pytest of a rehearsal records its Triton launches in its own session
+    # the inner pytest of a rehearsal records its Triton launches in its own session; the
+    # script runs this test's Python unless told otherwise
     env = {k: v for k, v in os.environ.items() if k != "SBFAST_TRITON_RECORD"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
+    for key, value in env_changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _wrapper(folder: Path, name: str, imports_torch: bool) -> Path:
+    """folder/name: a Python that leaves folder/name.used behind, and imports torch or cannot."""
+    path = folder / name
+    target = sys.executable if imports_torch else "false"
+    path.write_text(f'#!/usr/bin/env bash\ntouch "{folder}/{name}.used"\nexec {target} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("python3_has_torch", [True, False])
+def test_the_python_is_python3_else_python_where_PYTHON_is_unset(tmp_path, python3_has_torch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _wrapper(bin_dir, "python3", imports_torch=python3_has_torch)
+    _wrapper(bin_dir, "python", imports_torch=True)
+    result = _run(str(tmp_path / "out"), tmp_path=tmp_path, PYTHON=None, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert result.returncode == 0 and result.stdout.startswith("gpu_check: no CUDA GPU"), result.stderr
+    chosen = "python3" if python3_has_torch else "python"
+    assert sorted(p.name for p in bin_dir.glob("*.used")) == sorted({"python3.used", f"{chosen}.used"})
 
 
 def test_without_a_gpu_prints_one_line_and_succeeds(tmp_path):
