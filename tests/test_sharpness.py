@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TRITON_DEVICE
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import Dataset
@@ -821,7 +822,8 @@ def test_sam_loss_gap_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------------
-# The CUDA path's kernels (Triton) inside fisher_scores, on CPU under the interpreter
+# The CUDA path's kernels (Triton) inside fisher_scores: on the GPU where there is one, else on
+# CPU under the interpreter
 # --------------------------------------------------------------------------------------------
 
 
@@ -836,6 +838,9 @@ def test_fisher_scores_through_triton_faces(monkeypatch, form):
 
     def triton_everywhere(name, device):
         if name.startswith("per_sample_"):
+            # compiled Triton kernels cannot read CPU tensors: off the interpreter the scorer
+            # must run on the GPU
+            assert device.type == TRITON_DEVICE, f"{name} asked for on {device}, Triton runs on {TRITON_DEVICE}"
             used.add(name)
             return registry.triton_op(name)
         return real(name, device)
@@ -843,8 +848,8 @@ def test_fisher_scores_through_triton_faces(monkeypatch, form):
     monkeypatch.setattr(registry, "op_for", triton_everywhere)
     for name in ("grouped_cnn", "norm_net"):
         model, x = MODELS[name]()
-        x, y = x[:3], torch.tensor([0, 2, 1])
-        model = model.double()
+        x, y = x[:3].to(TRITON_DEVICE), torch.tensor([0, 2, 1], device=TRITON_DEVICE)
+        model = model.double().to(TRITON_DEVICE)
         torch.testing.assert_close(sample_fisher_scores(model, x.double(), y, form=form), vmap_scores(model, x.double(), y),
                                    rtol=1e-10, atol=0)
     expected = {"auto": {"conv", "direct", "gram"}, "direct": {"conv"}, "gram": {"gram"}}[form]
