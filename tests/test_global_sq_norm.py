@@ -25,7 +25,9 @@ def _plain(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _exact(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return sum((t.double().pow(2).sum() for t in tensors), torch.zeros((), dtype=torch.float64))
+    """The float64 value on the CPU, whatever the tensors' device (compared with ``out.cpu()``;
+    a CPU zero plus CUDA sums would land on the GPU, and assert_close compares devices)."""
+    return sum((t.double().pow(2).sum().cpu() for t in tensors), torch.zeros((), dtype=torch.float64))
 
 
 def _lists(dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
