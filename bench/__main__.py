@@ -1,7 +1,8 @@
 """``python -m bench [--ops NAME ...] [--device cpu|cuda] [--min-run-time S] [--case-cap S] [--budget S]
 [--save | --output PATH]``: print the table and write JSON (rows of ops not benched this time are
 kept in the file; the file is rewritten after every case, so an interrupted run keeps what it
-measured).
+measured). Exit status 1 when a case raised an error; cases cut by --case-cap or left by
+--budget are listed, and are not errors.
 
 By default the JSON goes to ``bench/results/scratch/<device>.json`` (git-ignored); ``--save``
 writes the committed ``bench/results/<device>.json``, the published numbers.
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (CPU) or per do_bench rep (CUDA)")
     parser.add_argument("--case-cap", type=float, default=None, metavar="S",
-                        help="cut a case that runs longer than S seconds (recorded as failed; the next case runs)")
+                        help="cut a case that runs longer than S seconds (listed as cut; the next case runs)")
     parser.add_argument("--budget", type=float, default=None, metavar="S",
                         help="start no case after S seconds (the rest are listed as not run)")
     where = parser.add_mutually_exclusive_group()
@@ -63,14 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     print(harness.format_table(run.rows))
     if run.rows:
         print(f"\nwrote {path}")
-    for label in run.failed:
-        print(f"failed: {label}")
-    for label in run.not_run:
-        print(f"not run: {label}")
+    for kind, labels in (("failed", run.failed), ("cut", run.cut), ("not run", run.not_run)):
+        for label in labels:
+            print(f"{kind}: {label}")
     if not run.complete:
-        print(f"bench incomplete: {len(run.failed)} failed, {len(run.not_run)} not run")
-        return 1
-    return 0
+        print(f"bench incomplete: {len(run.failed)} failed, {len(run.cut)} cut at --case-cap, "
+              f"{len(run.not_run)} not run (--budget)")
+    return 1 if run.failed else 0
 
 
 if __name__ == "__main__":

@@ -73,10 +73,24 @@ def device_name(device: torch.device) -> str:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> float:
-    """Median time of one call of ``fn`` in milliseconds."""
+    """Median time of one call of ``fn`` in milliseconds, after one warm-up call.
+
+    On CUDA a call that takes longer than ``min_run_time`` / 8 once warm is timed once (CUDA
+    events): ``do_bench`` makes at least eight calls, so a slow case (a whole epoch) would spend
+    many times the asked run time; faster calls go through ``do_bench``."""
     if device.type == "cuda":
         import triton.testing
 
+        fn()  # warm-up: Triton's first compile, cuDNN's choice of algorithm, allocations
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        once = float(start.elapsed_time(end))
+        if once > min_run_time * 1000 / 8:
+            return once
         return float(triton.testing.do_bench(fn, warmup=25, rep=int(min_run_time * 1000), return_mode="median"))
     from torch.utils.benchmark import Timer
 
@@ -139,15 +153,17 @@ def time_cap(seconds: float | None) -> Iterator[None]:
 @dataclass
 class BenchRun:
     """What :func:`run_all` did: the rows of every case that finished, and the cases that did
-    not, each as ``"<module or op> [<shape>]: <why>"``."""
+    not, each as ``"<module or op> [<shape>]: <why>"``. Only ``failed`` is an error; ``cut`` and
+    ``not_run`` are what a cap and a budget ask for."""
 
     rows: list[dict] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)  # raised, or ran past the per-case cap
+    failed: list[str] = field(default_factory=list)  # raised an error
+    cut: list[str] = field(default_factory=list)  # ran past the per-case cap
     not_run: list[str] = field(default_factory=list)  # not started: the whole run's budget was spent
 
     @property
     def complete(self) -> bool:
-        return not self.failed and not self.not_run
+        return not self.failed and not self.cut and not self.not_run
 
 
 def run_all(device: torch.device, modules: list[str] | None = None, min_run_time: float = 0.5, *,
@@ -157,8 +173,8 @@ def run_all(device: torch.device, modules: list[str] | None = None, min_run_time
     """Run every case of ``modules`` (all by default) in the order given.
 
     A module is imported and its cases built only when its turn comes, so one that fails to
-    build is recorded and the others still run. A case that raises, or runs past
-    ``case_cap_s``, is recorded as failed; once ``budget_s`` seconds have passed no further case
+    build is recorded and the others still run. A case that raises is recorded as failed, one
+    that runs past ``case_cap_s`` as cut; once ``budget_s`` seconds have passed no further case
     is started (each is recorded as not run). ``after_case`` sees the run after every case (the
     CLI writes the results file there, so an interrupted run keeps what it measured)."""
     run = BenchRun()
@@ -174,6 +190,9 @@ def run_all(device: torch.device, modules: list[str] | None = None, min_run_time
         try:
             with time_cap(case_cap_s):
                 cases = importlib.import_module(f"bench.{name}").cases(device)
+        except CaseTimeout as exc:
+            run.cut.append(f"{name} (building its cases): {exc}")
+            continue
         except Exception as exc:  # noqa: BLE001 - recorded, and the next module runs
             run.failed.append(f"{name} (building its cases): {type(exc).__name__}: {exc}")
             continue
@@ -187,6 +206,8 @@ def run_all(device: torch.device, modules: list[str] | None = None, min_run_time
             try:
                 with time_cap(case_cap_s):
                     run.rows += run_case(case, device, min_run_time)
+            except CaseTimeout as exc:
+                run.cut.append(f"{label}: {exc}")
             except Exception as exc:  # noqa: BLE001 - recorded, and the next case runs
                 run.failed.append(f"{label}: {type(exc).__name__}: {exc}")
             if after_case is not None:

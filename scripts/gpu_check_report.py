@@ -165,7 +165,7 @@ def summary(out: Path, results: Path | None, device: str, title: str) -> str:
     bench_log = logs / "bench.log"
     if bench_log.exists():
         notes = [ln for ln in bench_log.read_text(errors="replace").splitlines()
-                 if ln.startswith(("failed: ", "not run: ", "bench incomplete"))]
+                 if ln.startswith(("failed: ", "cut: ", "not run: ", "bench incomplete"))]
         if notes:
             lines += [""] + [f"- {ln}" for ln in notes]
 

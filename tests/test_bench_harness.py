@@ -55,8 +55,8 @@ def test_a_case_past_its_cap_is_cut_and_the_next_case_runs(fake_module):
     run = harness.run_all(CPU, [name], FAST, case_cap_s=0.5)
     assert time.monotonic() - start < 10
     assert [r["op"] for r in run.rows] == ["after"]
-    assert len(run.failed) == 1 and run.failed[0].startswith("slow [8]: CaseTimeout") and "cap of 0.5 s" in run.failed[0]
-    assert not run.not_run and not run.complete
+    assert run.cut == ["slow [8]: ran past its cap of 0.5 s"]
+    assert not run.failed and not run.not_run and not run.complete
 
 
 def test_a_broken_case_or_module_is_recorded_and_the_rest_runs(fake_module):
@@ -100,7 +100,7 @@ def test_the_cli_writes_after_every_case_and_keeps_it_on_interrupt(fake_module, 
     assert not list(tmp_path.glob(".*.tmp"))  # written whole, by rename
 
 
-def test_the_cli_exits_1_when_the_bench_is_incomplete(fake_module, tmp_path, capsys):
+def test_the_cli_exits_1_when_a_case_raised(fake_module, tmp_path, capsys):
     name = fake_module("bench_fake_half", lambda d: [_case("ok"), _case("raises", _raise)])
     out = tmp_path / "results.json"
     rc = bench_main(["--ops", name, "--device", "cpu", "--min-run-time", str(FAST), "--case-cap", "30",
@@ -108,8 +108,19 @@ def test_the_cli_exits_1_when_the_bench_is_incomplete(fake_module, tmp_path, cap
     text = capsys.readouterr().out
     assert rc == 1
     assert "failed: raises [8]: RuntimeError: this face is broken" in text
-    assert "bench incomplete: 1 failed, 0 not run" in text
+    assert "bench incomplete: 1 failed, 0 cut at --case-cap, 0 not run (--budget)" in text
     assert [r["op"] for r in json.loads(out.read_text())["rows"]] == ["ok"]
+
+
+def test_the_cli_lists_cut_and_unstarted_cases_without_failing(fake_module, tmp_path, capsys):
+    name = fake_module("bench_fake_slow_cli", lambda d: [_case("slow", _sleep_forever), _case("unstarted")])
+    rc = bench_main(["--ops", name, "--device", "cpu", "--min-run-time", str(FAST), "--case-cap", "0.5",
+                     "--budget", "0.4", "--output", str(tmp_path / "results.json")])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "cut: slow [8]: ran past its cap of 0.5 s" in text and "not run: unstarted [8]:" in text
+    assert "bench incomplete: 0 failed, 1 cut at --case-cap, 1 not run (--budget)" in text
+    assert not (tmp_path / "results.json").exists()  # nothing measured, nothing written
 
 
 @pytest.mark.parametrize("flag", ["--case-cap", "--budget", "--min-run-time"])
