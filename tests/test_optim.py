@@ -195,6 +195,25 @@ def test_lr_as_a_tensor_follows_the_scheduler_in_place():
         assert torch.equal(a, b)
 
 
+def test_an_lr_tensor_on_another_device_is_refused_inside_a_graph_capture(monkeypatch):
+    # outside a capture it is copied to the parameters' device each step; inside one the copy
+    # cannot be captured, so the step says why instead of failing in the capture
+    from sbfast.optim import sharpbalance_sam
+
+    model = _model("mlp").double()
+    opt = SharpBalanceSAM(model.parameters(), **dict(RELEASE, lr=torch.tensor(0.1, device="meta")))
+    for x, y, _ in _batches("mlp", 1, torch.float64):
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        monkeypatch.setattr(sharpbalance_sam, "is_capturing", lambda device: True)
+        with pytest.raises(ValueError, match=r"param group 0: lr is a tensor on meta, but a CUDA-graph capture needs "
+                                             r"it on the parameters' device cpu \(nothing changed\)"):
+            opt.second_step(zero_grad=True)
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+
+
 def test_step_with_closure_matches_reference():
     m_ref, ref, m_fast, fast = _pair("mlp", torch.float64, **RELEASE)
     for x, y, _ in _batches("mlp", 4, torch.float64):

@@ -264,6 +264,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         lr = self.param_groups[gi]["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.device != self._device:
+                if is_capturing(self._device):  # a copy between devices cannot be captured
+                    raise ValueError(f"param group {gi}: lr is a tensor on {lr.device}, but a CUDA-graph capture "
+                                     f"needs it on the parameters' device {self._device} (nothing changed)")
                 lr = lr.to(self._device, non_blocking=True)
             if lr.dtype not in (torch.float32, torch.float64):
                 lr = lr.double()
