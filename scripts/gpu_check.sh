@@ -194,7 +194,7 @@ fi
 
 # ---- 7 summary -------------------------------------------------------------------------------
 stop_sampler
-timeout 60 "$PYTHON" "$REPORT" summary "$OUT" --results "$RESULTS" --device "$DEVICE" --title "$TITLE" \
+timeout 30 "$PYTHON" "$REPORT" summary "$OUT" --results "$RESULTS" --device "$DEVICE" --title "$TITLE" \
   || { echo "gpu_check: the summary failed"; FAILED=1; }
 # Everything but the summary and the results in one archive: a machine that hands back only a
 # few files still hands back all of it.
