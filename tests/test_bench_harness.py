@@ -129,3 +129,29 @@ def test_the_cli_refuses_a_non_positive_time(flag, capsys):
         bench_main(["--ops", "global_sq_norm", "--device", "cpu", flag, "0"])
     assert exit_info.value.code == 2
     assert f"{flag} must be a positive number of seconds, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("once_ms,expect_do_bench", [(40.0, False), (2.0, True)])
+def test_cuda_timing_takes_one_event_timed_call_when_a_call_is_slow(monkeypatch, once_ms, expect_do_bench):
+    # no GPU here: CUDA events, synchronize and do_bench are stood in for, to check which way
+    # time_ms goes (min_run_time 0.05 s: a warm call over 6.25 ms is timed once)
+    import triton.testing
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+
+        def record(self) -> None:
+            pass
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return once_ms
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: calls.append(rep) or 1.5)
+    counted = []
+    ms = harness.time_ms(lambda: counted.append(1), torch.device("cuda"), min_run_time=0.05)
+    assert len(counted) == 2  # the warm-up call and the timed one
+    assert (ms, calls) == ((1.5, [50]) if expect_do_bench else (once_ms, []))
