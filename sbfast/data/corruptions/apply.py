@@ -62,7 +62,7 @@ def corrupt(
     if not spatial_scale > 0:
         raise ValueError(f"spatial_scale must be > 0, got {spatial_scale!r}")
     if x.numel():
-        lo, hi = x.min().item(), x.max().item()
+        lo, hi = (v.item() for v in torch.aminmax(x))
         if not (-PIXEL_SLACK <= lo and hi <= 1 + PIXEL_SLACK):  # also catches NaN
             raise ValueError(f"x must hold pixel values in [0, 1] (denormalise first), got values in [{lo:g}, {hi:g}]")
         # a denormalised image can stray from [0, 1] by rounding; shot noise needs a rate >= 0
