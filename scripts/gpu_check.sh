@@ -135,13 +135,10 @@ stop_sampler() {
 trap stop_sampler EXIT
 
 # ---- 1 env -----------------------------------------------------------------------------------
-run_stage env "$CAP_ENV" "$PYTHON" "$REPORT" env --device "$DEVICE"
-if [ "$DEVICE" = cuda ]; then
-  ARCH="$("$PYTHON" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")"
-  TITLE="$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))") (sm_${ARCH/./})"
-else
-  TITLE="the CPU (rehearsal)"
-fi
+# It also writes what later stages need (ARCH, TITLE, RESULTS, BENCH_ORDER) to env.vars.
+ARCH="" TITLE="an unknown device (the env stage failed)" RESULTS="" BENCH_ORDER=""
+run_stage env "$CAP_ENV" "$PYTHON" "$REPORT" env --device "$DEVICE" --vars "$LOGS/env.vars" \
+  && . "$LOGS/env.vars"
 
 # ---- 2 build ---------------------------------------------------------------------------------
 # One arch (this GPU's) and every core: the build is most of the budget. --no-index: nothing is
@@ -181,13 +178,12 @@ run_stage train "$CAP_TRAIN" "$PYTHON" -m pytest -q -p no:cacheprovider -k "grap
 # at BENCH_CASE_CAP and none starts after BENCH_BUDGET, and the results file is rewritten after
 # every case, so a cut-off bench keeps what it measured.
 if [ "$DEVICE" = cuda ]; then
-  RESULTS="$("$PYTHON" "$REPORT" results-path --device cuda)"
-  # shellcheck disable=SC2046
-  run_stage bench "$CAP_BENCH" "$PYTHON" -m bench --device cuda --ops $("$PYTHON" "$REPORT" bench-order) \
+  # shellcheck disable=SC2086
+  run_stage bench "$CAP_BENCH" "$PYTHON" -m bench --device cuda --ops $BENCH_ORDER \
     --min-run-time 0.05 --case-cap "$BENCH_CASE_CAP" --budget "$BENCH_BUDGET" --save
-  [ -f "$RESULTS" ] && cp "$RESULTS" "$OUT/"
+  [ -n "$RESULTS" ] && [ -f "$RESULTS" ] && cp "$RESULTS" "$OUT/"
 else
-  RESULTS="$OUT/$(basename "$("$PYTHON" "$REPORT" results-path --device cpu)")"
+  RESULTS="$OUT/$(basename "${RESULTS:-unknown-device.json}")"
   run_stage bench "$CAP_BENCH" "$PYTHON" -m bench --device cpu --ops global_sq_norm \
     --min-run-time 0.01 --case-cap "$BENCH_CASE_CAP" --budget "$BENCH_BUDGET" --output "$RESULTS"
 fi

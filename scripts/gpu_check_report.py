@@ -1,18 +1,18 @@
 #!/usr/bin/env python
 """The Python steps of ``scripts/gpu_check.sh``: what the shell script cannot say in a line.
 
-    python scripts/gpu_check_report.py env --device cuda
+    python scripts/gpu_check_report.py env --device cuda --vars FILE
     python scripts/gpu_check_report.py load --device cuda
-    python scripts/gpu_check_report.py bench-order
-    python scripts/gpu_check_report.py results-path --device cuda
-    python scripts/gpu_check_report.py summary OUTDIR --results PATH --device cuda
+    python scripts/gpu_check_report.py summary OUTDIR --results PATH --device cuda --title TITLE
 
-``env`` prints the device and the versions; ``load`` checks that the built extension imports
-and serves, on the device, every op that its C++ sources register (exit 1 otherwise);
-``bench-order`` lists the bench modules, most telling first, so that a bench cut short by its
-budget has measured what matters; ``results-path`` prints where ``python -m bench --save``
-writes for the device; ``summary`` writes ``OUTDIR/summary.md`` from the stage table, the JUnit
-files, the GPU memory samples, the bench log and the results file.
+``env`` prints the device and the versions, and writes to FILE, as shell assignments, what the
+later stages need from them (one Python start with torch for all of it): ``ARCH`` (the GPU's
+compute capability, e.g. 9.0), ``TITLE`` (the device as the summary names it), ``RESULTS``
+(where ``python -m bench --save`` writes for the device) and ``BENCH_ORDER`` (the bench modules,
+most telling first, so that a bench cut short by its budget has measured what matters);
+``load`` checks that the built extension imports and serves, on the device, every op that its
+C++ sources register (exit 1 otherwise); ``summary`` writes ``OUTDIR/summary.md`` from the stage
+table, the JUnit files, the GPU memory samples, the bench log and the results file.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import re
+import shlex
 import sys
 import xml.etree.ElementTree as ET
 from collections import defaultdict
@@ -41,16 +42,19 @@ LOG_TAIL_LINES = 25  # of a failed stage's log, in the summary
 MAX_LISTED_FAILURES = 40
 
 
-def env(device: str) -> int:
+def env(device: str, vars_file: Path) -> int:
     import torch
+
+    from bench import harness
 
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
+        arch = f"{p.major}.{p.minor}"
+        title = f"{torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor})"
         print(f"gpu: {torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
               f"{p.total_memory / 2**30:.0f} GiB)")
     else:
-        from bench import harness
-
+        arch, title = "", "the CPU (rehearsal)"
         print(f"cpu: {harness.device_name(torch.device('cpu'))} (a rehearsal: no GPU code runs)")
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
     try:
@@ -59,6 +63,9 @@ def env(device: str) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
+    values = {"ARCH": arch, "TITLE": title, "RESULTS": str(harness.results_path(torch.device(device))),
+              "BENCH_ORDER": " ".join(bench_order())}
+    vars_file.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items()))
     return 0
 
 
@@ -98,14 +105,6 @@ def bench_order() -> list[str]:
     return [m for m in BENCH_PRIORITY if m in have] + [m for m in have if m not in BENCH_PRIORITY]
 
 
-def results_path(device: str) -> Path:
-    import torch
-
-    from bench import harness
-
-    return harness.results_path(torch.device(device))
-
-
 def junit_counts(path: Path) -> tuple[dict[str, list[int]], list[str]]:
     """Per test file [passed, failed, errors, skipped], and "file::test: message" per failure."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
@@ -113,11 +112,11 @@ def junit_counts(path: Path) -> tuple[dict[str, list[int]], list[str]]:
     for case in ET.parse(path).getroot().iter("testcase"):
         parts = (case.get("classname") or "?").split(".")
         file = Path(case.get("file") or next((p for p in parts if p.startswith("test_")), parts[-1]) + ".py").name
-        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-        kind = 1 if case.find("failure") is not None else 2 if case.find("error") is not None else \
-            3 if case.find("skipped") is not None else 0
+        # column 1 failed, 2 errors, 3 skipped, 0 passed: the first of those elements the case holds
+        kind, bad = next(((k, e) for k, tag in ((1, "failure"), (2, "error"), (3, "skipped"))
+                          if (e := case.find(tag)) is not None), (0, None))
         counts[file][kind] += 1
-        if bad is not None:
+        if kind in (1, 2):
             message = (bad.get("message") or "").strip().splitlines()
             failures.append(f"{file}::{case.get('name')}: {message[0][:200] if message else '(no message)'}")
     return counts, failures
@@ -156,7 +155,7 @@ def summary(out: Path, results: Path | None, device: str, title: str) -> str:
               f"{peak} MiB (nvidia-smi, sampled every 200 ms)" if peak is not None else "n/a (no nvidia-smi samples)"]
 
     lines += ["", f"## Bench ({results.name if results else 'no results file'})", ""]
-    if results is not None and results.exists():
+    if results is not None and results.is_file():
         from bench import harness
 
         lines += ["```", harness.format_table(json.loads(results.read_text())["rows"]), "```"]
@@ -184,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_check_report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("env", "load", "results-path"):
-        sub.add_parser(name).add_argument("--device", choices=sorted(SOURCES), required=True)
-    sub.add_parser("bench-order")
+    e = sub.add_parser("env")
+    e.add_argument("--device", choices=sorted(SOURCES), required=True)
+    e.add_argument("--vars", type=Path, required=True)
+    sub.add_parser("load").add_argument("--device", choices=sorted(SOURCES), required=True)
     s = sub.add_parser("summary")
     s.add_argument("out", type=Path)
     s.add_argument("--results", type=Path, default=None)
@@ -195,15 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "env":
-        return env(args.device)
+        return env(args.device, args.vars)
     if args.command == "load":
         return load(args.device)
-    if args.command == "bench-order":
-        print(" ".join(bench_order()))
-        return 0
-    if args.command == "results-path":
-        print(results_path(args.device))
-        return 0
     print(summary(args.out, args.results, args.device, args.title))
     return 0
 
