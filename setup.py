@@ -88,7 +88,9 @@ def _ext_modules() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = CppExtension("sbfast._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"])
+        ext = CppExtension(
+            "sbfast._C", sources, include_dirs=include_dirs, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"]
+        )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

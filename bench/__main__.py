@@ -20,18 +20,36 @@ from bench import harness
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--ops", nargs="*", help=f"bench modules to run (default all: {', '.join(harness.BENCH_MODULES)})")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ops", nargs="*", help=f"bench modules to run (default all: {', '.join(harness.BENCH_MODULES)})"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (CPU) or per do_bench rep (CUDA)")
-    parser.add_argument("--case-cap", type=float, default=None, metavar="S",
-                        help="cut a case that runs longer than S seconds (listed as cut; the next case runs)")
-    parser.add_argument("--budget", type=float, default=None, metavar="S",
-                        help="start no case after S seconds (the rest are listed as not run)")
+    parser.add_argument(
+        "--min-run-time", type=float, default=0.5, help="seconds per timing (CPU) or per do_bench rep (CUDA)"
+    )
+    parser.add_argument(
+        "--case-cap",
+        type=float,
+        default=None,
+        metavar="S",
+        help="cut a case that runs longer than S seconds (listed as cut; the next case runs)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="start no case after S seconds (the rest are listed as not run)",
+    )
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--save", action="store_true",
-                       help="write the committed bench/results/<device>.json (default: bench/results/scratch/<device>.json)")  # fmt: skip
+    where.add_argument(
+        "--save",
+        action="store_true",
+        help="write the committed bench/results/<device>.json (default: bench/results/scratch/<device>.json)",
+    )
     where.add_argument("--output", help="results JSON path")
     return parser
 
@@ -45,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(modules or []) - set(harness.BENCH_MODULES)
     if unknown:
         parser.error(f"unknown bench modules {sorted(unknown)}; have {harness.BENCH_MODULES}")
-    for name, value in (("--case-cap", args.case_cap), ("--budget", args.budget), ("--min-run-time", args.min_run_time)):
+    for name, value in (
+        ("--case-cap", args.case_cap),
+        ("--budget", args.budget),
+        ("--min-run-time", args.min_run_time),
+    ):
         if value is not None and not value > 0:
             parser.error(f"{name} must be a positive number of seconds, got {value}")
     path = Path(args.output) if args.output else harness.results_path(device, scratch=not args.save)
@@ -57,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if run.rows:
             harness.write_results(run.rows, device, path)
 
-    run = harness.run_all(device, modules, args.min_run_time, case_cap_s=args.case_cap, budget_s=args.budget,
-                          after_case=after_case, progress=lambda label: bar.set_postfix_str(label[:60]))
+    run = harness.run_all(
+        device,
+        modules,
+        args.min_run_time,
+        case_cap_s=args.case_cap,
+        budget_s=args.budget,
+        after_case=after_case,
+        progress=lambda label: bar.set_postfix_str(label[:60]),
+    )
     bar.close()
     print(f"\nsbfast bench on {name} (torch {torch.__version__})\n")
     print(harness.format_table(run.rows))
@@ -68,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         for label in labels:
             print(f"{kind}: {label}")
     if not run.complete:
-        print(f"bench incomplete: {len(run.failed)} failed, {len(run.cut)} cut at --case-cap, "
-              f"{len(run.not_run)} not run (--budget)")
+        print(
+            f"bench incomplete: {len(run.failed)} failed, {len(run.cut)} cut at --case-cap, "
+            f"{len(run.not_run)} not run (--budget)"
+        )
     return 1 if run.failed else 0
 
 

@@ -56,18 +56,42 @@ def _data(n: int = 256) -> T.TrainData:
 
 def _trainer(device: torch.device, run_dir: Path) -> T.EnsembleTrainer:
     cfg = T.TrainConfig(
-        dataset="synthetic", model="resnet18", model_kwargs={"width": WIDTH}, members=MEMBERS, batch_size=BATCH,
-        epochs=EPOCHS, swap_epoch=SWAP_EPOCH, augment=True, augment_pad=4, augment_flip=True, progress=False,
-        eval_corruptions=(), sharpness_samples=0, device=str(device), num_threads=0,
-    )  # fmt: skip
+        dataset="synthetic",
+        model="resnet18",
+        model_kwargs={"width": WIDTH},
+        members=MEMBERS,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        swap_epoch=SWAP_EPOCH,
+        augment=True,
+        augment_pad=4,
+        augment_flip=True,
+        progress=False,
+        eval_corruptions=(),
+        sharpness_samples=0,
+        device=str(device),
+        num_threads=0,
+    )
     trainer = T.EnsembleTrainer(cfg, _data(), run_dir=run_dir)
     x = torch.randn(2, 3, 32, 32, device=device)
     y = torch.tensor([0, 1], device=device)
     for m in trainer.members:  # one tiny step: every momentum buffer exists, as after epoch 0
         T.sgd_step(m.forward, m.opt, x, y)
-    record = {"epoch": 0, "phase": "sam", "lr": 0.1, "train_loss": [2.3] * MEMBERS, "test_acc": [0.1] * MEMBERS,
-              "ensemble_test_acc": 0.1, "time_s": 1.0, "score_s": None, "samples_per_s": 1.0, "eval_s": 0.1,
-              "sam_share": [1.0] * MEMBERS, "skipped_steps": [0] * MEMBERS, "wall_s": 1.0}  # fmt: skip
+    record = {
+        "epoch": 0,
+        "phase": "sam",
+        "lr": 0.1,
+        "train_loss": [2.3] * MEMBERS,
+        "test_acc": [0.1] * MEMBERS,
+        "ensemble_test_acc": 0.1,
+        "time_s": 1.0,
+        "score_s": None,
+        "samples_per_s": 1.0,
+        "eval_s": 0.1,
+        "sam_share": [1.0] * MEMBERS,
+        "skipped_steps": [0] * MEMBERS,
+        "wall_s": 1.0,
+    }
     trainer.history = [dict(record, epoch=e) for e in range(EPOCHS)]
     trainer.position = T.trainer_state.Position(epoch=EPOCHS)
     return trainer
@@ -101,11 +125,19 @@ def fork_savings(epochs: int = EPOCHS, swap_epoch: int = SWAP_EPOCH, sam_share: 
     equivalents (a SAM epoch ~ 2, a mixed epoch ~ 1 + SAM share, per section 5 of the algorithm).
     """
     saved = swap_epoch + 1
-    cost = {"de": epochs * 1.0, "de_sam": epochs * 2.0,
-            "sharpbalance": saved * 2.0 + (epochs - saved) * (1.0 + sam_share)}  # fmt: skip
+    cost = {
+        "de": epochs * 1.0,
+        "de_sam": epochs * 2.0,
+        "sharpbalance": saved * 2.0 + (epochs - saved) * (1.0 + sam_share),
+    }
     total = sum(cost.values())
-    return {"epochs_avoided": saved, "epochs_total": 3 * epochs, "sgd_epochs_avoided": 2.0 * saved,
-            "sgd_epochs_total": total, "share_of_comparison": 2.0 * saved / total}  # fmt: skip
+    return {
+        "epochs_avoided": saved,
+        "epochs_total": 3 * epochs,
+        "sgd_epochs_avoided": 2.0 * saved,
+        "sgd_epochs_total": total,
+        "share_of_comparison": 2.0 * saved / total,
+    }
 
 
 _TMP: list[str] = []
@@ -135,10 +167,16 @@ def cases(device: torch.device) -> list[BenchCase]:
     epoch_sgd = steps["sgd"] * STEPS_PER_EPOCH * MEMBERS
     epoch_sam = steps["sam"] * STEPS_PER_EPOCH * MEMBERS
     shape = f"resnet18 w{WIDTH} x{MEMBERS} + momentum, {size / 2**20:.0f} MiB"
-    extra = {"size_MiB": round(size / 2**20, 1), "epoch_s_sgd_estimate": round(epoch_sgd, 1),
-             "epoch_s_sam_estimate": round(epoch_sam, 1), "budget_ms_2pct_sgd_epoch": round(0.02 * epoch_sgd * 1e3, 1)}  # fmt: skip
-    notes = (f"epoch = step x {STEPS_PER_EPOCH} x {MEMBERS} members: sgd_step {steps['sgd']:.2f} s, "
-             f"sam_step {steps['sam']:.2f} s at b={BATCH}")  # fmt: skip
+    extra = {
+        "size_MiB": round(size / 2**20, 1),
+        "epoch_s_sgd_estimate": round(epoch_sgd, 1),
+        "epoch_s_sam_estimate": round(epoch_sam, 1),
+        "budget_ms_2pct_sgd_epoch": round(0.02 * epoch_sgd * 1e3, 1),
+    }
+    notes = (
+        f"epoch = step x {STEPS_PER_EPOCH} x {MEMBERS} members: sgd_step {steps['sgd']:.2f} s, "
+        f"sam_step {steps['sam']:.2f} s at b={BATCH}"
+    )
 
     def write() -> object:
         trainer.save(LAST)
@@ -149,14 +187,28 @@ def cases(device: torch.device) -> list[BenchCase]:
         return None
 
     return [
-        BenchCase(op="checkpoint_write", shape=shape, reference=lambda: torch.save(trainer.state_dict(), plain),
-                  faces={"save last.pt (atomic, sha256, fsync)": write}, bytes_moved=size,
-                  notes="reference = plain torch.save; " + notes, extra=extra),
-        BenchCase(op="checkpoint_load", shape=shape, reference=lambda: torch.load(plain, weights_only=True),
-                  faces={"load_checkpoint (sha256, weights_only)": lambda: load_checkpoint(path),
-                         "load + restore the trainer": load_restore},
-                  bytes_moved=size, notes="reference = torch.load(weights_only=True) of the plain file", extra=extra),
-    ]  # fmt: skip
+        BenchCase(
+            op="checkpoint_write",
+            shape=shape,
+            reference=lambda: torch.save(trainer.state_dict(), plain),
+            faces={"save last.pt (atomic, sha256, fsync)": write},
+            bytes_moved=size,
+            notes="reference = plain torch.save; " + notes,
+            extra=extra,
+        ),
+        BenchCase(
+            op="checkpoint_load",
+            shape=shape,
+            reference=lambda: torch.load(plain, weights_only=True),
+            faces={
+                "load_checkpoint (sha256, weights_only)": lambda: load_checkpoint(path),
+                "load + restore the trainer": load_restore,
+            },
+            bytes_moved=size,
+            notes="reference = torch.load(weights_only=True) of the plain file",
+            extra=extra,
+        ),
+    ]
 
 
 def report(device: torch.device, min_run_time: float = 0.5) -> str:
@@ -169,19 +221,21 @@ def report(device: torch.device, min_run_time: float = 0.5) -> str:
     load_ms = time_ms(c_load.faces["load_checkpoint (sha256, weights_only)"], device, min_run_time)
     restore_ms = time_ms(c_load.faces["load + restore the trainer"], device, min_run_time)
     f = fork_savings()
-    return "\n".join([
-        f"checkpoint of {c_write.shape} on {device_name(device)}",
-        f"  write last.pt {write_ms:.0f} ms (plain torch.save {plain_ms:.0f} ms); load {load_ms:.0f} ms, "
-        f"load + restore {restore_ms:.0f} ms",
-        f"  {c_write.notes}",
-        f"  epoch estimate: SGD {e['epoch_s_sgd_estimate']:.0f} s, SAM {e['epoch_s_sam_estimate']:.0f} s; "
-        f"write = {100 * write_ms / 1e3 / e['epoch_s_sgd_estimate']:.3f}% of an SGD epoch, "
-        f"{100 * write_ms / 1e3 / e['epoch_s_sam_estimate']:.3f}% of a SAM epoch (budget 2%)",
-        f"  phase-1 fork, per seed of a de/de_sam/sharpbalance comparison ({EPOCHS} epochs, T_d = {SWAP_EPOCH}): "
-        f"{f['epochs_avoided']} of {f['epochs_total']} member-set epochs not trained again, "
-        f"{f['sgd_epochs_avoided']:.0f} of {f['sgd_epochs_total']:.0f} SGD-epoch equivalents "
-        f"({100 * f['share_of_comparison']:.1f}%); each further ratio/variant setting saves {f['epochs_avoided']} SAM epochs",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"checkpoint of {c_write.shape} on {device_name(device)}",
+            f"  write last.pt {write_ms:.0f} ms (plain torch.save {plain_ms:.0f} ms); load {load_ms:.0f} ms, "
+            f"load + restore {restore_ms:.0f} ms",
+            f"  {c_write.notes}",
+            f"  epoch estimate: SGD {e['epoch_s_sgd_estimate']:.0f} s, SAM {e['epoch_s_sam_estimate']:.0f} s; "
+            f"write = {100 * write_ms / 1e3 / e['epoch_s_sgd_estimate']:.3f}% of an SGD epoch, "
+            f"{100 * write_ms / 1e3 / e['epoch_s_sam_estimate']:.3f}% of a SAM epoch (budget 2%)",
+            f"  phase-1 fork, per seed of a de/de_sam/sharpbalance comparison ({EPOCHS} epochs, T_d = {SWAP_EPOCH}): "
+            f"{f['epochs_avoided']} of {f['epochs_total']} member-set epochs not trained again, "
+            f"{f['sgd_epochs_avoided']:.0f} of {f['sgd_epochs_total']:.0f} SGD-epoch equivalents "
+            f"({100 * f['share_of_comparison']:.1f}%); each further ratio/variant setting saves {f['epochs_avoided']} SAM epochs",
+        ]
+    )
 
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,4 +252,3 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
-

@@ -42,8 +42,9 @@ def _release_split(indice: torch.Tensor, idx: list) -> tuple[list[int], list[int
     return normal, flat
 
 
-def _release_mix_step(net: nn.Module, indice: torch.Tensor, data: torch.Tensor, target: torch.Tensor, idx: list,
-                      optimizer: reference.SAM) -> torch.Tensor:
+def _release_mix_step(
+    net: nn.Module, indice: torch.Tensor, data: torch.Tensor, target: torch.Tensor, idx: list, optimizer: reference.SAM
+) -> torch.Tensor:
     """engine.py's mix_step (minus its per-part accuracy syncs), the baseline."""
     criterion = nn.CrossEntropyLoss()
     normal_indice, flat_indice = _release_split(indice, idx)
@@ -97,13 +98,16 @@ def cases(device: torch.device) -> list[BenchCase]:
     indice = torch.randperm(N, generator=g)[:B]
     membership.normal_lookup(idx, N)  # built once, as train_one_epoch does at the start of an epoch
     split = BenchCase(
-        op="mix_step batch split (host)", shape=f"batch {B}, idx {N_NORMAL:,} of {N:,}", samples=B,
+        op="mix_step batch split (host)",
+        shape=f"batch {B}, idx {N_NORMAL:,} of {N:,}",
+        samples=B,
         reference=lambda: _release_split(indice, idx),
         faces={"compat (cached lookup)": lambda: membership.split_batch(indice, membership.normal_lookup(idx, N), B)},
-        notes="reference: the release's `indice[i].item() in idx` on its list; the lookup is validated unchanged per call")
+        notes="reference: the release's `indice[i].item() in idx` on its list; the lookup is validated unchanged per call",
+    )
 
     loader = _Loader(device)
-    args = compat.release_args(sam="True", print_freq=10 ** 9)
+    args = compat.release_args(sam="True", print_freq=10**9)
     ref_net, net = _mlp(device), _mlp(device)
     ref_opt = reference.SAM(ref_net.parameters(), torch.optim.SGD, **SGD)
     opt = compat.NSAM(net.parameters(), torch.optim.SGD, **SGD)
@@ -121,9 +125,13 @@ def cases(device: torch.device) -> list[BenchCase]:
         return float(compat.train_one_epoch(args, net, loader, opt, idx, None, 0, device))
 
     epoch = BenchCase(
-        op="train_one_epoch phase 2", shape=f"MLP 3072-32-10, {N:,} x 3x32x32, batch {B}, {N_NORMAL:,} normal",
-        samples=N, reference=release_epoch, faces={"compat (fused NSAM)": compat_epoch},
-        notes="reference: the release's loop over sbfast.reference.SAM; same batches for both")
+        op="train_one_epoch phase 2",
+        shape=f"MLP 3072-32-10, {N:,} x 3x32x32, batch {B}, {N_NORMAL:,} normal",
+        samples=N,
+        reference=release_epoch,
+        faces={"compat (fused NSAM)": compat_epoch},
+        notes="reference: the release's loop over sbfast.reference.SAM; same batches for both",
+    )
     return [split, epoch]
 
 

@@ -26,8 +26,9 @@ from sbfast.optim import SharpBalanceSAM
 from sbfast.train import mixed_step_static, sam_step
 
 
-def _eager_and_compiled(model_name: str, kw: dict, device: torch.device,
-                        run: Callable[[Callable, SharpBalanceSAM], torch.Tensor]) -> tuple[list[Callable[[], object]], float]:  # fmt: skip
+def _eager_and_compiled(
+    model_name: str, kw: dict, device: torch.device, run: Callable[[Callable, SharpBalanceSAM], torch.Tensor]
+) -> tuple[list[Callable[[], object]], float]:
     """[eager step, compiled step] for ``run(forward, opt)`` on two identical fresh models, and
     the seconds the compiled step's first call took (it compiles)."""
     steps: list[Callable[[], object]] = []
@@ -65,27 +66,45 @@ def cases(device: torch.device) -> list[BenchCase]:
     on_gpu = device.type == "cuda"
     configs = [
         ("cnn", {"width": 16, "in_channels": 1}, (1, 8, 8), 64, "digits cnn16"),
-        ("resnet18", {"width": 64 if on_gpu else 16}, (3, 32, 32), 128 if on_gpu else 32,
-         f"cifar resnet18 w{64 if on_gpu else 16}"),
-    ]  # fmt: skip
+        (
+            "resnet18",
+            {"width": 64 if on_gpu else 16},
+            (3, 32, 32),
+            128 if on_gpu else 32,
+            f"cifar resnet18 w{64 if on_gpu else 16}",
+        ),
+    ]
     out = []
     for name, kw, shape, batch, label in configs:
         x, y = _batch(shape, batch, device, 0)
-        (eager, compiled), compile_s = _eager_and_compiled(name, kw, device, lambda f, o, x=x, y=y: sam_step(f, o, x, y))
-        out.append(BenchCase(
-            op="compile", shape=f"{label}, SAM step, b={batch}", reference=eager,
-            faces={"torch.compile(model)": compiled}, samples=batch,
-            notes=f"reference = eager model; compile of the first step {compile_s:.1f} s",
-        ))  # fmt: skip
+        (eager, compiled), compile_s = _eager_and_compiled(
+            name, kw, device, lambda f, o, x=x, y=y: sam_step(f, o, x, y)
+        )
+        out.append(
+            BenchCase(
+                op="compile",
+                shape=f"{label}, SAM step, b={batch}",
+                reference=eager,
+                faces={"torch.compile(model)": compiled},
+                samples=batch,
+                notes=f"reference = eager model; compile of the first step {compile_s:.1f} s",
+            )
+        )
         half = batch // 2
         (xn, yn), (xs, ys) = _batch(shape, half, device, 1), _batch(shape, batch - half, device, 2)
         (eager, compiled), _ = _eager_and_compiled(
             name, kw, device, lambda f, o, b=(xn, yn, xs, ys): mixed_step_static(f, o, *b)
         )
-        out.append(BenchCase(
-            op="compile", shape=f"{label}, mixed step (SAM share 1/2), b={batch}", reference=eager,
-            faces={"torch.compile(model)": compiled}, samples=batch, notes="reference = eager model",
-        ))  # fmt: skip
+        out.append(
+            BenchCase(
+                op="compile",
+                shape=f"{label}, mixed step (SAM share 1/2), b={batch}",
+                reference=eager,
+                faces={"torch.compile(model)": compiled},
+                samples=batch,
+                notes="reference = eager model",
+            )
+        )
     return out
 
 

@@ -43,6 +43,7 @@ def _sam_step(opt):
     def run():
         opt.first_step()
         opt.second_step()
+
     return run
 
 
@@ -57,6 +58,7 @@ def _with_backend(backend: str, fn):
                 os.environ.pop("SBFAST_CUDA_BACKEND")
             else:
                 os.environ["SBFAST_CUDA_BACKEND"] = old
+
     return run
 
 
@@ -65,9 +67,14 @@ def _copy_case(device: torch.device) -> BenchCase:
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     copy = lambda: dst.copy_(src)  # noqa: E731
-    return BenchCase(op="copy_ (bandwidth)", shape="256 MiB float32 -> 256 MiB", reference=copy,
-                     faces={"torch copy_": copy}, bytes_moved=2 * n * 4,
-                     notes="the machine's copy bandwidth: read + write of 256 MiB")
+    return BenchCase(
+        op="copy_ (bandwidth)",
+        shape="256 MiB float32 -> 256 MiB",
+        reference=copy,
+        faces={"torch copy_": copy},
+        bytes_moved=2 * n * 4,
+        notes="the machine's copy bandwidth: read + write of 256 MiB",
+    )
 
 
 def cases(device: torch.device) -> list[BenchCase]:
@@ -85,11 +92,16 @@ def cases(device: torch.device) -> list[BenchCase]:
             if "sam_perturb_" in registry._TRITON_OPS:
                 faces["fused triton"] = _with_backend("triton", _sam_step(fused))
         n = sum(torch.Size(s).numel() for s in shapes)
-        out.append(BenchCase(
-            op="sam first+second step", shape=label, reference=_sam_step(ref), faces=faces,
-            bytes_moved=PASSES * n * 4,
-            notes="reference: sbfast.reference.SAM + torch.optim.SGD; GB/s counts 10 passes",
-        ))
+        out.append(
+            BenchCase(
+                op="sam first+second step",
+                shape=label,
+                reference=_sam_step(ref),
+                faces=faces,
+                bytes_moved=PASSES * n * 4,
+                notes="reference: sbfast.reference.SAM + torch.optim.SGD; GB/s counts 10 passes",
+            )
+        )
     return out
 
 

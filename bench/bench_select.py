@@ -49,14 +49,29 @@ def cases(device: torch.device) -> list[BenchCase]:
                 ks_faces["triton"] = lambda s=scores, k=k: tri_ks(s, k)
                 alg_faces["triton"] = lambda f=flat: tri_alg(f, 0)
         out += [
-            BenchCase(op="select_sam_masks", shape=shape, samples=m * n, faces=pipeline,
-                      reference=lambda s=scores: reference.select_sam_masks(s, RATIO, "balance"),
-                      notes="balance, ratio 0.5; includes the finiteness check (one host sync)"),
-            BenchCase(op="ksmallest_mask", shape=shape, samples=m * n, faces=ks_faces,
-                      reference=lambda s=scores, k=k: reference.ksmallest_mask(s, k),
-                      notes="reference: stable argsort + scatter"),
-            BenchCase(op="sharpbalance_masks", shape=shape, samples=m * n, faces=alg_faces,
-                      reference=lambda f=flat: reference.sharpbalance_masks(f, 0)),
+            BenchCase(
+                op="select_sam_masks",
+                shape=shape,
+                samples=m * n,
+                faces=pipeline,
+                reference=lambda s=scores: reference.select_sam_masks(s, RATIO, "balance"),
+                notes="balance, ratio 0.5; includes the finiteness check (one host sync)",
+            ),
+            BenchCase(
+                op="ksmallest_mask",
+                shape=shape,
+                samples=m * n,
+                faces=ks_faces,
+                reference=lambda s=scores, k=k: reference.ksmallest_mask(s, k),
+                notes="reference: stable argsort + scatter",
+            ),
+            BenchCase(
+                op="sharpbalance_masks",
+                shape=shape,
+                samples=m * n,
+                faces=alg_faces,
+                reference=lambda f=flat: reference.sharpbalance_masks(f, 0),
+            ),
         ]
     return out
 

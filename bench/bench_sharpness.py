@@ -49,8 +49,10 @@ def _setup(device: torch.device, n: int):
 
 def _methods(model, x, y):
     n = len(x)
-    ref_batches = [(torch.arange(i, min(n, i + REFERENCE_BATCH)), x[i:i + REFERENCE_BATCH], y[i:i + REFERENCE_BATCH])
-                   for i in range(0, n, REFERENCE_BATCH)]
+    ref_batches = [
+        (torch.arange(i, min(n, i + REFERENCE_BATCH)), x[i : i + REFERENCE_BATCH], y[i : i + REFERENCE_BATCH])
+        for i in range(0, n, REFERENCE_BATCH)
+    ]
 
     def plain():
         model.zero_grad(set_to_none=True)
@@ -101,8 +103,9 @@ def _peak_in_subprocess(method: str, n: int) -> int:
     """Bytes by which one call of ``method`` raises a fresh CPU process's peak RSS (VmHWM)."""
     args = [method, str(n), str(torch.get_num_threads()), str(CLASSES), str(REFERENCE_BATCH)]
     env = {**os.environ, "SBFAST_BENCH_MEMORY": "0"}
-    out = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True,
-                         env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=True, env=env, timeout=600
+    )
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -153,8 +156,10 @@ def main() -> int:
     mem = peak_memory(device.type, n)
     for name, ms in times.items():
         print(f"{name:22s} {ms:9.1f} ms  {n / ms * 1e3:8.1f} samples/s  peak +{mem[name] / 2**20:8.1f} MB")
-    print(f"sbfast / plain throughput: {times['plain fwd+bwd'] / times['sbfast fisher_scores']:.2f}  "
-          f"sbfast / reference: {times['reference'] / times['sbfast fisher_scores']:.2f}")
+    print(
+        f"sbfast / plain throughput: {times['plain fwd+bwd'] / times['sbfast fisher_scores']:.2f}  "
+        f"sbfast / reference: {times['reference'] / times['sbfast fisher_scores']:.2f}"
+    )
     return 0
 
 

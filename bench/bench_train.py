@@ -39,12 +39,19 @@ def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def cases(device: torch.device) -> list[BenchCase]:
-    base = T.TrainConfig(method="sharpbalance", dataset="digits", device=str(device), progress=False,
-                         eval_corruptions=(), sharpness_samples=0)  # fmt: skip
+    base = T.TrainConfig(
+        method="sharpbalance",
+        dataset="digits",
+        device=str(device),
+        progress=False,
+        eval_corruptions=(),
+        sharpness_samples=0,
+    )
     data = T.load_data(base)
     n = len(data.train)
-    masks = reference.select_sam_masks(torch.rand(base.members, n, generator=torch.Generator().manual_seed(0)),
-                                       base.ratio, base.variant)  # fmt: skip
+    masks = reference.select_sam_masks(
+        torch.rand(base.members, n, generator=torch.Generator().manual_seed(0)), base.ratio, base.variant
+    )
     faces: dict[str, Callable[[], object]] = {}
     names = {}
     with warnings.catch_warnings():
@@ -66,8 +73,14 @@ def cases(device: torch.device) -> list[BenchCase]:
                 faces["floor: sgd epoch"] = _one_thread(lambda tr=trainer: tr.train_epoch(1, "sgd"))
 
     model = T.build_member(base, data, 0, device)
-    opt = reference.SAM(model.parameters(), torch.optim.SGD, rho=base.rho, lr=base.lr, momentum=base.momentum,
-                        weight_decay=base.weight_decay)  # fmt: skip
+    opt = reference.SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=base.rho,
+        lr=base.lr,
+        momentum=base.momentum,
+        weight_decay=base.weight_decay,
+    )
     aug = RandomCropFlip(base.augment_pad, 0, flip=base.augment_flip, mean=data.train.mean, std=data.train.std)
     loader = make_loader(data.train.with_transform(aug), base.batch_size, shuffle=True, seed=0)
 

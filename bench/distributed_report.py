@@ -68,24 +68,40 @@ def _timed(ctx, fn) -> float:
 
 
 def _epoch_job(ctx, members: int, placement: str, repeats: int) -> dict:
-    cfg = TrainConfig(dataset="digits", members=members, placement=placement, progress=False, eval_corruptions=(),
-                      sharpness_samples=0, device="cpu")  # fmt: skip
+    cfg = TrainConfig(
+        dataset="digits",
+        members=members,
+        placement=placement,
+        progress=False,
+        eval_corruptions=(),
+        sharpness_samples=0,
+        device="cpu",
+    )
     plan = RankPlan(ctx, members, placement)
     trainer = EnsembleTrainer(cfg, load_data(cfg), plan=plan)
     n = trainer.train_dev.n
     scores = torch.rand(members, n, generator=torch.Generator().manual_seed(0))
     out: dict = {}
     traffic.reset()
-    out["score_exchange_s"] = _timed(ctx, lambda: plan.exchange_scores(
-        [scores[j, s:e] for j, s, e in plan.score_pieces(n)], n))  # fmt: skip
-    out["mask_broadcast_s"] = _timed(ctx, lambda: trainer.set_masks(plan.select(scores, select_sam_masks, 0.5, "balance")))
+    out["score_exchange_s"] = _timed(
+        ctx, lambda: plan.exchange_scores([scores[j, s:e] for j, s, e in plan.score_pieces(n)], n)
+    )
+    out["mask_broadcast_s"] = _timed(
+        ctx, lambda: trainer.set_masks(plan.select(scores, select_sam_masks, 0.5, "balance"))
+    )
     out["exchange_bytes"] = traffic.snapshot()
     for phase in ("sam", "mixed"):
         times = []
         for _ in range(repeats):
             traffic.reset()
-            times.append(_timed(ctx, lambda ph=phase: plan.epoch_end(
-                {m.index: trainer.train_epoch(m.index, ph) for m in trainer.members}, False)))  # fmt: skip
+            times.append(
+                _timed(
+                    ctx,
+                    lambda ph=phase: plan.epoch_end(
+                        {m.index: trainer.train_epoch(m.index, ph) for m in trainer.members}, False
+                    ),
+                )
+            )
         out[f"{phase}_epoch_s"] = min(times)
         out[f"{phase}_traffic"] = traffic.snapshot()
     return out
@@ -109,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report: dict = {"torch": torch.__version__, "cpu_threads_per_rank": 1, "members": {}, "data_parallel": {}}
     print("one epoch of 3 members (digits CNN, batch 64, 1,257 samples), placement 'members', gloo")
-    print(f"{'ranks':>5}  {'sam epoch s':>11}  {'mixed epoch s':>13}  {'scores all_gather s':>19}  {'score bytes/rank':>16}")
+    print(
+        f"{'ranks':>5}  {'sam epoch s':>11}  {'mixed epoch s':>13}  {'scores all_gather s':>19}  {'score bytes/rank':>16}"
+    )
     for world in (1, 2, 3):
         res = run_ranks(world, _epoch_job, 3, "members", args.repeats)
         r0 = res[0]
         sb = r0["exchange_bytes"]["the score exchange"]["bytes"]
-        print(f"{world:>5}  {r0['sam_epoch_s']:>11.2f}  {r0['mixed_epoch_s']:>13.2f}  {r0['score_exchange_s']:>19.4f}  "
-              f"{sb:>16,}")  # fmt: skip
+        print(
+            f"{world:>5}  {r0['sam_epoch_s']:>11.2f}  {r0['mixed_epoch_s']:>13.2f}  {r0['score_exchange_s']:>19.4f}  "
+            f"{sb:>16,}"
+        )
         report["members"][world] = r0
     print("\none member, data parallel over its ranks: one SAM epoch, gradient all-reduce per step")
     print(f"{'ranks':>5}  {'sam epoch s':>11}  {'all-reduce calls':>16}  {'bytes/step/rank':>15}")
@@ -129,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 5
     ar = run_ranks(2, _allreduce_job, repeats)[0]
     t = ar["bytes"]["the gradient all-reduce"]
-    print(f"\nResNet18 flat gradient buffer ({t['bytes'] / repeats / 2**20:.1f} MiB float32, "
-          f"{t['calls'] // repeats} chunk(s) of at most 25 MiB) averaged over 2 gloo ranks: "
-          f"{ar['allreduce_s'] * 1e3:.0f} ms per all-reduce")  # fmt: skip
+    print(
+        f"\nResNet18 flat gradient buffer ({t['bytes'] / repeats / 2**20:.1f} MiB float32, "
+        f"{t['calls'] // repeats} chunk(s) of at most 25 MiB) averaged over 2 gloo ranks: "
+        f"{ar['allreduce_s'] * 1e3:.0f} ms per all-reduce"
+    )
     report["resnet18_allreduce_2_ranks"] = ar
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")

@@ -95,7 +95,12 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up: first-call allocations and lazy initialisation
-    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return (
+        Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        .blocked_autorange(min_run_time=min_run_time)
+        .median
+        * 1e3
+    )
 
 
 def run_case(case: BenchCase, device: torch.device, min_run_time: float) -> list[dict]:
@@ -166,10 +171,16 @@ class BenchRun:
         return not self.failed and not self.cut and not self.not_run
 
 
-def run_all(device: torch.device, modules: list[str] | None = None, min_run_time: float = 0.5, *,
-            case_cap_s: float | None = None, budget_s: float | None = None,
-            after_case: Callable[[BenchRun], None] | None = None,
-            progress: Callable[[str], None] | None = None) -> BenchRun:
+def run_all(
+    device: torch.device,
+    modules: list[str] | None = None,
+    min_run_time: float = 0.5,
+    *,
+    case_cap_s: float | None = None,
+    budget_s: float | None = None,
+    after_case: Callable[[BenchRun], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchRun:
     """Run every case of ``modules`` (all by default) in the order given.
 
     A module is imported and its cases built only when its turn comes, so one that fails to

@@ -42,7 +42,14 @@ def global_sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     for t, blocks in zip(tensors, num_blocks, strict=True):
         if blocks == 0:
             continue
-        launch(_sq_sum_partials_kernel, (blocks,),
-               t.contiguous(), partials[offset:], t.numel(), BLOCK=BLOCK, ACC_FP64=acc_dtype == torch.float64)
+        launch(
+            _sq_sum_partials_kernel,
+            (blocks,),
+            t.contiguous(),
+            partials[offset:],
+            t.numel(),
+            BLOCK=BLOCK,
+            ACC_FP64=acc_dtype == torch.float64,
+        )
         offset += blocks
     return partials.sum()

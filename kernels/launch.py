@@ -107,8 +107,16 @@ def _record(path: str, kernel: Any, args: tuple, kwargs: dict) -> None:
             constexprs[name] = value
         elif isinstance(key, str) and key:
             attrs[name] = key
-    entry = json.dumps({"kernel": f"{fn.__module__}:{fn.__qualname__}", "signature": signature,
-                        "constexprs": constexprs, "attrs": attrs, "options": options}, sort_keys=True)
+    entry = json.dumps(
+        {
+            "kernel": f"{fn.__module__}:{fn.__qualname__}",
+            "signature": signature,
+            "constexprs": constexprs,
+            "attrs": attrs,
+            "options": options,
+        },
+        sort_keys=True,
+    )
     if entry in _recorded:
         return
     _recorded.add(entry)

@@ -54,8 +54,9 @@ def _dot(x, y, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _outer_sum_f64(x_base, y_base, offs_x, offs_y, n_x, n_y, K, s_xi, s_xk, s_yi, s_yk,
-                   BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+def _outer_sum_f64(
+    x_base, y_base, offs_x, offs_y, n_x, n_y, K, s_xi, s_xk, s_yi, s_yk, BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr
+):
     """float64 [BLOCK_X, BLOCK_Y]: sum_k x[offs_x, k] y[offs_y, k]^T as K outer products (masked
     rows are zero), for the float64 path where ``tl.dot`` does not compile."""
     acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float64)
@@ -72,13 +73,25 @@ def _outer_sum_f64(x_base, y_base, offs_x, offs_y, n_x, n_y, K, s_xi, s_xk, s_yi
 
 @triton.jit
 def _direct_kernel(
-    a_ptr, g_ptr, out_ptr,
-    T, D, P,
-    s_ab, s_at, s_ad,
-    s_gb, s_gt, s_gp,
-    tiles_d, tiles,
-    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-    ACC_FP64: tl.constexpr, IEEE: tl.constexpr,
+    a_ptr,
+    g_ptr,
+    out_ptr,
+    T,
+    D,
+    P,
+    s_ab,
+    s_at,
+    s_ad,
+    s_gb,
+    s_gt,
+    s_gp,
+    tiles_d,
+    tiles,
+    BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // tiles
@@ -97,19 +110,32 @@ def _direct_kernel(
             # G^T block [BLOCK_P, BLOCK_T] and A block [BLOCK_T, BLOCK_D]; zero padding adds nothing
             g_blk = tl.load(
                 g_base + offsets_2d(offs_p, offs_t, s_gp, s_gt),
-                mask=(offs_p[:, None] < P) & (offs_t[None, :] < T), other=0.0,
+                mask=(offs_p[:, None] < P) & (offs_t[None, :] < T),
+                other=0.0,
             )
             a_blk = tl.load(
                 a_base + offsets_2d(offs_t, offs_d, s_at, s_ad),
-                mask=(offs_t[:, None] < T) & (offs_d[None, :] < D), other=0.0,
+                mask=(offs_t[:, None] < T) & (offs_d[None, :] < D),
+                other=0.0,
             )
             acc = _dot(g_blk, a_blk, acc, IEEE)
     tl.store(out_ptr + pid, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 @triton.jit
-def _gram_block(x_base, offs_t, offs_s, T, K, s_xt, s_xk,
-                BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, ACC_FP64: tl.constexpr, IEEE: tl.constexpr):
+def _gram_block(
+    x_base,
+    offs_t,
+    offs_s,
+    T,
+    K,
+    s_xt,
+    s_xk,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """[BLOCK_T, BLOCK_T] tile (rows offs_t, columns offs_s) of X X^T for one sample's X [T, K]."""
     if ACC_FP64:
         acc = _outer_sum_f64(x_base, x_base, offs_t, offs_s, T, T, K, s_xt, s_xk, s_xt, s_xk, BLOCK_T, BLOCK_T)
@@ -119,11 +145,13 @@ def _gram_block(x_base, offs_t, offs_s, T, K, s_xt, s_xk,
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x_t = tl.load(
                 x_base + offsets_2d(offs_t, offs_k, s_xt, s_xk),
-                mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0,
+                mask=(offs_t[:, None] < T) & (offs_k[None, :] < K),
+                other=0.0,
             )
             x_s = tl.load(
                 x_base + offsets_2d(offs_k, offs_s, s_xk, s_xt),
-                mask=(offs_k[:, None] < K) & (offs_s[None, :] < T), other=0.0,
+                mask=(offs_k[:, None] < K) & (offs_s[None, :] < T),
+                other=0.0,
             )
             acc = _dot(x_t, x_s, acc, IEEE)
     return acc
@@ -131,13 +159,24 @@ def _gram_block(x_base, offs_t, offs_s, T, K, s_xt, s_xk,
 
 @triton.jit
 def _gram_kernel(
-    a_ptr, g_ptr, pairs_ptr, out_ptr,
-    T, D, P,
-    s_ab, s_at, s_ad,
-    s_gb, s_gt, s_gp,
+    a_ptr,
+    g_ptr,
+    pairs_ptr,
+    out_ptr,
+    T,
+    D,
+    P,
+    s_ab,
+    s_at,
+    s_ad,
+    s_gb,
+    s_gt,
+    s_gp,
     n_pairs,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_FP64: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // n_pairs
@@ -161,8 +200,10 @@ def _programs(samples: int, tiles: int) -> int:
     """Programs of the flat grid: one per (sample, tile); refused past CUDA's axis-0 limit."""
     n = samples * tiles
     if n > _MAX_PROGRAMS:
-        raise ValueError(f"per-sample norms: {samples} samples x {tiles} tiles = {n} programs, more than "
-                         f"one launch holds ({_MAX_PROGRAMS}); split the batch")
+        raise ValueError(
+            f"per-sample norms: {samples} samples x {tiles} tiles = {n} programs, more than "
+            f"one launch holds ({_MAX_PROGRAMS}); split the batch"
+        )
     return n
 
 
@@ -197,12 +238,28 @@ def per_sample_grad_sq_norm_direct(a: torch.Tensor, g: torch.Tensor) -> torch.Te
     partials = torch.empty(b, tiles, dtype=acc, device=a.device)
     acc_fp64, ieee = _flags(a, g)
     launch(
-        _direct_kernel, (_programs(b, tiles),),
-        a, g, partials, t, d, p,
-        a.stride(0), a.stride(1), a.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
-        tiles_d, tiles,
-        BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, ACC_FP64=acc_fp64, IEEE=ieee, num_warps=NUM_WARPS,
+        _direct_kernel,
+        (_programs(b, tiles),),
+        a,
+        g,
+        partials,
+        t,
+        d,
+        p,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        g.stride(0),
+        g.stride(1),
+        g.stride(2),
+        tiles_d,
+        tiles,
+        BLOCK_T=BLOCK_T,
+        BLOCK_P=BLOCK_P,
+        BLOCK_D=BLOCK_D,
+        ACC_FP64=acc_fp64,
+        IEEE=ieee,
+        num_warps=NUM_WARPS,
     )
     return partials.sum(1)
 
@@ -221,12 +278,27 @@ def per_sample_grad_sq_norm_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tens
     partials = torch.empty(b, n_pairs, dtype=acc, device=a.device)
     acc_fp64, ieee = _flags(a, g)
     launch(
-        _gram_kernel, (_programs(b, n_pairs),),
-        a, g, pairs, partials, t, d, p,
-        a.stride(0), a.stride(1), a.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
+        _gram_kernel,
+        (_programs(b, n_pairs),),
+        a,
+        g,
+        pairs,
+        partials,
+        t,
+        d,
+        p,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        g.stride(0),
+        g.stride(1),
+        g.stride(2),
         n_pairs,
-        BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, ACC_FP64=acc_fp64, IEEE=ieee, num_warps=NUM_WARPS,
+        BLOCK_T=BLOCK_T,
+        BLOCK_K=BLOCK_K,
+        ACC_FP64=acc_fp64,
+        IEEE=ieee,
+        num_warps=NUM_WARPS,
     )
     return partials.sum(1)
 

@@ -54,8 +54,17 @@ def _round(x, dtype, BF16: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(w_ptr, backup_ptr, g_ptr, scale_ptr, n, ADAPTIVE: tl.constexpr,
-                    ACC_FP64: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _perturb_kernel(
+    w_ptr,
+    backup_ptr,
+    g_ptr,
+    scale_ptr,
+    n,
+    ADAPTIVE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     acc = tl.float64 if ACC_FP64 else tl.float32
     offsets = block_offsets(tl.program_id(0), BLOCK)
     mask = offsets < n
@@ -75,11 +84,29 @@ def _perturb_kernel(w_ptr, backup_ptr, g_ptr, scale_ptr, n, ADAPTIVE: tl.constex
 
 
 @triton.jit
-def _restore_sgd_kernel(w_ptr, src_ptr, g_ptr, gn_ptr, buf_ptr, ready_ptr, lr_ptr, skip_ptr, inv_ptr, n,
-                        wd_bits, momentum_bits, omd_bits,
-                        HAS_NORMAL: tl.constexpr, WRITE_SUM: tl.constexpr, HAS_WD: tl.constexpr,
-                        HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ACC_FP64: tl.constexpr,
-                        BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _restore_sgd_kernel(
+    w_ptr,
+    src_ptr,
+    g_ptr,
+    gn_ptr,
+    buf_ptr,
+    ready_ptr,
+    lr_ptr,
+    skip_ptr,
+    inv_ptr,
+    n,
+    wd_bits,
+    momentum_bits,
+    omd_bits,
+    HAS_NORMAL: tl.constexpr,
+    WRITE_SUM: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     acc = tl.float64 if ACC_FP64 else tl.float32
     offsets = block_offsets(tl.program_id(0), BLOCK)
     mask = offsets < n
@@ -122,41 +149,74 @@ def _mark_ready_kernel(ready_ptr, skip_ptr, n, BLOCK: tl.constexpr):
     tl.store(ready_ptr + offsets, new, mask=mask)
 
 
-def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
-                 adaptive: bool) -> None:
+def sam_perturb_(
+    param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, adaptive: bool
+) -> None:
     """backup = w; w = w + e in place over one flat run (contiguous, same dtype and size; checked by
     ``sbfast.registry`` before this runs)."""
     n = param.numel()
     if n == 0:
         return
-    launch(_perturb_kernel, (triton.cdiv(n, BLOCK),),
-           param, backup, grad, scale, n, ADAPTIVE=bool(adaptive), ACC_FP64=param.dtype == torch.float64,
-           BF16=param.dtype == torch.bfloat16, BLOCK=BLOCK)
+    launch(
+        _perturb_kernel,
+        (triton.cdiv(n, BLOCK),),
+        param,
+        backup,
+        grad,
+        scale,
+        n,
+        ADAPTIVE=bool(adaptive),
+        ACC_FP64=param.dtype == torch.float64,
+        BF16=param.dtype == torch.bfloat16,
+        BLOCK=BLOCK,
+    )
 
 
-def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: torch.Tensor,
-                     normal_grad: torch.Tensor | None, momentum_buf: torch.Tensor | None,
-                     momentum_ready: torch.Tensor | None, lr: torch.Tensor, skip: torch.Tensor,
-                     inv_scale: torch.Tensor, weight_decay: float, momentum: float, dampening: float,
-                     nesterov: bool, write_grad_sum: bool) -> None:
+def sam_restore_sgd_(
+    param: torch.Tensor,
+    backup: torch.Tensor | None,
+    grad: torch.Tensor,
+    normal_grad: torch.Tensor | None,
+    momentum_buf: torch.Tensor | None,
+    momentum_ready: torch.Tensor | None,
+    lr: torch.Tensor,
+    skip: torch.Tensor,
+    inv_scale: torch.Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    write_grad_sum: bool,
+) -> None:
     """Restore w and take one SGD step in place over one flat run (see the module docstring;
     inputs checked by ``sbfast.registry`` before this runs)."""
     n = param.numel()
     has_momentum = momentum != 0
     if n > 0:
         launch(
-            _restore_sgd_kernel, (triton.cdiv(n, BLOCK),),
+            _restore_sgd_kernel,
+            (triton.cdiv(n, BLOCK),),
             param,
             backup if backup is not None else param,
             grad,
             normal_grad if normal_grad is not None else grad,
             momentum_buf if has_momentum else param,
             momentum_ready if has_momentum else skip,
-            lr, skip, inv_scale, n,
-            _bits(weight_decay), _bits(momentum), _bits(1.0 - dampening),
-            HAS_NORMAL=normal_grad is not None, WRITE_SUM=bool(write_grad_sum) and normal_grad is not None,
-            HAS_WD=weight_decay != 0, HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
-            ACC_FP64=param.dtype == torch.float64, BF16=param.dtype == torch.bfloat16, BLOCK=BLOCK,
+            lr,
+            skip,
+            inv_scale,
+            n,
+            _bits(weight_decay),
+            _bits(momentum),
+            _bits(1.0 - dampening),
+            HAS_NORMAL=normal_grad is not None,
+            WRITE_SUM=bool(write_grad_sum) and normal_grad is not None,
+            HAS_WD=weight_decay != 0,
+            HAS_MOMENTUM=has_momentum,
+            NESTEROV=bool(nesterov),
+            ACC_FP64=param.dtype == torch.float64,
+            BF16=param.dtype == torch.bfloat16,
+            BLOCK=BLOCK,
         )
     if has_momentum:
         k = momentum_ready.numel()

@@ -105,8 +105,17 @@ def ksmallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= n:
         return torch.ones(m, n, dtype=torch.bool, device=scores.device)
     out = torch.empty(m, n, dtype=torch.bool, device=scores.device)
-    launch(_ksmallest_mask_kernel, (m,),
-           scores.contiguous(), out, n, k, BLOCK=SELECT_BLOCK, KEY64=scores.dtype == torch.float64, num_warps=8)
+    launch(
+        _ksmallest_mask_kernel,
+        (m,),
+        scores.contiguous(),
+        out,
+        n,
+        k,
+        BLOCK=SELECT_BLOCK,
+        KEY64=scores.dtype == torch.float64,
+        num_warps=8,
+    )
     return out
 
 
@@ -130,8 +139,9 @@ def _rest_counts_kernel(flat_ptr, tile_counts_ptr, m, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sharpbalance_write_kernel(flat_ptr, tile_counts_ptr, tile_ends_ptr, out_ptr, m, n, BOOST: tl.constexpr,
-                               BLOCK: tl.constexpr):
+def _sharpbalance_write_kernel(
+    flat_ptr, tile_counts_ptr, tile_ends_ptr, out_ptr, m, n, BOOST: tl.constexpr, BLOCK: tl.constexpr
+):
     tile = tl.program_id(0)
     offs = block_offsets(tile, BLOCK)
     inb = offs < n
@@ -165,6 +175,16 @@ def sharpbalance_masks(flat_mask: torch.Tensor, variant: int) -> torch.Tensor:
     tile_counts = torch.empty(tiles, dtype=torch.int64, device=flat.device)
     launch(_rest_counts_kernel, (tiles,), flat, tile_counts, m, n, BLOCK=ALGEBRA_BLOCK)
     tile_ends = torch.cumsum(tile_counts, 0)
-    launch(_sharpbalance_write_kernel, (tiles,),
-           flat, tile_counts, tile_ends, out, m, n, BOOST=variant == 1, BLOCK=ALGEBRA_BLOCK)
+    launch(
+        _sharpbalance_write_kernel,
+        (tiles,),
+        flat,
+        tile_counts,
+        tile_ends,
+        out,
+        m,
+        n,
+        BOOST=variant == 1,
+        BLOCK=ALGEBRA_BLOCK,
+    )
     return out

@@ -50,8 +50,10 @@ def perturbed_params(
     if not bool(torch.isfinite(norm)):
         raise ValueError(f"the batch's gradient norm is not finite ({norm.item()})")
     scale = rho / (norm + SAM_EPS)
-    return {n: (p + (torch.pow(p, 2) if adaptive else 1.0) * grads[n] * scale.to(p)) if n in grads else p
-            for n, p in params.items()}
+    return {
+        n: (p + (torch.pow(p, 2) if adaptive else 1.0) * grads[n] * scale.to(p)) if n in grads else p
+        for n, p in params.items()
+    }
 
 
 def module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:

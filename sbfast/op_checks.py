@@ -47,8 +47,10 @@ def _same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.
 
 def _contiguous(op: str, name: str, t: torch.Tensor) -> None:
     if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous (a run of a flat buffer), got strides {t.stride()} "
-                         f"for shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{op}: {name} must be contiguous (a run of a flat buffer), got strides {t.stride()} "
+            f"for shape {tuple(t.shape)}"
+        )
 
 
 def _int(op: str, name: str, v: object) -> int:
@@ -84,11 +86,13 @@ def _per_sample_pair(op: str, a: torch.Tensor, g: torch.Tensor) -> None:
     _floating(op, "g", g)
     _same_device(op, "g", g, "a", a)
     if a.dim() != 3 or g.dim() != 3:
-        raise ValueError(f"{op}: expected a [B, T, d] and g [B, T, p], got shapes {tuple(a.shape)} and "
-                         f"{tuple(g.shape)}")
+        raise ValueError(
+            f"{op}: expected a [B, T, d] and g [B, T, p], got shapes {tuple(a.shape)} and {tuple(g.shape)}"
+        )
     if a.shape[:2] != g.shape[:2]:
-        raise ValueError(f"{op}: a {tuple(a.shape)} and g {tuple(g.shape)} differ in B or T; expected a [B, T, d], "
-                         "g [B, T, p]")
+        raise ValueError(
+            f"{op}: a {tuple(a.shape)} and g {tuple(g.shape)} differ in B or T; expected a [B, T, d], g [B, T, p]"
+        )
 
 
 def per_sample_grad_sq_norm_direct(a: torch.Tensor, g: torch.Tensor) -> None:
@@ -101,9 +105,15 @@ def per_sample_grad_sq_norm_gram(a: torch.Tensor, g: torch.Tensor) -> None:
     _per_sample_pair("per_sample_grad_sq_norm_gram", a, g)
 
 
-def per_sample_conv_grad_sq_norm(x: torch.Tensor, g: torch.Tensor, weight_size: Sequence[int],
-                                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                                 groups: int) -> None:
+def per_sample_conv_grad_sq_norm(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    weight_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> None:
     """Floating x [B, C_in, *S] and g [B, C_out, *S'] (1 or 2 spatial dims, any strides) on one
     device, and a geometry (weight [C_out, C_in / groups, *kernel], one stride >= 1, padding >= 0
     and dilation >= 1 per spatial dim, groups >= 1) that fits one convolution."""
@@ -117,21 +127,36 @@ def per_sample_conv_grad_sq_norm(x: torch.Tensor, g: torch.Tensor, weight_size: 
     groups = _int(op, "groups", groups)
     spatial = x.dim() - 2
     if spatial not in (1, 2) or g.dim() != x.dim() or len(weight_size) != x.dim():
-        raise ValueError(f"{op}: expected x [B, C_in, *S] and g [B, C_out, *S'] with 1 or 2 spatial dims and a "
-                         f"weight of the same rank; got {tuple(x.shape)}, {tuple(g.shape)}, {tuple(weight_size)}")
+        raise ValueError(
+            f"{op}: expected x [B, C_in, *S] and g [B, C_out, *S'] with 1 or 2 spatial dims and a "
+            f"weight of the same rank; got {tuple(x.shape)}, {tuple(g.shape)}, {tuple(weight_size)}"
+        )
     geometry = {}
     for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
         if len(v) != spatial:
             raise ValueError(f"{op}: {name} {tuple(v)} needs {spatial} entries")
         geometry[name] = [_int(op, f"{name} entry", e) for e in v]
-    if (min(geometry["stride"]) < 1 or min(geometry["dilation"]) < 1 or min(geometry["padding"]) < 0
-            or min(weight_size[2:]) < 1):
-        raise ValueError(f"{op}: stride {tuple(stride)}, dilation {tuple(dilation)} (>= 1), padding {tuple(padding)} "
-                         f"(>= 0) and kernel {tuple(weight_size[2:])} (>= 1) are not a convolution")
-    if (groups < 1 or x.shape[0] != g.shape[0] or weight_size[0] != g.shape[1]
-            or weight_size[1] * groups != x.shape[1] or g.shape[1] % groups != 0):
-        raise ValueError(f"{op}: x {tuple(x.shape)}, g {tuple(g.shape)}, weight {tuple(weight_size)} and "
-                         f"groups={groups} do not fit one convolution")
+    if (
+        min(geometry["stride"]) < 1
+        or min(geometry["dilation"]) < 1
+        or min(geometry["padding"]) < 0
+        or min(weight_size[2:]) < 1
+    ):
+        raise ValueError(
+            f"{op}: stride {tuple(stride)}, dilation {tuple(dilation)} (>= 1), padding {tuple(padding)} "
+            f"(>= 0) and kernel {tuple(weight_size[2:])} (>= 1) are not a convolution"
+        )
+    if (
+        groups < 1
+        or x.shape[0] != g.shape[0]
+        or weight_size[0] != g.shape[1]
+        or weight_size[1] * groups != x.shape[1]
+        or g.shape[1] % groups != 0
+    ):
+        raise ValueError(
+            f"{op}: x {tuple(x.shape)}, g {tuple(g.shape)}, weight {tuple(weight_size)} and "
+            f"groups={groups} do not fit one convolution"
+        )
 
 
 # ---- subset selection ---------------------------------------------------------------------
@@ -166,8 +191,9 @@ def sharpbalance_masks(flat_mask: torch.Tensor, variant: int) -> None:
 
 def _sam_param(op: str, param: torch.Tensor) -> None:
     if not isinstance(param, torch.Tensor) or not param.is_floating_point():
-        raise TypeError(f"{op}: param must be a floating torch.Tensor, got "
-                        f"{getattr(param, 'dtype', type(param).__name__)}")
+        raise TypeError(
+            f"{op}: param must be a floating torch.Tensor, got {getattr(param, 'dtype', type(param).__name__)}"
+        )
     _tensor(op, "param", param)
     _contiguous(op, "param", param)
 
@@ -178,8 +204,10 @@ def _like_param(op: str, name: str, t: torch.Tensor | None, param: torch.Tensor)
         return
     _tensor(op, name, t)
     if t.dtype != param.dtype or t.device != param.device or t.numel() != param.numel():
-        raise ValueError(f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; expected {param.dtype} "
-                         f"[{param.numel()}] on {param.device}, like param")
+        raise ValueError(
+            f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; expected {param.dtype} "
+            f"[{param.numel()}] on {param.device}, like param"
+        )
     _contiguous(op, name, t)
 
 
@@ -190,8 +218,9 @@ def _sam_scalar(op: str, name: str, t: torch.Tensor, param: torch.Tensor) -> Non
         raise ValueError(f"{op}: {name} is on {t.device}, expected {param.device} (a device scalar, no host sync)")
 
 
-def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
-                 adaptive: bool) -> None:
+def sam_perturb_(
+    param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, adaptive: bool
+) -> None:
     """param, backup, grad: contiguous floating [n], one dtype and device; scale: a one-element
     float32/float64 tensor on that device."""
     op = "sam_perturb_"
@@ -203,11 +232,22 @@ def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, 
     _sam_scalar(op, "scale", scale, param)
 
 
-def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: torch.Tensor,
-                     normal_grad: torch.Tensor | None, momentum_buf: torch.Tensor | None,
-                     momentum_ready: torch.Tensor | None, lr: torch.Tensor, skip: torch.Tensor,
-                     inv_scale: torch.Tensor, weight_decay: float, momentum: float, dampening: float,
-                     nesterov: bool, write_grad_sum: bool) -> None:
+def sam_restore_sgd_(
+    param: torch.Tensor,
+    backup: torch.Tensor | None,
+    grad: torch.Tensor,
+    normal_grad: torch.Tensor | None,
+    momentum_buf: torch.Tensor | None,
+    momentum_ready: torch.Tensor | None,
+    lr: torch.Tensor,
+    skip: torch.Tensor,
+    inv_scale: torch.Tensor,
+    weight_decay: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    write_grad_sum: bool,
+) -> None:
     """param, backup, grad, normal_grad, momentum_buf: contiguous floating [n], one dtype and
     device (backup, normal_grad optional; momentum_buf needed iff momentum != 0, with
     momentum_ready, a contiguous uint8 [k >= 1] on that device); lr, skip, inv_scale: one-element
@@ -226,11 +266,16 @@ def sam_restore_sgd_(param: torch.Tensor, backup: torch.Tensor | None, grad: tor
     if momentum != 0:
         if momentum_buf is None:
             raise ValueError(f"{op}: momentum = {momentum} needs a momentum_buf")
-        if (not isinstance(momentum_ready, torch.Tensor) or momentum_ready.layout != torch.strided
-                or momentum_ready.dtype != torch.uint8 or momentum_ready.numel() < 1
-                or momentum_ready.device != param.device):
-            raise ValueError(f"{op}: momentum = {momentum} needs momentum_ready, a uint8 tensor with >= 1 "
-                             f"element on {param.device}")
+        if (
+            not isinstance(momentum_ready, torch.Tensor)
+            or momentum_ready.layout != torch.strided
+            or momentum_ready.dtype != torch.uint8
+            or momentum_ready.numel() < 1
+            or momentum_ready.device != param.device
+        ):
+            raise ValueError(
+                f"{op}: momentum = {momentum} needs momentum_ready, a uint8 tensor with >= 1 element on {param.device}"
+            )
         _contiguous(op, "momentum_ready", momentum_ready)
     if write_grad_sum and normal_grad is None:
         raise ValueError(f"{op}: write_grad_sum needs a normal_grad")

@@ -118,8 +118,9 @@ def sharpbalance_masks(flat_mask: torch.Tensor, variant: str | int = "balance") 
 # ---- the fused SAM optimizer's two passes (sbfast.optim.SharpBalanceSAM) --------------------
 
 
-def sam_perturb_(param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor,
-                 adaptive: bool = False) -> None:
+def sam_perturb_(
+    param: torch.Tensor, backup: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, adaptive: bool = False
+) -> None:
     """SAM's perturbation of one flat run, in place: ``backup = w; w = w + e``.
 
     Math: e = (adaptive ? w^2 * g : g) * s, each product rounded, then the add (reference.SAM's
@@ -166,8 +167,35 @@ def sam_restore_sgd_(
         write_grad_sum: store grad + normal_grad into grad (the gradient the reference leaves).
     """
     op = "sam_restore_sgd_"
-    op_checks.sam_restore_sgd_(param, backup, grad, normal_grad, momentum_buf, momentum_ready, lr, skip, inv_scale,
-                               weight_decay, momentum, dampening, nesterov, write_grad_sum)
-    registry.op_for(op, param.device)(param, backup, grad, normal_grad, momentum_buf, momentum_ready, lr, skip,
-                                  inv_scale, float(weight_decay), float(momentum), float(dampening),
-                                  bool(nesterov), bool(write_grad_sum))
+    op_checks.sam_restore_sgd_(
+        param,
+        backup,
+        grad,
+        normal_grad,
+        momentum_buf,
+        momentum_ready,
+        lr,
+        skip,
+        inv_scale,
+        weight_decay,
+        momentum,
+        dampening,
+        nesterov,
+        write_grad_sum,
+    )
+    registry.op_for(op, param.device)(
+        param,
+        backup,
+        grad,
+        normal_grad,
+        momentum_buf,
+        momentum_ready,
+        lr,
+        skip,
+        inv_scale,
+        float(weight_decay),
+        float(momentum),
+        float(dampening),
+        bool(nesterov),
+        bool(write_grad_sum),
+    )

@@ -172,8 +172,22 @@ _define(
 
 
 @torch.library.register_fake("sbfast::sam_restore_sgd_")
-def _sam_restore_sgd_fake(param, backup, grad, normal_grad, momentum_buf, momentum_ready, lr, skip,
-                          inv_scale, weight_decay, momentum, dampening, nesterov, write_grad_sum) -> None:
+def _sam_restore_sgd_fake(
+    param,
+    backup,
+    grad,
+    normal_grad,
+    momentum_buf,
+    momentum_ready,
+    lr,
+    skip,
+    inv_scale,
+    weight_decay,
+    momentum,
+    dampening,
+    nesterov,
+    write_grad_sum,
+) -> None:
     return None
 
 
@@ -208,8 +222,12 @@ try:
     from sbfast import _C  # noqa: F401  (import registers the C++/CUDA kernels)
 except ImportError as exc:
     EXTENSION_ERROR = str(exc)
-    _built = [p for d in importlib.import_module("sbfast").__path__ for p in Path(d).glob("_C.*")
-              if p.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))]  # fmt: skip
+    _built = [
+        p
+        for d in importlib.import_module("sbfast").__path__
+        for p in Path(d).glob("_C.*")
+        if p.name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    ]
     if _built and os.environ.get("SBFAST_NO_EXT", "0") != "1":
         # A built extension that does not load (another torch, a broken build) must not quietly
         # turn every CPU op into the slow reference: say so, and say how to choose that on purpose.
@@ -281,7 +299,8 @@ for _spec in OPS.values():
     if TRITON_ERROR is None and _spec.triton_module is not None:
         _module = importlib.import_module(f"sbfast.kernels.{_spec.triton_module}")
         _TRITON_OPS[_spec.name] = torch.library.triton_op(
-            f"sbfast::{_spec.name}_triton", _checked(_spec.name, getattr(_module, _spec.name)),
+            f"sbfast::{_spec.name}_triton",
+            _checked(_spec.name, getattr(_module, _spec.name)),
             mutates_args=_spec.mutates_args,
         )
     if not _has_kernel(_spec.name, "CUDA"):
@@ -331,6 +350,5 @@ def backends() -> dict[str, dict[str, str]]:
     "cuda": "triton"}}``. CPU: ``c++`` or ``reference``; CUDA: ``cuda-c++``, ``triton`` or
     ``missing``."""
     return {
-        name: {"cpu": "reference" if name in _CPU_FROM_REFERENCE else "c++", "cuda": _cuda_choice(name)}
-        for name in OPS
+        name: {"cpu": "reference" if name in _CPU_FROM_REFERENCE else "c++", "cuda": _cuda_choice(name)} for name in OPS
     }

@@ -51,8 +51,10 @@ def env(device: str, vars_file: Path) -> int:
         p = torch.cuda.get_device_properties(0)
         arch = f"{p.major}.{p.minor}"
         title = f"{torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor})"
-        print(f"gpu: {torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-              f"{p.total_memory / 2**30:.0f} GiB)")
+        print(
+            f"gpu: {torch.cuda.get_device_name(0)} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+            f"{p.total_memory / 2**30:.0f} GiB)"
+        )
     else:
         arch, title = "", "the CPU (rehearsal)"
         print(f"cpu: {harness.device_name(torch.device('cpu'))} (a rehearsal: no GPU code runs)")
@@ -63,8 +65,12 @@ def env(device: str, vars_file: Path) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton: not installed")
-    values = {"ARCH": arch, "TITLE": title, "RESULTS": str(harness.results_path(torch.device(device))),
-              "BENCH_ORDER": " ".join(bench_order())}
+    values = {
+        "ARCH": arch,
+        "TITLE": title,
+        "RESULTS": str(harness.results_path(torch.device(device))),
+        "BENCH_ORDER": " ".join(bench_order()),
+    }
     vars_file.write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items()))
     return 0
 
@@ -113,8 +119,10 @@ def junit_counts(path: Path) -> tuple[dict[str, list[int]], list[str]]:
         parts = (case.get("classname") or "?").split(".")
         file = Path(case.get("file") or next((p for p in parts if p.startswith("test_")), parts[-1]) + ".py").name
         # column 1 failed, 2 errors, 3 skipped, 0 passed: the first of those elements the case holds
-        kind, bad = next(((k, e) for k, tag in ((1, "failure"), (2, "error"), (3, "skipped"))
-                          if (e := case.find(tag)) is not None), (0, None))
+        kind, bad = next(
+            ((k, e) for k, tag in ((1, "failure"), (2, "error"), (3, "skipped")) if (e := case.find(tag)) is not None),
+            (0, None),
+        )
         counts[file][kind] += 1
         if kind in (1, 2):
             message = (bad.get("message") or "").strip().splitlines()
@@ -126,8 +134,11 @@ def summary(out: Path, results: Path | None, device: str, title: str) -> str:
     logs = out / "logs"
     lines = [f"# sbfast GPU check on {title}", ""]
     if device != "cuda":
-        lines += ["A rehearsal on the CPU: the script's own stages, with the CPU in place of the GPU. "
-                  "It proves the script, not the GPU code.", ""]
+        lines += [
+            "A rehearsal on the CPU: the script's own stages, with the CPU in place of the GPU. "
+            "It proves the script, not the GPU code.",
+            "",
+        ]
 
     stages = [row.split("\t") for row in (logs / "stages.tsv").read_text().splitlines() if row.strip()]
     lines += ["## Stages", "", "| stage | status | seconds | cap |", "|---|---|---|---|"]
@@ -151,8 +162,12 @@ def summary(out: Path, results: Path | None, device: str, title: str) -> str:
 
     samples = logs / "gpu_memory_samples.txt"
     peak = max((int(x) for x in samples.read_text().split() if x.isdigit()), default=None) if samples.exists() else None
-    lines += ["", "## Peak GPU memory", "",
-              f"{peak} MiB (nvidia-smi, sampled every 200 ms)" if peak is not None else "n/a (no nvidia-smi samples)"]
+    lines += [
+        "",
+        "## Peak GPU memory",
+        "",
+        f"{peak} MiB (nvidia-smi, sampled every 200 ms)" if peak is not None else "n/a (no nvidia-smi samples)",
+    ]
 
     lines += ["", f"## Bench ({results.name if results else 'no results file'})", ""]
     if results is not None and results.is_file():
@@ -163,8 +178,11 @@ def summary(out: Path, results: Path | None, device: str, title: str) -> str:
         lines.append("no results file: the bench stage measured nothing")
     bench_log = logs / "bench.log"
     if bench_log.exists():
-        notes = [ln for ln in bench_log.read_text(errors="replace").splitlines()
-                 if ln.startswith(("failed: ", "cut: ", "not run: ", "bench incomplete"))]
+        notes = [
+            ln
+            for ln in bench_log.read_text(errors="replace").splitlines()
+            if ln.startswith(("failed: ", "cut: ", "not run: ", "bench incomplete"))
+        ]
         if notes:
             lines += [""] + [f"- {ln}" for ln in notes]
 
@@ -180,8 +198,9 @@ def summary(out: Path, results: Path | None, device: str, title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpu_check_report.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gpu_check_report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("env")
     e.add_argument("--device", choices=sorted(SOURCES), required=True)

@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 
 echo "== ruff"
 ruff check .
+ruff format --check .
 
 echo "== C++ tests (CMake + ctest, same csrc/ sources)"
 cmake -S . -B cmake-build -DCMAKE_BUILD_TYPE=Release \

@@ -94,8 +94,19 @@ def record(out: Path) -> None:
         log = Path(tmp) / "launches.jsonl"
         env = {**os.environ, "TRITON_INTERPRET": "1", "SBFAST_TRITON_RECORD": str(log)}
         env.pop("TRITON_CACHE_DIR", None)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "triton", "-p", "no:cacheprovider",
-               "--ignore", str(ROOT / "tests" / "test_triton_aot.py"), str(ROOT / "tests")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "triton",
+            "-p",
+            "no:cacheprovider",
+            "--ignore",
+            str(ROOT / "tests" / "test_triton_aot.py"),
+            str(ROOT / "tests"),
+        ]
         print("recording:", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
         specs = load_specs([log])
@@ -142,8 +153,9 @@ def compile_one(spec: dict, arch: int) -> Result:
         knobs.nvidia.dump_ptxas_log = True
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                      options=dict(spec["options"]))
+            compiled = triton.compile(
+                ASTSource(fn, signature, constexprs, attrs), target=target, options=dict(spec["options"])
+            )
         regs, stack, stores, loads = _parse_ptxas(log.getvalue(), compiled.metadata.name)
         result.n_regs, result.n_spills, result.spill_stores, result.spill_loads = regs, stack // 4, stores, loads
         result.shared = compiled.metadata.shared
@@ -193,22 +205,43 @@ def markdown(results: list[Result], versions: str) -> str:
         if r.error:
             detail.append(f"| `{name}` | sm_{r.arch} | {_describe(r.spec)} | error | | {r.seconds:.1f} |")
         else:
-            detail.append(f"| `{name}` | sm_{r.arch} | {_describe(r.spec)} | {r.n_regs} | {r.n_spills} "
-                          f"| {r.seconds:.1f} |")
-    return "\n".join([f"Compiled with {versions}.", "", *lines, "", "<details><summary>Every specialisation"
-                      "</summary>", "", *detail, "", "</details>", ""])
+            detail.append(
+                f"| `{name}` | sm_{r.arch} | {_describe(r.spec)} | {r.n_regs} | {r.n_spills} | {r.seconds:.1f} |"
+            )
+    return "\n".join(
+        [
+            f"Compiled with {versions}.",
+            "",
+            *lines,
+            "",
+            "<details><summary>Every specialisation</summary>",
+            "",
+            *detail,
+            "",
+            "</details>",
+            "",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--specs", type=Path, action="append",
-                        help=f"JSON-lines file(s) of recorded specialisations (default {DEFAULT_SPECS.name})")
+    parser.add_argument(
+        "--specs",
+        type=Path,
+        action="append",
+        help=f"JSON-lines file(s) of recorded specialisations (default {DEFAULT_SPECS.name})",
+    )
     parser.add_argument("--archs", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
-    parser.add_argument("--record", action="store_true",
-                        help=f"first re-record {DEFAULT_SPECS.name} from the Triton tests (interpreter)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help=f"first re-record {DEFAULT_SPECS.name} from the Triton tests (interpreter)",
+    )
     parser.add_argument("--markdown", type=Path, help="also write the per-kernel table to this file")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="compile in this many processes (default: one per CPU)")
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes (default: one per CPU)"
+    )
     args = parser.parse_args(argv)
 
     if args.record:
@@ -231,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in pool.imap(_compile_job, jobs, chunksize=4):
             results.append(r)
             status = r.error or f"{r.n_regs} regs, n_spills {r.n_spills}"
-            print(f"  sm_{r.arch} {r.kernel.split(':')[1]:<28} {_describe(r.spec):<70} {status} ({r.seconds:.1f}s)",
-                  flush=True)
+            print(
+                f"  sm_{r.arch} {r.kernel.split(':')[1]:<28} {_describe(r.spec):<70} {status} ({r.seconds:.1f}s)",
+                flush=True,
+            )
     failed = [r for r in results if r.error]
     print(f"{len(results) - len(failed)}/{len(results)} compiled in {time.perf_counter() - start:.0f}s")
     table = markdown(results, versions)

@@ -19,7 +19,10 @@ def write_cifar10(root: Path, per_batch: int = 8, test: int = 10, seed: int = 0)
     rng = np.random.RandomState(seed)
 
     def batch(n: int) -> dict:
-        return {"data": rng.randint(0, 256, (n, 3072), dtype=np.uint8), "labels": [int(v) for v in rng.randint(0, 10, n)]}
+        return {
+            "data": rng.randint(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.randint(0, 10, n)],
+        }
 
     for b in range(1, 6):
         (folder / f"data_batch_{b}").write_bytes(pickle.dumps(batch(per_batch)))
@@ -35,6 +38,12 @@ def cifar_args(root: Path, n_train: int, per_batch: int = 8, **overrides):
     perm = np.random.RandomState(1).permutation(5 * per_batch)
     np.save(root / "train_idx.npy", perm[:n_train])
     np.save(root / "valid_idx.npy", perm[n_train:])
-    defaults = dict(data="cifar10", data_path=str(root), train_idx_path=str(root / "train_idx.npy"),
-                    val_idx_path=str(root / "valid_idx.npy"), num_workers=0, print_freq=1000)
+    defaults = dict(
+        data="cifar10",
+        data_path=str(root),
+        train_idx_path=str(root / "train_idx.npy"),
+        val_idx_path=str(root / "valid_idx.npy"),
+        num_workers=0,
+        print_freq=1000,
+    )
     return release_args(**{**defaults, **overrides})

@@ -22,7 +22,9 @@ ODD_SIZES = [1, 7, 129, 4097]
 # Devices for the C++/CUDA faces: the CUDA twin skips only where no GPU exists.
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+    ),
 ]
 
 # Device for Triton faces: the GPU where there is one, else CPU under the interpreter.

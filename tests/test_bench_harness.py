@@ -69,8 +69,10 @@ def test_a_broken_case_or_module_is_recorded_and_the_rest_runs(fake_module):
     fine = fake_module("bench_fake_fine", lambda d: [_case("fine too")])
     run = harness.run_all(CPU, [broken, unbuildable, fine], FAST)
     assert [r["op"] for r in run.rows] == ["fine", "fine too"]
-    assert run.failed == ["raises [8]: RuntimeError: this face is broken",
-                          "bench_fake_unbuildable (building its cases): ValueError: no such model"]
+    assert run.failed == [
+        "raises [8]: RuntimeError: this face is broken",
+        "bench_fake_unbuildable (building its cases): ValueError: no such model",
+    ]
     # the timer's cap is cleared after each case: nothing fires later
     time.sleep(0.05)
 
@@ -103,8 +105,9 @@ def test_the_cli_writes_after_every_case_and_keeps_it_on_interrupt(fake_module, 
 def test_the_cli_exits_1_when_a_case_raised(fake_module, tmp_path, capsys):
     name = fake_module("bench_fake_half", lambda d: [_case("ok"), _case("raises", _raise)])
     out = tmp_path / "results.json"
-    rc = bench_main(["--ops", name, "--device", "cpu", "--min-run-time", str(FAST), "--case-cap", "30",
-                     "--output", str(out)])
+    rc = bench_main(
+        ["--ops", name, "--device", "cpu", "--min-run-time", str(FAST), "--case-cap", "30", "--output", str(out)]
+    )
     text = capsys.readouterr().out
     assert rc == 1
     assert "failed: raises [8]: RuntimeError: this face is broken" in text
@@ -114,8 +117,22 @@ def test_the_cli_exits_1_when_a_case_raised(fake_module, tmp_path, capsys):
 
 def test_the_cli_lists_cut_and_unstarted_cases_without_failing(fake_module, tmp_path, capsys):
     name = fake_module("bench_fake_slow_cli", lambda d: [_case("slow", _sleep_forever), _case("unstarted")])
-    rc = bench_main(["--ops", name, "--device", "cpu", "--min-run-time", str(FAST), "--case-cap", "0.5",
-                     "--budget", "0.4", "--output", str(tmp_path / "results.json")])
+    rc = bench_main(
+        [
+            "--ops",
+            name,
+            "--device",
+            "cpu",
+            "--min-run-time",
+            str(FAST),
+            "--case-cap",
+            "0.5",
+            "--budget",
+            "0.4",
+            "--output",
+            str(tmp_path / "results.json"),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     assert "cut: slow [8]: ran past its cap of 0.5 s" in text and "not run: unstarted [8]:" in text

@@ -232,7 +232,9 @@ def test_check_output_dir_refuses_another_runs_folder(tmp_path, marker):
     run = tmp_path / "run"
     run.mkdir()
     (run / marker).mkdir() if marker == "checkpoints" else (run / marker).write_text("{}")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(run))} is another run's folder \(it has {marker}\).*--resume"):
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(run))} is another run's folder \(it has {marker}\).*--resume"
+    ):
         RF.check_output_dir(run)
 
 
@@ -278,9 +280,17 @@ def test_config_json_holds_every_field_versions_and_device(tmp_path):
 
 
 def _record(epoch: int, m: int = 2) -> dict:
-    return {"epoch": epoch, "phase": "mixed", "lr": 0.1, "train_loss": [1.0 + epoch, 2.0 + epoch][:m],
-            "test_acc": [0.5, 0.75][:m], "ensemble_test_acc": 0.8, "time_s": 1.5, "wall_s": 3.0 + epoch,
-            "sam_share": [0.25, 0.75][:m]}  # fmt: skip
+    return {
+        "epoch": epoch,
+        "phase": "mixed",
+        "lr": 0.1,
+        "train_loss": [1.0 + epoch, 2.0 + epoch][:m],
+        "test_acc": [0.5, 0.75][:m],
+        "ensemble_test_acc": 0.8,
+        "time_s": 1.5,
+        "wall_s": 3.0 + epoch,
+        "sam_share": [0.25, 0.75][:m],
+    }
 
 
 def test_log_csv_rows_and_rewrite(tmp_path):

@@ -30,8 +30,26 @@ FIELDS = [f.name for f in dataclasses.fields(T.TrainConfig)]
 COMPARE_REPLACED = {"method": "--methods", "seed": "--seeds", "output_dir": "--output"}
 COMPARE_PER_RUN = {"resume", "from_phase1"}
 # a tiny run: seconds even on a busy 2-core machine
-TINY = ["--dataset", "synthetic", "--epochs", "3", "--train-subset", "48", "--test-subset", "24", "--members", "2",
-        "--width", "4", "--batch-size", "16", "--sharpness-samples", "16", "--eval-corruptions", "--no-progress"]  # fmt: skip
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--epochs",
+    "3",
+    "--train-subset",
+    "48",
+    "--test-subset",
+    "24",
+    "--members",
+    "2",
+    "--width",
+    "4",
+    "--batch-size",
+    "16",
+    "--sharpness-samples",
+    "16",
+    "--eval-corruptions",
+    "--no-progress",
+]
 BAD_INPUT_SECONDS = 20  # generous for a shared machine: a refusal needs no training, only imports and a data load
 
 
@@ -90,8 +108,9 @@ def test_choices_are_listed(capsys):
 
 def test_config_file_and_flags_override_it(tmp_path):
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"config": {"dataset": "synthetic", "epochs": 7, "ratio": 0.3,
-                                               "output_dir": "/old/run"}}))  # fmt: skip
+    cfg_file.write_text(
+        json.dumps({"config": {"dataset": "synthetic", "epochs": 7, "ratio": 0.3, "output_dir": "/old/run"}})
+    )
     p = build_parser()
     args = p.parse_args(["train", "--config", str(cfg_file), "--ratio", "0.25"])
     from sbfast.cli.training import _fields
@@ -136,7 +155,10 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["compare", "--output", str(a_file / "x")], str(a_file / "x")),
         (["compare", "--output", str(tmp_path)], str(tmp_path)),  # holds files: an earlier comparison's place
         (["compare", "--corruption-root", "/nonexistent"], "/nonexistent"),
-        (["compare", "--eval-corruptions", "contrast", "--corruption-root", _bad_corruption_folder(tmp_path)], "cifar-c"),
+        (
+            ["compare", "--eval-corruptions", "contrast", "--corruption-root", _bad_corruption_folder(tmp_path)],
+            "cifar-c",
+        ),
         (["compare", "--ratio", "1.5"], "1.5"),
         (["compare", "--epochs", "0"], "epochs"),
         (["compare", "--methods", "sgd"], "sgd"),
@@ -212,8 +234,12 @@ def test_keyboard_interrupt_is_one_line_exit_130(tmp_path, monkeypatch, capsys):
 
 def test_ctrl_c_in_a_real_process(tmp_path):
     out = tmp_path / "c"
-    proc = subprocess.Popen([sys.executable, "-m", "sbfast", "compare", *TINY[:2], "--epochs", "400", *TINY[4:],
-                             "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sbfast", "compare", *TINY[:2], "--epochs", "400", *TINY[4:], "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not (out / "de" / "seed0" / "log.csv").exists() and not list(out.glob("de/seed0/*.json")):
@@ -279,8 +305,12 @@ def test_compare_forks_sharpbalance_from_de_sam(compared):
 
 def test_train_from_a_runs_config_file_with_overrides(compared, tmp_path):
     out = tmp_path / "t"
-    source = compared / "de" / "seed0" / ("config.json" if (compared / "de" / "seed0" / "config.json").exists()
-                                          else "results.json")  # fmt: skip
+    source = (
+        compared
+        / "de"
+        / "seed0"
+        / ("config.json" if (compared / "de" / "seed0" / "config.json").exists() else "results.json")
+    )
     assert main(["train", "--config", str(source), "--epochs", "2", "--output", str(out)]) == 0
     cfg = json.loads((out / "results.json").read_text())["config"]
     saved = json.loads(source.read_text())["config"]
@@ -311,7 +341,9 @@ def test_train_from_phase1(compared, tmp_path):
         pytest.skip("this build's trainer cannot fork phase 1")
     out = tmp_path / "fork"
     src = compared / "de_sam" / "seed0"
-    assert main(["train", "--from-phase1", str(src), "--ratio", "0.25", "--variant", "boost", "--output", str(out)]) == 0
+    assert (
+        main(["train", "--from-phase1", str(src), "--ratio", "0.25", "--variant", "boost", "--output", str(out)]) == 0
+    )
     cfg = json.loads((out / "results.json").read_text())["config"]
     assert (cfg["method"], cfg["ratio"], cfg["variant"], cfg["epochs"]) == ("sharpbalance", 0.25, "boost", 3)
 
@@ -337,4 +369,3 @@ def test_bench_is_delegated(capsys):
         main(["bench", "--help"])
     assert e.value.code == 0
     assert "python -m bench" in capsys.readouterr().out
-

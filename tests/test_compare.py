@@ -18,11 +18,19 @@ def _record(method: str, seed: int, **metrics: float | None) -> dict:
     full = {k: 0.5 for k in METRICS}
     full.update(metrics)
     return {
-        "method": method, "seed": seed, "metrics": full, "member_acc": [0.9, 0.91], "member_sharpness": [1.0, 2.0],
+        "method": method,
+        "seed": seed,
+        "metrics": full,
+        "member_acc": [0.9, 0.91],
+        "member_sharpness": [1.0, 2.0],
         "curve": {"epoch": [0, 1, 2], "ensemble_acc": [0.5, 0.9, 0.95], "member_acc": [0.4, 0.85, 0.9]},
-        "ood_per_severity": {1: 0.8, 5: 0.5}, "swap_epoch": 0 if method == "sharpbalance" else None, "epochs": 3,
-        "dataset": "digits", "members": 2, "n_test": 360,
-    }  # fmt: skip
+        "ood_per_severity": {1: 0.8, 5: 0.5},
+        "swap_epoch": 0 if method == "sharpbalance" else None,
+        "epochs": 3,
+        "dataset": "digits",
+        "members": 2,
+        "n_test": 360,
+    }
 
 
 @pytest.fixture
@@ -31,7 +39,9 @@ def comparison() -> Comparison:
     acc = {"de": [0.90, 0.92, 0.97], "de_sam": [0.93, 0.93, 0.96], "sharpbalance": [0.95, 0.94, 0.98]}
     der = {"de": [1.2, 1.4, 1.0], "de_sam": [1.0, 1.1, 0.9], "sharpbalance": [1.3, 1.5, None]}
     runs = [_record(m, s, ensemble_acc=acc[m][i], der=der[m][i]) for i, s in enumerate([0, 1, 2]) for m in acc]
-    return Comparison(methods=["de", "de_sam", "sharpbalance"], seeds=[0, 1, 2], runs=runs, config={"dataset": "digits"})
+    return Comparison(
+        methods=["de", "de_sam", "sharpbalance"], seeds=[0, 1, 2], runs=runs, config={"dataset": "digits"}
+    )
 
 
 def test_mean_and_sample_std_by_hand(comparison):
@@ -106,7 +116,10 @@ def test_table_shows_mean_std_and_dashes(comparison):
 
 def test_strict_json_helpers():
     assert finite_or_none(float("inf")) is None and finite_or_none(1.5) == 1.5
-    assert jsonable({1: torch.tensor([1.0, float("nan")]), "t": (float("-inf"), 2)}) == {"1": [1.0, None], "t": [None, 2]}
+    assert jsonable({1: torch.tensor([1.0, float("nan")]), "t": (float("-inf"), 2)}) == {
+        "1": [1.0, None],
+        "t": [None, 2],
+    }
     with pytest.raises(TypeError):
         dumps_strict({"x": object()})
     assert "NaN" not in dumps_strict({"x": float("nan")})
@@ -132,9 +145,19 @@ def test_figures_are_written(comparison, tmp_path):
 
 
 def test_result_json_is_strict_and_sam_share_is_a_dash(tmp_path):
-    cfg = T.TrainConfig(dataset="synthetic", method="de", members=1, epochs=1, train_subset=32, test_subset=16,
-                        batch_size=16, model_kwargs={"width": 2}, sharpness_samples=0, progress=False,
-                        eval_corruptions=())  # fmt: skip
+    cfg = T.TrainConfig(
+        dataset="synthetic",
+        method="de",
+        members=1,
+        epochs=1,
+        train_subset=32,
+        test_subset=16,
+        batch_size=16,
+        model_kwargs={"width": 2},
+        sharpness_samples=0,
+        progress=False,
+        eval_corruptions=(),
+    )
     res = T.train_ensemble(cfg)
     assert math.isnan(res.metrics["der"])  # one member: no disagreement to measure
     text = res.to_json(tmp_path / "r.json")

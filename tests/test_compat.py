@@ -65,8 +65,14 @@ def train_one_epoch(net, loader, optimizer, normal_indice):
 
 def _loader(n_batches: int, b: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.arange(i * b, (i + 1) * b), torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 10, (b,), generator=g))
-            for i in range(n_batches)]
+    return [
+        (
+            torch.arange(i * b, (i + 1) * b),
+            torch.randn(b, 3, 8, 8, generator=g),
+            torch.randint(0, 10, (b,), generator=g),
+        )
+        for i in range(n_batches)
+    ]
 
 
 def test_release_training_loop_matches_reference_bit_for_bit():

@@ -29,8 +29,11 @@ def _net(seed: int = 0, d: int = 6, c: int = 4) -> nn.Module:
 
 def _batch(b: int, n: int = 40, d: int = 6, c: int = 4, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randperm(n, generator=g)[:b], torch.randn(b, d, generator=g, dtype=torch.float64),
-            torch.randint(0, c, (b,), generator=g))
+    return (
+        torch.randperm(n, generator=g)[:b],
+        torch.randn(b, d, generator=g, dtype=torch.float64),
+        torch.randint(0, c, (b,), generator=g),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,13 +41,16 @@ def _batch(b: int, n: int = 40, d: int = 6, c: int = 4, seed: int = 1):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("idx", [
-    [np.int64(3), np.int64(0), np.int64(7)],  # the release's split output
-    np.array([3, 0, 7]),
-    torch.tensor([7, 3, 0]),
-    {0, 3, 7},
-    [3.0, 0.0, 7.0, -1],  # integral floats match; -1 is the release's "none" sentinel
-])
+@pytest.mark.parametrize(
+    "idx",
+    [
+        [np.int64(3), np.int64(0), np.int64(7)],  # the release's split output
+        np.array([3, 0, 7]),
+        torch.tensor([7, 3, 0]),
+        {0, 3, 7},
+        [3.0, 0.0, 7.0, -1],  # integral floats match; -1 is the release's "none" sentinel
+    ],
+)
 def test_lookup_marks_exactly_the_indices_in_idx(idx):
     table = membership.normal_lookup(idx, 10)
     assert table.dtype == torch.bool and table.shape == (10,)
@@ -70,13 +76,16 @@ def test_lookup_is_cached_per_object_and_rebuilt_after_a_change():
     assert membership.normal_lookup(arr, 6) is not b and membership.normal_lookup(arr, 6)[0]
 
 
-@pytest.mark.parametrize("idx,n,match", [
-    ([0, -2], 5, "negative sample index -2"),
-    ([0, 5], 5, "index 5, outside the data set of 5"),
-    ([0.5], 5, "non-integral"),
-    (["a"], 5, "integer sample indices"),
-    ([True, False], 5, "integer sample indices"),
-])
+@pytest.mark.parametrize(
+    "idx,n,match",
+    [
+        ([0, -2], 5, "negative sample index -2"),
+        ([0, 5], 5, "index 5, outside the data set of 5"),
+        ([0.5], 5, "non-integral"),
+        (["a"], 5, "integer sample indices"),
+        ([True, False], 5, "integer sample indices"),
+    ],
+)
 def test_lookup_rejects_what_the_release_silently_never_matches(idx, n, match):
     with pytest.raises((ValueError, TypeError), match=match):
         membership.normal_lookup(idx, n)
@@ -139,8 +148,17 @@ def test_mix_step_on_an_empty_batch_raises():
     net = _net()
     opt = compat.NSAM(net.parameters(), torch.optim.SGD, **SGD)
     with pytest.raises(ValueError, match="empty"):
-        engine.mix_step(None, net, torch.zeros(0, dtype=torch.long), torch.zeros(0, 6, dtype=torch.float64),
-                        torch.zeros(0, dtype=torch.long), [1], opt, 0, "cpu")
+        engine.mix_step(
+            None,
+            net,
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, 6, dtype=torch.float64),
+            torch.zeros(0, dtype=torch.long),
+            [1],
+            opt,
+            0,
+            "cpu",
+        )
 
 
 class _Loader(list):
@@ -219,7 +237,7 @@ def test_evaluate_hand_made():
     data = torch.utils.data.TensorDataset(x, y)
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     loss, acc = engine.evaluate(None, _Fixed(), loader)
-    want_loss = sum(F.cross_entropy(x[i:i + 2], y[i:i + 2]).item() for i in (0, 2, 4)) / 5
+    want_loss = sum(F.cross_entropy(x[i : i + 2], y[i : i + 2]).item() for i in (0, 2, 4)) / 5
     assert type(loss) is float and type(acc) is float
     assert loss == want_loss and acc == 3 / 5
     with pytest.raises(ValueError, match=r"\(images, targets\) pairs"):

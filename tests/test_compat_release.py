@@ -44,37 +44,71 @@ def _loader(data, args, seed):
 @pytest.mark.usefixtures("float64_default")
 def test_main_py_flow_matches_the_reference(tmp_path, capsys):
     m, n_train = 3, 24
-    args = cifar_args(tmp_path, n_train, width=2, sam="True", rho=0.2, flat_ratio=0.5, initial_epochs=0, epochs=2,
-                      batch_size=8, save_path=str(tmp_path / "run") + "/")
+    args = cifar_args(
+        tmp_path,
+        n_train,
+        width=2,
+        sam="True",
+        rho=0.2,
+        flat_ratio=0.5,
+        initial_epochs=0,
+        epochs=2,
+        batch_size=8,
+        save_path=str(tmp_path / "run") + "/",
+    )
     train_data, val_data, test_data, num_classes = compat.create_dataset(args)
     train_data = compat.CustomDataset(train_data)
     val_loader = torch.utils.data.DataLoader(val_data, batch_size=args.batch_size, shuffle=False)
-    fisher_loader = torch.utils.data.DataLoader(compat.CustomDataset(compat.create_dataset(args, is_fisher=True)),
-                                                batch_size=16, shuffle=False)
+    fisher_loader = torch.utils.data.DataLoader(
+        compat.CustomDataset(compat.create_dataset(args, is_fisher=True)), batch_size=16, shuffle=False
+    )
     members = []
     for pid in range(m):
         torch.manual_seed(10 + pid)
         model = compat.create_model(args, num_classes)
         twin = copy.deepcopy(model)
         # main.py: NSAM over SGD, built before model.to(device), scheduler on base_optimizer
-        opt = compat.NSAM(model.parameters(), torch.optim.SGD, rho=args.rho, lr=args.lr, momentum=args.momentum,
-                          weight_decay=args.weight_decay)
+        opt = compat.NSAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=args.rho,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+        )
         model = model.to("cpu")
         milestones = [int(args.epochs / 2), int(args.epochs * 3 / 4)]
         sched = torch.optim.lr_scheduler.MultiStepLR(opt.base_optimizer, milestones=milestones, last_epoch=-1)
-        ref = reference.SAM(twin.parameters(), torch.optim.SGD, rho=args.rho, lr=args.lr, momentum=args.momentum,
-                            weight_decay=args.weight_decay)
+        ref = reference.SAM(
+            twin.parameters(),
+            torch.optim.SGD,
+            rho=args.rho,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+        )
         ref_sched = torch.optim.lr_scheduler.MultiStepLR(ref.base_optimizer, milestones=milestones)
-        members.append(dict(model=model, opt=opt, sched=sched, twin=twin, ref=ref, ref_sched=ref_sched,
-                            normal=np.array([-1]), sam_mask=torch.ones(n_train, dtype=torch.bool)))
+        members.append(
+            dict(
+                model=model,
+                opt=opt,
+                sched=sched,
+                twin=twin,
+                ref=ref,
+                ref_sched=ref_sched,
+                normal=np.array([-1]),
+                sam_mask=torch.ones(n_train, dtype=torch.bool),
+            )
+        )
     dict_to_share = {}
     for epoch in range(args.epochs):
         if (epoch - 1) == args.initial_epochs and args.sam == "True" and args.flat_ratio != 0:
             for pid, mb in enumerate(members):  # every member scores before any selects (the barrier)
                 scores = engine.main_fisher(args, pid, dict_to_share, mb["model"])
                 assert isinstance(scores, np.ndarray) and scores.dtype == np.float64 and scores.shape == (n_train,)
-            ref_scores = torch.stack([reference.fisher_scores(mb["twin"], fisher_loader, num_samples=n_train)
-                                      for mb in members])
+            ref_scores = torch.stack(
+                [reference.fisher_scores(mb["twin"], fisher_loader, num_samples=n_train) for mb in members]
+            )
             ours = torch.from_numpy(np.stack([dict_to_share[pid] for pid in range(m)]))
             torch.testing.assert_close(ours, ref_scores.double(), rtol=SCORE_RTOL, atol=0)
             ref_masks = reference.select_sam_masks(ref_scores, args.flat_ratio, "boost")
@@ -83,11 +117,25 @@ def test_main_py_flow_matches_the_reference(tmp_path, capsys):
                 mb["sam_mask"] = ref_masks[pid]
                 assert [int(i) for i in mb["normal"]] == torch.nonzero(~ref_masks[pid]).flatten().tolist()
         for pid, mb in enumerate(members):
-            loss = compat.train_one_epoch(args, mb["model"], _loader(train_data, args, 100 * epoch + pid), mb["opt"],
-                                          mb["normal"], mb["sched"], epoch, "cpu")
+            loss = compat.train_one_epoch(
+                args,
+                mb["model"],
+                _loader(train_data, args, 100 * epoch + pid),
+                mb["opt"],
+                mb["normal"],
+                mb["sched"],
+                epoch,
+                "cpu",
+            )
             assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
-            ref_loss = reference.train_member_epoch(mb["twin"], mb["ref"], _loader(train_data, args, 100 * epoch + pid),
-                                                    "mixed", sam_mask=mb["sam_mask"], dtype=torch.float64)
+            ref_loss = reference.train_member_epoch(
+                mb["twin"],
+                mb["ref"],
+                _loader(train_data, args, 100 * epoch + pid),
+                "mixed",
+                sam_mask=mb["sam_mask"],
+                dtype=torch.float64,
+            )
             n_batches = -(-n_train // args.batch_size)
             assert float(loss) / n_batches == pytest.approx(ref_loss, rel=1e-12)
             test_loss, test_acc = compat.evaluate(args, mb["model"], val_loader, "cpu")
@@ -135,9 +183,11 @@ def clean_modules():
 
 def _release_utils_source() -> str:
     # the definitions that identify the release's utils.py (bodies irrelevant: never executed)
-    return ("class CustomDataset:\n    pass\ndef create_dataset(args, is_fisher=False):\n    raise RuntimeError\n"
-            "def create_model(args, num_classes):\n    raise RuntimeError\ndef save_model():\n    pass\n"
-            "def load_model():\n    pass\n")
+    return (
+        "class CustomDataset:\n    pass\ndef create_dataset(args, is_fisher=False):\n    raise RuntimeError\n"
+        "def create_model(args, num_classes):\n    raise RuntimeError\ndef save_model():\n    pass\n"
+        "def load_model():\n    pass\n"
+    )
 
 
 @pytest.mark.usefixtures("clean_modules")

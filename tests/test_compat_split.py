@@ -25,8 +25,9 @@ BALANCE_NORMAL = {0: [0, 7, 8], 1: [3, 6, 8], 2: [4, 5, 6, 7]}  # outside A_i | 
 BOOST_NORMAL = {0: [0, 6], 1: [3, 7], 2: [4, 5, 8]}  # outside A_i | (R minus R_i)
 
 
-@pytest.mark.parametrize("fn,want", [(compat.boosting_sam_split, BALANCE_NORMAL),
-                                     (compat.boosting_sam_split_boost, BOOST_NORMAL)])
+@pytest.mark.parametrize(
+    "fn,want", [(compat.boosting_sam_split, BALANCE_NORMAL), (compat.boosting_sam_split_boost, BOOST_NORMAL)]
+)
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_boosting_splits_hand_made(fn, want, i):
     normal = fn(ARGS, FLATS, i, ascend=True)
@@ -63,7 +64,10 @@ def test_boosting_splits_equal_the_reference_selection(n, variant):
     masks = reference.select_sam_masks(scores, k / n if n else 0.0, variant)
     fn = compat.boosting_sam_split if variant == "balance" else compat.boosting_sam_split_boost
     for i in range(4):
-        assert fn(compat.release_args(flat_ratio=ratio), flats, i, ascend=True) == torch.nonzero(~masks[i]).flatten().tolist()
+        assert (
+            fn(compat.release_args(flat_ratio=ratio), flats, i, ascend=True)
+            == torch.nonzero(~masks[i]).flatten().tolist()
+        )
 
 
 def test_sam_idx_complemetary_hand_made(capsys):
@@ -74,8 +78,25 @@ def test_sam_idx_complemetary_hand_made(capsys):
     # descending: all three have {6, 7, 8}
     assert compat.sam_idx_complemetary(ARGS, FLATS, 1, ascend=False).tolist() == [7]
     assert compat.sam_idx_complemetary(compat.release_args(flat_ratio=0.0), FLATS, 0).tolist() == [-1]
-    assert capsys.readouterr().out.split() == ["0", "3", "3", "3", "1", "3", "3", "3", "2", "3", "3", "3",
-                                               "1", "3", "3", "3", "0"]
+    assert capsys.readouterr().out.split() == [
+        "0",
+        "3",
+        "3",
+        "3",
+        "1",
+        "3",
+        "3",
+        "3",
+        "2",
+        "3",
+        "3",
+        "3",
+        "1",
+        "3",
+        "3",
+        "3",
+        "0",
+    ]
 
 
 def test_random_and_same_subsets_are_the_release_draws():
@@ -99,15 +120,18 @@ def test_splits_read_a_manager_dict_as_main_py_shares_it():
         assert compat.boosting_sam_split_boost(ARGS, shared, 1, ascend=True) == BOOST_NORMAL[1]
 
 
-@pytest.mark.parametrize("flats,i,ratio,err,match", [
-    ({0: np.ones(4), 1: np.ones(5)}, 0, 0.5, ValueError, r"flats\[1\] has shape \(5,\) but flats\[0\] has 4"),
-    ({0: np.ones(4), 2: np.ones(4)}, 0, 0.5, ValueError, "member ids 0..1"),
-    ({0: np.ones(4), 1: np.ones(4)}, 2, 0.5, ValueError, "member i = 2"),
-    ({0: np.array([1.0, np.nan, 2.0]), 1: np.ones(3)}, 0, 0.5, ValueError, "NaN"),
-    ({0: np.ones(4), 1: np.ones(4)}, 0, 1.5, ValueError, r"flat_ratio must be a number in \[0, 1\]"),
-    ({0: np.ones((2, 2))}, 0, 0.5, ValueError, "1-D per-sample scores"),
-    ({1: np.ones(4)}, 1, 0.5, KeyError, "0"),  # the release reads flats[0] first
-])
+@pytest.mark.parametrize(
+    "flats,i,ratio,err,match",
+    [
+        ({0: np.ones(4), 1: np.ones(5)}, 0, 0.5, ValueError, r"flats\[1\] has shape \(5,\) but flats\[0\] has 4"),
+        ({0: np.ones(4), 2: np.ones(4)}, 0, 0.5, ValueError, "member ids 0..1"),
+        ({0: np.ones(4), 1: np.ones(4)}, 2, 0.5, ValueError, "member i = 2"),
+        ({0: np.array([1.0, np.nan, 2.0]), 1: np.ones(3)}, 0, 0.5, ValueError, "NaN"),
+        ({0: np.ones(4), 1: np.ones(4)}, 0, 1.5, ValueError, r"flat_ratio must be a number in \[0, 1\]"),
+        ({0: np.ones((2, 2))}, 0, 0.5, ValueError, "1-D per-sample scores"),
+        ({1: np.ones(4)}, 1, 0.5, KeyError, "0"),  # the release reads flats[0] first
+    ],
+)
 def test_split_errors(flats, i, ratio, err, match):
     for fn in (compat.boosting_sam_split, compat.boosting_sam_split_boost):
         with pytest.raises(err, match=match):

@@ -51,7 +51,7 @@ def test_release_transform_train_pipeline_takes_torchvisions_draws(seed):
     assert torch.equal(torch.get_rng_state(), state_after)  # the same draws, no more
     padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
     padded[:, 4:36, 4:36] = torch.from_numpy(img).permute(2, 0, 1)
-    want = padded[:, i:i + 32, j:j + 32]
+    want = padded[:, i : i + 32, j : j + 32]
     want = want.flip(-1) if flip else want
     torch.testing.assert_close(out, _normalise(want), rtol=0, atol=1e-6)
 
@@ -66,10 +66,16 @@ def test_create_dataset_cifar10_from_local_files(tmp_path):
     train, val, test, num_classes = compat.create_dataset(args)
     assert num_classes == 10 and (len(train), len(val), len(test)) == (30, 10, 10)
     train_idx = np.load(args.train_idx_path)
-    raw = np.concatenate([pickle.loads((tmp_path / "cifar-10-batches-py" / f"data_batch_{b}").read_bytes())["data"]
-                          for b in range(1, 6)]).reshape(-1, 3, 32, 32)
-    labels = sum((pickle.loads((tmp_path / "cifar-10-batches-py" / f"data_batch_{b}").read_bytes())["labels"]
-                  for b in range(1, 6)), [])
+    raw = np.concatenate(
+        [pickle.loads((tmp_path / "cifar-10-batches-py" / f"data_batch_{b}").read_bytes())["data"] for b in range(1, 6)]
+    ).reshape(-1, 3, 32, 32)
+    labels = sum(
+        (
+            pickle.loads((tmp_path / "cifar-10-batches-py" / f"data_batch_{b}").read_bytes())["labels"]
+            for b in range(1, 6)
+        ),
+        [],
+    )
     fisher = compat.create_dataset(args, is_fisher=True)
     for k in (0, 7, 29):
         x, y = fisher[k]
@@ -90,8 +96,12 @@ def test_create_dataset_image_folder(tmp_path):
             Image.fromarray(rng.randint(0, 256, (64, 64, 3)).astype(np.uint8)).save(tmp_path / split / cls / "a.png")
     np.save(tmp_path / "tr.npy", np.arange(2))
     np.save(tmp_path / "va.npy", np.arange(2))
-    args = compat.release_args(data="tiny_imgnet", data_path=str(tmp_path), train_idx_path=str(tmp_path / "tr.npy"),
-                               val_idx_path=str(tmp_path / "va.npy"))
+    args = compat.release_args(
+        data="tiny_imgnet",
+        data_path=str(tmp_path),
+        train_idx_path=str(tmp_path / "tr.npy"),
+        val_idx_path=str(tmp_path / "va.npy"),
+    )
     train, val, test, num_classes = compat.create_dataset(args)
     assert num_classes == 200 and len(train) == len(val) == len(test) == 2
     assert train[0][0].shape == (3, 64, 64) and val[1][1] == 1
@@ -144,7 +154,11 @@ def test_save_and_load_model_the_release_layout(tmp_path, capsys):
     compat.save_model(args, net, 4, 0.5, opt)
     compat.save_model(args, net, 4, 0.5, opt, first_stage=True)
     compat.save_model(args, net, 4, 0.5, opt, first_stage=True, save_init=True)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4.pth.tar", "checkpoint.pth.tar", "checkpoint_startepoch.pth.tar"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint-4.pth.tar",
+        "checkpoint.pth.tar",
+        "checkpoint_startepoch.pth.tar",
+    ]
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar")
     assert list(ckpt) == ["epoch", "dataset", "model", "state_dict", "best_acc", "optimizer"]
     assert (ckpt["epoch"], ckpt["dataset"], ckpt["model"], ckpt["best_acc"]) == (4, "cifar10", "resnet18", 0.5)
@@ -163,6 +177,12 @@ def test_save_and_load_model_the_release_layout(tmp_path, capsys):
 
 def test_release_args():
     args = compat.release_args(sam="True", flat_ratio=0.5)
-    assert (args.sam, args.flat_ratio, args.print_freq, args.num_workers, args.initial_epochs) == ("True", 0.5, 50, 4, -1)
+    assert (args.sam, args.flat_ratio, args.print_freq, args.num_workers, args.initial_epochs) == (
+        "True",
+        0.5,
+        50,
+        4,
+        -1,
+    )
     with pytest.raises(TypeError, match="flat_raito"):
         compat.release_args(flat_raito=0.5)

@@ -39,10 +39,21 @@ def test_graph_count_is_the_number_of_batch_shapes_and_stops_growing():
     counters.clear()
     # 70 samples in batches of 16: phase 1 has full batches and a last short batch of 6
     cfg = T.TrainConfig(
-        dataset="synthetic", method="sharpbalance", members=2, epochs=8, swap_epoch=1,
-        train_subset=70, test_subset=32, batch_size=16, model_kwargs={"width": 4},
-        sharpness_samples=0, progress=False, eval_corruptions=(), compile="eager", lr_schedule="step",
-    )  # fmt: skip
+        dataset="synthetic",
+        method="sharpbalance",
+        members=2,
+        epochs=8,
+        swap_epoch=1,
+        train_subset=70,
+        test_subset=32,
+        batch_size=16,
+        model_kwargs={"width": 4},
+        sharpness_samples=0,
+        progress=False,
+        eval_corruptions=(),
+        compile="eager",
+        lr_schedule="step",
+    )
     watch = _Watch()
     result = T.train_ensemble(cfg, callbacks=[watch])
     assert len({h["lr"] for h in result.history}) == 3  # two LR milestones crossed

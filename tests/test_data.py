@@ -526,7 +526,9 @@ def test_corruption_errors(rgb):
     with pytest.raises(ValueError, match="C in"):
         corrupt(torch.rand(1, 2, 8, 8), "fog", 1)
     normalised = (rgb - 0.5) / 0.25  # never denormalised: values far outside [0, 1]
-    with pytest.raises(ValueError, match=r"x must hold pixel values in \[0, 1\] \(denormalise first\), got values in \[-1\.9"):
+    with pytest.raises(
+        ValueError, match=r"x must hold pixel values in \[0, 1\] \(denormalise first\), got values in \[-1\.9"
+    ):
         corrupt(normalised, "shot_noise", 1)
     with pytest.raises(ValueError, match=r"got values in \[nan"):
         corrupt(torch.full((1, 3, 4, 4), float("nan")), "fog", 1)

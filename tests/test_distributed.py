@@ -59,8 +59,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _rank_main(rank, world, out, timeout_s, fn, args):
     torch.set_num_threads(1)
-    ctx = init_distributed("cpu", init_method=f"file://{out}/store", rank=rank, world_size=world,
-                           timeout_s=timeout_s)  # fmt: skip
+    ctx = init_distributed("cpu", init_method=f"file://{out}/store", rank=rank, world_size=world, timeout_s=timeout_s)
     try:
         result = fn(ctx, *args)
     except CollectiveError as e:
@@ -74,8 +73,9 @@ def run_ranks(tmp_path: Path, world: int, fn, *args, timeout_s: float = 30.0) ->
     """Run ``fn(ctx, *args)`` on ``world`` forked ranks; their return values, by rank."""
     out = tmp_path / f"job{time.monotonic_ns()}"
     out.mkdir()
-    pc = mp.start_processes(_rank_main, args=(world, out, timeout_s, fn, args), nprocs=world, join=False,
-                            start_method="fork")  # fmt: skip
+    pc = mp.start_processes(
+        _rank_main, args=(world, out, timeout_s, fn, args), nprocs=world, join=False, start_method="fork"
+    )
     while not pc.join(timeout=60):
         pass
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
@@ -171,7 +171,9 @@ def test_placement_queries_check_their_arguments():
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 129])
-@pytest.mark.parametrize(("members", "world", "spec"), [(3, 2, "auto"), (2, 4, "auto"), (2, 3, "0,1-2"), (1, 3, "auto")])
+@pytest.mark.parametrize(
+    ("members", "world", "spec"), [(3, 2, "auto"), (2, 4, "auto"), (2, 3, "0,1-2"), (1, 3, "auto")]
+)
 def test_row_pieces_cover_every_row_of_every_member_once(n, members, world, spec):
     p = place(members, world, spec)
     seen = torch.zeros(members, n, dtype=torch.int64)
@@ -189,8 +191,14 @@ def test_row_pieces_cover_every_row_of_every_member_once(n, members, world, spec
 
 def test_launch_env_reads_torchrun_variables():
     assert launch_env({}) is None
-    env = {"RANK": "1", "WORLD_SIZE": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "29500"}  # fmt: skip
+    env = {
+        "RANK": "1",
+        "WORLD_SIZE": "3",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "3",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     e = launch_env(env)
     assert (e.rank, e.world_size, e.local_rank, e.master_port) == (1, 3, 1, 29500)
     with pytest.raises(ValueError, match="WORLD_SIZE is missing"):
@@ -253,7 +261,10 @@ def test_score_exchange_and_rank0_selection_equal_the_local_ones(tmp_path, membe
             assert o["failure"][0] == "ValueError" and "ratio" in o["failure"][1]
         else:
             assert o["probs"] is None
-            assert o["failure"] == ("CollectiveError", f"rank {r}/{world}: the selection failed on rank 0 (its error says why)")
+            assert o["failure"] == (
+                "CollectiveError",
+                f"rank {r}/{world}: the selection failed on rank 0 (its error says why)",
+            )
     longest = max(sum(e - s for _, s, e in pieces) for pieces in row_pieces(place(members, world, spec), n))
     assert out[0]["traffic"]["the score exchange"] == {"calls": 1, "bytes": 4 * longest}
 
@@ -297,10 +308,21 @@ def _dp_train(ctx, model, opt, batches, collective):
         elif kind == "sam":
             dp_sam_step(model, opt, shard(xs, k, g), shard(ys, k, g), k_s, collective_forward=collective)
         else:
-            dp_mixed_step(model, opt, shard(xn, k, g), shard(yn, k, g), shard(xs, k, g), shard(ys, k, g), k_n, k_s,
-                          collective_forward=collective)  # fmt: skip
-    return {"params": [p.detach().clone() for p in model.parameters()],
-            "buffers": [b.detach().clone() for b in model.buffers()]}  # fmt: skip
+            dp_mixed_step(
+                model,
+                opt,
+                shard(xn, k, g),
+                shard(yn, k, g),
+                shard(xs, k, g),
+                shard(ys, k, g),
+                k_n,
+                k_s,
+                collective_forward=collective,
+            )
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.detach().clone() for b in model.buffers()],
+    }
 
 
 def _dp_job(ctx, sam_grad_sync, optimizer, sync_bn):
@@ -381,8 +403,9 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 @pytest.mark.parametrize(("sam_grad_sync", "optimizer"), [("all", "fused"), ("local", "fused"), ("all", "reference")])
 def test_a_member_on_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path, sam_grad_sync, optimizer):
     out = run_ranks(tmp_path, 2, _dp_job, sam_grad_sync, optimizer, False)
-    assert all(torch.equal(a, b) for a, b in zip(out[0]["params"], out[1]["params"], strict=True)), \
+    assert all(torch.equal(a, b) for a, b in zip(out[0]["params"], out[1]["params"], strict=True)), (
         "the two ranks' copies of the member differ"
+    )
     batches = _batches(4)
     if sam_grad_sync == "all":
         expected = _single_rank_whole_batch(_mlp(), batches)
@@ -391,8 +414,11 @@ def test_a_member_on_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path, sam_
     err = _max_diff(out[0]["params"], expected)
     assert err <= F64_ATOL, f"{sam_grad_sync}/{optimizer}: max |data parallel - one rank| = {err:.3g}"
     # and the two options do differ (the test would not notice a perturbation that ignores them)
-    other = _per_slice_perturbation_reference(_mlp(), batches, 2) if sam_grad_sync == "all" else \
-        _single_rank_whole_batch(_mlp(), batches)
+    other = (
+        _per_slice_perturbation_reference(_mlp(), batches, 2)
+        if sam_grad_sync == "all"
+        else _single_rank_whole_batch(_mlp(), batches)
+    )
     assert _max_diff(out[0]["params"], other) > 1e-6
     t = out[0]["traffic"]
     reduces = {k: v for k, v in t.items() if k.startswith("the gradient all-reduce")}
@@ -402,13 +428,21 @@ def test_a_member_on_two_ranks_equals_one_rank_on_the_whole_batch(tmp_path, sam_
     perturb = sum(1 for _, _, k_s in PLAN if k_s) if sam_grad_sync == "all" else 0
     final = sum(1 for kind, k_n, k_s in PLAN if k_s or kind == "sgd")
     assert {k: v["calls"] > 0 for k, v in reduces.items()} == {
-        k: True for k, n in [("the gradient all-reduce", final), ("the gradient all-reduce (normal part)", normal),
-                             ("the gradient all-reduce (SAM perturbation)", perturb)] if n}
+        k: True
+        for k, n in [
+            ("the gradient all-reduce", final),
+            ("the gradient all-reduce (normal part)", normal),
+            ("the gradient all-reduce (SAM perturbation)", perturb),
+        ]
+        if n
+    }
     if optimizer == "fused":  # one flat buffer, in chunks of 0.0005 MiB
         flat = SharpBalanceSAM(_mlp().parameters(), lr=LR).flat_buffers()[0]["grad"]
         chunks = -(-flat.numel() * 8 // (int(0.0005 * 2**20) // 8 * 8))
         assert sum(v["bytes"] for v in reduces.values()) == (normal + perturb + final) * flat.numel() * 8
-        assert sum(v["calls"] for v in reduces.values()) == (normal + perturb + final) * chunks > normal + perturb + final
+        assert (
+            sum(v["calls"] for v in reduces.values()) == (normal + perturb + final) * chunks > normal + perturb + final
+        )
 
 
 def test_synchronised_batchnorm_makes_two_ranks_equal_one_rank_with_batchnorm(tmp_path):
@@ -456,9 +490,13 @@ def _skip_flag_job(ctx):
     after_first = inner.found_nonfinite.clone()
     F.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
-    return {"after_first": after_first, "after_step": inner.found_nonfinite.clone(),
-            "skipped": inner.skipped_steps.clone(), "traffic": traffic.snapshot(),
-            "unchanged": all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))}
+    return {
+        "after_first": after_first,
+        "after_step": inner.found_nonfinite.clone(),
+        "skipped": inner.skipped_steps.clone(),
+        "traffic": traffic.snapshot(),
+        "unchanged": all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True)),
+    }
 
 
 def test_a_nonfinite_perturbation_norm_on_one_rank_skips_the_step_on_every_rank(tmp_path):
@@ -498,8 +536,9 @@ def test_a_killed_rank_stops_the_others_with_a_clear_message_within_the_timeout(
     out.mkdir()
     timeout_s = 5.0
     t0 = time.monotonic()
-    pc = mp.start_processes(_rank_main, args=(3, out, timeout_s, _killed_job, (1,)), nprocs=3, join=False,
-                            start_method="fork")  # fmt: skip
+    pc = mp.start_processes(
+        _rank_main, args=(3, out, timeout_s, _killed_job, (1,)), nprocs=3, join=False, start_method="fork"
+    )
     for proc in pc.processes:
         proc.join(timeout=timeout_s + 30)
     elapsed = time.monotonic() - t0
@@ -543,8 +582,11 @@ def test_torchrun_standalone_joins_with_gloo(tmp_path):
         env.pop(var, None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "placement: 3 members on 2 ranks (members): rank 0: members 0, 1 | rank 1: member 2" in proc.stdout
     for r in (0, 1):

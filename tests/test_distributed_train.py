@@ -26,10 +26,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 F64_DP_ATOL = 1e-10  # float64, data parallel (sam_grad_sync="all", no BatchNorm): the order of a few sums
 
 BASE = dict(
-    method="sharpbalance", dataset="synthetic", train_subset=48, test_subset=40, model_kwargs={"width": 4},
-    members=3, dtype="float64", epochs=3, swap_epoch=1, batch_size=16, batching="exact", augment=True,
-    eval_corruptions=(), sharpness_samples=16, progress=False, device="cpu", num_threads=1,
-)  # fmt: skip
+    method="sharpbalance",
+    dataset="synthetic",
+    train_subset=48,
+    test_subset=40,
+    model_kwargs={"width": 4},
+    members=3,
+    dtype="float64",
+    epochs=3,
+    swap_epoch=1,
+    batch_size=16,
+    batching="exact",
+    augment=True,
+    eval_corruptions=(),
+    sharpness_samples=16,
+    progress=False,
+    device="cpu",
+    num_threads=1,
+)
 
 
 def _rank_main(rank, world, out, fn, args):
@@ -54,12 +68,18 @@ def run_ranks(tmp_path: Path, world: int, fn, *args) -> list:
 
 def _summary(result, members: tuple[int, ...]) -> dict:
     return {
-        "scores": result.scores, "masks": result.masks, "metrics": result.metrics, "sharpness": result.sharpness,
-        "train_loss": [h["train_loss"] for h in result.history], "test_acc": [h["test_acc"] for h in result.history],
-        "params": {j: [p.detach().clone() for p in m.state_dict().values()] for j, m in zip(members, result.models,
-                                                                                           strict=True)},
+        "scores": result.scores,
+        "masks": result.masks,
+        "metrics": result.metrics,
+        "sharpness": result.sharpness,
+        "train_loss": [h["train_loss"] for h in result.history],
+        "test_acc": [h["test_acc"] for h in result.history],
+        "params": {
+            j: [p.detach().clone() for p in m.state_dict().values()]
+            for j, m in zip(members, result.models, strict=True)
+        },
         "probs": result.probs,
-    }  # fmt: skip
+    }
 
 
 def _train_job(ctx, config):
@@ -101,8 +121,9 @@ def test_three_members_on_one_two_and_three_ranks_equal_one_process_bit_for_bit(
         params = _merged_params(out)
         assert sorted(params) == [0, 1, 2]
         for j in range(3):
-            assert all(torch.equal(a, b) for a, b in zip(params[j], ref["params"][j], strict=True)), \
+            assert all(torch.equal(a, b) for a, b in zip(params[j], ref["params"][j], strict=True)), (
                 f"{world} rank(s): member {j}'s parameters differ"
+            )
 
 
 def test_data_parallel_members_equal_one_process_to_rounding(tmp_path):
@@ -143,10 +164,18 @@ def test_rank0_writes_one_run_folder_whose_checkpoints_resume_on_any_number_of_r
     folder, snapshot = tmp_path / "run", tmp_path / "snapshot"
     config = dict(BASE, epochs=4, swap_epoch=1, output_dir=str(folder))
     out = run_ranks(tmp_path, 2, _run_folder_job, config, str(snapshot))
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.json", "log.csv", "metrics.txt",
-                                                       "plot.png", "results.json"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoints",
+        "config.json",
+        "log.csv",
+        "metrics.txt",
+        "plot.png",
+        "results.json",
+    ]
     rows = [line.split(",")[:3] for line in (folder / "log.csv").read_text().strip().splitlines()[1:]]
-    expected = [[str(e), p, w] for e, p in enumerate(["sam", "sam", "mixed", "mixed"]) for w in ["0", "1", "2", "ensemble"]]
+    expected = [
+        [str(e), p, w] for e, p in enumerate(["sam", "sam", "mixed", "mixed"]) for w in ["0", "1", "2", "ensemble"]
+    ]
     assert rows == expected  # written once, by rank 0
     payload = load_checkpoint(folder / "checkpoints" / "last.pt")
     assert len(payload["members"]) == 3 and payload["placement"]["groups"] == [[0], [0], [1]]
@@ -166,8 +195,9 @@ def test_rank0_writes_one_run_folder_whose_checkpoints_resume_on_any_number_of_r
         params = _merged_params(got)
         assert got[0]["train_loss"] == out[0]["train_loss"] and got[0]["metrics"] == out[0]["metrics"]
         for j in range(3):
-            assert all(torch.equal(a, b) for a, b in zip(params[j], final[j], strict=True)), \
+            assert all(torch.equal(a, b) for a, b in zip(params[j], final[j], strict=True)), (
                 f"resumed on {world or 1} rank(s): member {j} differs from the uninterrupted run"
+            )
 
 
 def test_a_data_parallel_checkpoint_refuses_a_resume_that_changes_the_numbers(tmp_path):
@@ -178,8 +208,9 @@ def test_a_data_parallel_checkpoint_refuses_a_resume_that_changes_the_numbers(tm
     assert payload["placement"]["groups"] == [[0], [1, 2]]
     out = run_ranks(tmp_path, 2, _resume_job, str(folder), {"placement": "auto", "epochs": 2})
     for o in out:
-        assert o["error"].startswith("ValueError: cannot resume: member 1 was trained on 2 rank(s) and would "
-                                     "continue on 1"), o  # fmt: skip
+        assert o["error"].startswith(
+            "ValueError: cannot resume: member 1 was trained on 2 rank(s) and would continue on 1"
+        ), o
         assert "Resume on 3 rank(s) with placement '0,1-2'" in o["error"]
 
 
@@ -190,7 +221,8 @@ def test_resume_placement_rules():
     assert check_resume_placement(one, None, 3, "local", False, True) is None
     assert check_resume_placement(two, place(3, 2), 3, "local", False, True) is None
     assert check_resume_placement(two, place(3, 3), 3, "local", False, True) == (
-        "resuming on 3 rank(s) (placement 0,1,2) a run checkpointed on 2 (placement 0,0,1)")
+        "resuming on 3 rank(s) (placement 0,1,2) a run checkpointed on 2 (placement 0,0,1)"
+    )
     assert check_resume_placement(two, None, 3, "local", False, True).startswith("resuming on 1 rank(s)")
     with pytest.raises(ValueError, match="member 0 was trained on 2 rank\\(s\\) and would continue on 1"):
         check_resume_placement(dp, place(2, 2), 2, "local", False, False)
@@ -250,8 +282,9 @@ def test_a_single_process_checkpoint_from_inside_an_epoch_resumes_on_ranks(tmp_p
         params = _merged_params(out)
         assert out[0]["train_loss"] == ref["train_loss"], f"{world} ranks: the epoch losses differ"
         for j in range(3):
-            assert all(torch.equal(a, b) for a, b in zip(params[j], ref["params"][j], strict=True)), \
+            assert all(torch.equal(a, b) for a, b in zip(params[j], ref["params"][j], strict=True)), (
                 f"{world} ranks: member {j} differs from the uninterrupted run"
+            )
 
 
 def test_torchrun_sbfast_train_writes_one_run_folder_and_reports_once(tmp_path):
@@ -262,9 +295,28 @@ def test_torchrun_sbfast_train_writes_one_run_folder_and_reports_once(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sbfast",
-           "train", "--method", "sharpbalance", "--dataset", "synthetic", "--train-subset", "48", "--test-subset",
-           "40", "--epochs", "3", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "sbfast",
+        "train",
+        "--method",
+        "sharpbalance",
+        "--dataset",
+        "synthetic",
+        "--train-subset",
+        "48",
+        "--test-subset",
+        "40",
+        "--epochs",
+        "3",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "runs").iterdir())

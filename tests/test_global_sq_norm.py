@@ -31,15 +31,19 @@ def _exact(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _lists(dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
-    return [
-        [torch.randn(n, dtype=dtype, device=device)] for n in ODD_SIZES
-    ] + [
-        [torch.randn(n, 3, dtype=dtype, device=device) for n in ODD_SIZES],  # several shapes
-        [torch.randn(5, dtype=dtype, device=device) for _ in range(40)],  # many small tensors
-        [torch.randn(0, dtype=dtype, device=device), torch.randn(7, dtype=dtype, device=device)],  # an empty one
-        [torch.randn(64, 33, dtype=dtype, device=device).t()],  # non-contiguous
-        [torch.randn(4 * 1031, dtype=dtype, device=device)[1::4], torch.randn(9, 4, dtype=dtype, device=device)[:, 1]],
-    ]
+    return (
+        [[torch.randn(n, dtype=dtype, device=device)] for n in ODD_SIZES]
+        + [
+            [torch.randn(n, 3, dtype=dtype, device=device) for n in ODD_SIZES],  # several shapes
+            [torch.randn(5, dtype=dtype, device=device) for _ in range(40)],  # many small tensors
+            [torch.randn(0, dtype=dtype, device=device), torch.randn(7, dtype=dtype, device=device)],  # an empty one
+            [torch.randn(64, 33, dtype=dtype, device=device).t()],  # non-contiguous
+            [
+                torch.randn(4 * 1031, dtype=dtype, device=device)[1::4],
+                torch.randn(9, 4, dtype=dtype, device=device)[:, 1],
+            ],
+        ]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,7 +61,9 @@ def test_dispatched_op_matches_float64(device, dtype, atol):
 def test_reference_matches_float64(dtype, atol):
     for tensors in _lists(dtype, "cpu"):
         exact = _exact(tensors)
-        assert_within_plain_error(reference.global_sq_norm(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
+        assert_within_plain_error(
+            reference.global_sq_norm(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item())
+        )
 
 
 def _triton_block() -> int:
@@ -73,7 +79,9 @@ def test_triton_matches_float64(dtype, atol):
     block = _triton_block()
     # the GPU's launch: one program per BLOCK, so sizes just under, at and past a block, and a
     # grid of several programs with a ragged last one
-    crossing = [[torch.randn(n, dtype=dtype, device=TRITON_DEVICE)] for n in (block - 1, block, block + 1, 3 * block + 5)]
+    crossing = [
+        [torch.randn(n, dtype=dtype, device=TRITON_DEVICE)] for n in (block - 1, block, block + 1, 3 * block + 5)
+    ]
     for tensors in _lists(dtype, TRITON_DEVICE) + crossing:
         exact = _exact(tensors)
         assert_within_plain_error(triton_face(tensors), _plain(tensors), exact, atol=atol * max(1.0, exact.item()))
@@ -174,7 +182,9 @@ def test_multi_tensor_lists_match_float64_and_repeat_bitwise(device, dtype, atol
 def test_mixed_dtypes_in_one_list_accumulate_in_float64(device):
     # dtypes interleaved: one launch per dtype group, partials of every group in one sum
     dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16]
-    tensors = [torch.randn(n, dtype=dtypes[i % 4], device=device) for i, n in enumerate([7, 4097, 1, 129, 0, 70001] * 3)]
+    tensors = [
+        torch.randn(n, dtype=dtypes[i % 4], device=device) for i, n in enumerate([7, 4097, 1, 129, 0, 70001] * 3)
+    ]
     out = ops.global_sq_norm(tensors)
     assert out.dtype == torch.float64
     # rtol: the CPU kernel sums each chunk of a float32/half tensor in float32 before float64
@@ -186,8 +196,9 @@ def test_mixed_dtypes_in_one_list_accumulate_in_float64(device):
 def test_cuda_kernel_agrees_with_cpu_kernel():
     for dtype, rtol in [(torch.float32, 1e-6), (torch.float64, 1e-13)]:
         tensors = _resnet18_like(dtype, "cpu", width=64)
-        torch.testing.assert_close(ops.global_sq_norm([t.cuda() for t in tensors]).cpu(), ops.global_sq_norm(tensors),
-                                   rtol=rtol, atol=0)
+        torch.testing.assert_close(
+            ops.global_sq_norm([t.cuda() for t in tensors]).cpu(), ops.global_sq_norm(tensors), rtol=rtol, atol=0
+        )
 
 
 @pytest.mark.cuda

@@ -72,11 +72,14 @@ def test_wide_mul_past_int32():
     assert torch.equal(out.cpu(), expected)
 
 
-@pytest.mark.parametrize("row0,col0,row_stride,col_stride", [
-    (60_000, 0, 50_000, 1),  # a row-major sample: rows * stride passes 2^31
-    (0, 60_000, 1, 50_000),  # a transposed view (the unfold of a convolution): cols * stride does
-    (3, 5, 7, 11),  # small values stay exact
-])
+@pytest.mark.parametrize(
+    "row0,col0,row_stride,col_stride",
+    [
+        (60_000, 0, 50_000, 1),  # a row-major sample: rows * stride passes 2^31
+        (0, 60_000, 1, 50_000),  # a transposed view (the unfold of a convolution): cols * stride does
+        (3, 5, 7, 11),  # small values stay exact
+    ],
+)
 def test_offsets_2d_past_int32(row0, col0, row_stride, col_stride):
     r, c = 4, 8
     out = torch.zeros(r, c, dtype=torch.int64, device=TRITON_DEVICE)

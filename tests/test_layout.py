@@ -142,9 +142,14 @@ def test_no_private_names_cross_modules():
         tree = ast.parse(path.read_text())
         aliases = _sbfast_module_aliases(tree)
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in aliases and aliases[node.value.id] != me
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and aliases[node.value.id] != me
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno} reads private {aliases[node.value.id]}.{node.attr}")
     assert not bad, "\n".join(bad)
 
@@ -170,8 +175,14 @@ def test_every_link_resolves_inside_the_repository(doc):
 def _tracked_text_files() -> list[Path]:
     suffixes = {".py", ".md", ".cpp", ".cu", ".h", ".sh", ".toml", ".txt", ".cfg"}
     skip = {"build", "cmake-build", ".git", ".venv", "runs", ".hypothesis", ".pytest_cache"}
-    return sorted(p for p in ROOT.rglob("*") if p.suffix in suffixes and p.is_file()
-                  and not skip.intersection(p.relative_to(ROOT).parts) and "egg-info" not in str(p))  # fmt: skip
+    return sorted(
+        p
+        for p in ROOT.rglob("*")
+        if p.suffix in suffixes
+        and p.is_file()
+        and not skip.intersection(p.relative_to(ROOT).parts)
+        and "egg-info" not in str(p)
+    )
 
 
 def test_nothing_points_outside_the_repository_or_cites_a_tracker():

@@ -217,8 +217,10 @@ def test_ood_metrics_means():
     accs = {(s["corruption"], s["severity"]): (s["ensemble_acc"], s["member_acc_mean"]) for s in r["per_set"]}
     assert accs == {("fog", 1): (1.0, 1.0), ("fog", 2): (1.0, 0.75), ("blur", 1): (0.5, 0.5), ("blur", 2): (0.0, 0.0)}
     # Per severity, unweighted over corruptions: sev 1 -> (1 + 0.5) / 2; sev 2 -> (1 + 0) / 2.
-    assert r["per_severity"] == {1: pytest.approx({"ensemble_acc": 0.75, "member_acc_mean": 0.75}),
-                                 2: pytest.approx({"ensemble_acc": 0.5, "member_acc_mean": 0.375})}  # fmt: skip
+    assert r["per_severity"] == {
+        1: pytest.approx({"ensemble_acc": 0.75, "member_acc_mean": 0.75}),
+        2: pytest.approx({"ensemble_acc": 0.5, "member_acc_mean": 0.375}),
+    }
     assert r["per_corruption"]["fog"] == pytest.approx({"ensemble_acc": 1.0, "member_acc_mean": 0.875})
     assert r["mean"] == pytest.approx({"ensemble_acc": 0.625, "member_acc_mean": 0.5625})
     with pytest.raises(ValueError, match="non-empty"):

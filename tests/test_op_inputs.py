@@ -40,10 +40,22 @@ f32 = torch.float32
 
 def _sam_inputs(n: int = 7):
     w, b, g = torch.randn(n), torch.randn(n), torch.randn(n)
-    return dict(param=w, backup=b, grad=g, normal_grad=torch.randn(n), momentum_buf=torch.randn(n),
-                momentum_ready=torch.zeros(3, dtype=torch.uint8), lr=torch.tensor(0.1), skip=torch.zeros(()),
-                inv_scale=torch.ones(()), weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False,
-                write_grad_sum=False)
+    return dict(
+        param=w,
+        backup=b,
+        grad=g,
+        normal_grad=torch.randn(n),
+        momentum_buf=torch.randn(n),
+        momentum_ready=torch.zeros(3, dtype=torch.uint8),
+        lr=torch.tensor(0.1),
+        skip=torch.zeros(()),
+        inv_scale=torch.ones(()),
+        weight_decay=0.0,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=False,
+        write_grad_sum=False,
+    )
 
 
 def _restore(**changes):
@@ -54,30 +66,77 @@ def _restore(**changes):
 BAD = [
     ("global_sq_norm", lambda: ([torch.ones(3, dtype=torch.int64)],), TypeError, "floating"),
     ("per_sample_grad_sq_norm_direct", lambda: (torch.ones(3, 4), torch.ones(3, 4, 2)), ValueError, r"a \[B, T, d\]"),
-    ("per_sample_grad_sq_norm_gram", lambda: (torch.ones(3, 4, 5), torch.ones(3, 5, 2)), ValueError, "differ in B or T"),
-    ("per_sample_grad_sq_norm_gram", lambda: (torch.ones(3, 4, 5, dtype=torch.int32), torch.ones(3, 4, 2)), TypeError,
-     "floating"),
-    ("per_sample_conv_grad_sq_norm", lambda: (torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3), [6, 2, 3, 3], [1, 1], [0, 0],
-                                      [1, 1], 3), ValueError, "do not fit one convolution"),
-    ("per_sample_conv_grad_sq_norm", lambda: (torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3), [6, 4, 3, 3], [0, 1], [0, 0],
-                                      [1, 1], 1), ValueError, "not a convolution"),
+    (
+        "per_sample_grad_sq_norm_gram",
+        lambda: (torch.ones(3, 4, 5), torch.ones(3, 5, 2)),
+        ValueError,
+        "differ in B or T",
+    ),
+    (
+        "per_sample_grad_sq_norm_gram",
+        lambda: (torch.ones(3, 4, 5, dtype=torch.int32), torch.ones(3, 4, 2)),
+        TypeError,
+        "floating",
+    ),
+    (
+        "per_sample_conv_grad_sq_norm",
+        lambda: (torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3), [6, 2, 3, 3], [1, 1], [0, 0], [1, 1], 3),
+        ValueError,
+        "do not fit one convolution",
+    ),
+    (
+        "per_sample_conv_grad_sq_norm",
+        lambda: (torch.ones(2, 4, 5, 5), torch.ones(2, 6, 3, 3), [6, 4, 3, 3], [0, 1], [0, 0], [1, 1], 1),
+        ValueError,
+        "not a convolution",
+    ),
     ("ksmallest_mask", lambda: (torch.zeros(2, 3), 4), ValueError, r"k = 4 outside \[0, N = 3\]"),
     ("ksmallest_mask", lambda: (torch.zeros(3), 1), ValueError, "2-D"),
     ("ksmallest_mask", lambda: (torch.zeros(2, 3, dtype=torch.int64), 1), TypeError, "floating"),
     ("sharpbalance_masks", lambda: (torch.zeros(2, 3), 0), TypeError, "bool"),
     ("sharpbalance_masks", lambda: (torch.zeros(2, 3, dtype=torch.bool), 2), ValueError, "variant"),
-    ("sam_perturb_", lambda: (torch.randn(7, 2).t(), torch.empty(2, 7), torch.randn(2, 7), torch.tensor(0.1), False),
-     ValueError, "param must be contiguous"),
-    ("sam_perturb_", lambda: (torch.randn(7), torch.empty(6), torch.randn(7), torch.tensor(0.1), False), ValueError,
-     "backup"),
-    ("sam_perturb_", lambda: (torch.randn(7), torch.empty(7), torch.randn(14)[::2], torch.tensor(0.1), False), ValueError,
-     "grad must be contiguous"),
-    ("sam_perturb_", lambda: (torch.randn(7), torch.empty(7), torch.randn(7).double(), torch.tensor(0.1), False),
-     ValueError, "grad"),
-    ("sam_restore_sgd_", lambda: _restore(momentum_buf=torch.randn(14)[::2]), ValueError, "momentum_buf must be contiguous"),
-    ("sam_restore_sgd_", lambda: _restore(momentum_ready=torch.zeros(6, dtype=torch.uint8)[::2]), ValueError,
-     "momentum_ready must be contiguous"),
-    ("sam_restore_sgd_", lambda: _restore(normal_grad=torch.randn(7, 2)[:, 0]), ValueError, "normal_grad must be contiguous"),
+    (
+        "sam_perturb_",
+        lambda: (torch.randn(7, 2).t(), torch.empty(2, 7), torch.randn(2, 7), torch.tensor(0.1), False),
+        ValueError,
+        "param must be contiguous",
+    ),
+    (
+        "sam_perturb_",
+        lambda: (torch.randn(7), torch.empty(6), torch.randn(7), torch.tensor(0.1), False),
+        ValueError,
+        "backup",
+    ),
+    (
+        "sam_perturb_",
+        lambda: (torch.randn(7), torch.empty(7), torch.randn(14)[::2], torch.tensor(0.1), False),
+        ValueError,
+        "grad must be contiguous",
+    ),
+    (
+        "sam_perturb_",
+        lambda: (torch.randn(7), torch.empty(7), torch.randn(7).double(), torch.tensor(0.1), False),
+        ValueError,
+        "grad",
+    ),
+    (
+        "sam_restore_sgd_",
+        lambda: _restore(momentum_buf=torch.randn(14)[::2]),
+        ValueError,
+        "momentum_buf must be contiguous",
+    ),
+    (
+        "sam_restore_sgd_",
+        lambda: _restore(momentum_ready=torch.zeros(6, dtype=torch.uint8)[::2]),
+        ValueError,
+        "momentum_ready must be contiguous",
+    ),
+    (
+        "sam_restore_sgd_",
+        lambda: _restore(normal_grad=torch.randn(7, 2)[:, 0]),
+        ValueError,
+        "normal_grad must be contiguous",
+    ),
     ("sam_restore_sgd_", lambda: _restore(momentum_buf=None), ValueError, "momentum_buf"),
     ("sam_restore_sgd_", lambda: _restore(lr=torch.tensor(1, dtype=torch.int64)), TypeError, "lr"),
     ("sam_restore_sgd_", lambda: _restore(normal_grad=None, write_grad_sum=True), ValueError, "write_grad_sum"),
@@ -150,6 +209,7 @@ def test_triton_face_refuses_like_the_wrapper(case):
 
 def _to(args, device):
     """args on ``device``, strides kept (``Tensor.to`` would keep them too, but says nothing)."""
+
     def move(v):
         if not isinstance(v, torch.Tensor) or v.layout != torch.strided or v.device.type == device:
             return v
@@ -174,11 +234,19 @@ def _strided_cases(device: str):
         ("global_sq_norm", ([rnd(33, 40).t(), rnd(300)[5::3], rnd(6, 5, 4).permute(2, 0, 1)],)),
         ("per_sample_grad_sq_norm_direct", (rnd(3, 40, 7).transpose(1, 2), rnd(3, 7, 20)[:, :, ::2])),
         ("per_sample_grad_sq_norm_gram", (rnd(3, 40, 7).transpose(1, 2), rnd(3, 7, 20)[:, :, ::2])),
-        ("per_sample_conv_grad_sq_norm", (x.contiguous(memory_format=torch.channels_last),
-                                          rnd(2, 3, 5, 9).transpose(2, 3), [3, 4, 3, 3], [1, 1], [1, 0],
-                                          [1, 1], 1)),
-        ("per_sample_conv_grad_sq_norm", (rnd(2, 9, 4)[:, ::3], rnd(2, 4, 6)[:, :, ::2], [4, 3, 2], [2], [1],
-                                          [1], 1)),
+        (
+            "per_sample_conv_grad_sq_norm",
+            (
+                x.contiguous(memory_format=torch.channels_last),
+                rnd(2, 3, 5, 9).transpose(2, 3),
+                [3, 4, 3, 3],
+                [1, 1],
+                [1, 0],
+                [1, 1],
+                1,
+            ),
+        ),
+        ("per_sample_conv_grad_sq_norm", (rnd(2, 9, 4)[:, ::3], rnd(2, 4, 6)[:, :, ::2], [4, 3, 2], [2], [1], [1], 1)),
         ("ksmallest_mask", (torch.randint(0, 3, (50, 3), generator=gen).float().to(device).t(), 20)),
         ("ksmallest_mask", (rnd(3, 100).double()[:, ::2], 17)),
         ("sharpbalance_masks", ((torch.rand(50, 3, generator=gen) < 0.2).to(device).t(), 0)),
@@ -192,8 +260,9 @@ def _contiguous(args):
 
 
 def _assert_handled(face, name, args):
-    assert any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in args if not isinstance(a, list)) or \
-        any(not t.is_contiguous() for a in args if isinstance(a, list) for t in a)
+    assert any(isinstance(a, torch.Tensor) and not a.is_contiguous() for a in args if not isinstance(a, list)) or any(
+        not t.is_contiguous() for a in args if isinstance(a, list) for t in a
+    )
     out, expected = face(*args), face(*_contiguous(args))
     if out.is_floating_point():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -229,10 +298,16 @@ def test_triton_face_handles_non_contiguous(case):
 @pytest.mark.parametrize("face", ["wrapper", "cpu", pytest.param("triton", marks=TRITON)])
 def test_sam_passes_refuse_non_contiguous_and_write_nothing(face):
     device = TRITON_DEVICE if face == "triton" else "cpu"
-    perturb = {"wrapper": ops.sam_perturb_, "cpu": torch.ops.sbfast.sam_perturb_,
-               "triton": registry.triton_op("sam_perturb_") if face == "triton" else None}[face]
-    restore = {"wrapper": ops.sam_restore_sgd_, "cpu": torch.ops.sbfast.sam_restore_sgd_,
-               "triton": registry.triton_op("sam_restore_sgd_") if face == "triton" else None}[face]
+    perturb = {
+        "wrapper": ops.sam_perturb_,
+        "cpu": torch.ops.sbfast.sam_perturb_,
+        "triton": registry.triton_op("sam_perturb_") if face == "triton" else None,
+    }[face]
+    restore = {
+        "wrapper": ops.sam_restore_sgd_,
+        "cpu": torch.ops.sbfast.sam_restore_sgd_,
+        "triton": registry.triton_op("sam_restore_sgd_") if face == "triton" else None,
+    }[face]
     error = RuntimeError if face == "cpu" else ValueError
     base = torch.randn(2, 7, device=device)
     param = base.t()  # [7, 2], strides (1, 7)

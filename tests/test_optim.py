@@ -140,10 +140,22 @@ def test_parity_bfloat16_within_plain_error(name):
 
 def test_param_groups_nesterov_dampening_asam_and_scheduler_bit_exact():
     groups = lambda m: [  # noqa: E731
-        dict(params=list(m.net[0].parameters()), lr=0.03, momentum=0.9, nesterov=True, weight_decay=1e-3,
-             rho=0.1, adaptive=True),
-        dict(params=[p for n, p in m.named_parameters() if not n.startswith("net.0.")], momentum=0.5,
-             dampening=0.2, weight_decay=0.0, rho=0.3),
+        dict(
+            params=list(m.net[0].parameters()),
+            lr=0.03,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=1e-3,
+            rho=0.1,
+            adaptive=True,
+        ),
+        dict(
+            params=[p for n, p in m.named_parameters() if not n.startswith("net.0.")],
+            momentum=0.5,
+            dampening=0.2,
+            weight_decay=0.0,
+            rho=0.3,
+        ),
     ]
     m_ref = _model("mlp")
     m_fast = copy.deepcopy(m_ref)
@@ -166,8 +178,12 @@ def test_param_groups_nesterov_dampening_asam_and_scheduler_bit_exact():
 def test_global_norm_mode_matches_within_rounding():
     # grad_norm="global": one fused sum of squares instead of the norm of per-tensor norms;
     # same SAM step up to the summation order (float64: ~1e-15 relative per step)
-    groups = lambda m: [dict(params=list(m.net[0].parameters()), adaptive=True),  # noqa: E731
-                        dict(params=[p for n, p in m.named_parameters() if not n.startswith("net.0.")])]
+    def groups(m):
+        return [
+            dict(params=list(m.net[0].parameters()), adaptive=True),
+            dict(params=[p for n, p in m.named_parameters() if not n.startswith("net.0.")]),
+        ]
+
     m_ref = _model("mlp")
     m_fast = copy.deepcopy(m_ref)
     ref = reference.SAM(groups(m_ref), torch.optim.SGD, **RELEASE)
@@ -208,8 +224,11 @@ def test_an_lr_tensor_on_another_device_is_refused_inside_a_graph_capture(monkey
         F.cross_entropy(model(x), y).backward()
         before = [p.detach().clone() for p in model.parameters()]
         monkeypatch.setattr(sharpbalance_sam, "is_capturing", lambda device: True)
-        with pytest.raises(ValueError, match=r"param group 0: lr is a tensor on meta, but a CUDA-graph capture needs "
-                                             r"it on the parameters' device cpu \(nothing changed\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"param group 0: lr is a tensor on meta, but a CUDA-graph capture needs "
+            r"it on the parameters' device cpu \(nothing changed\)",
+        ):
             opt.second_step(zero_grad=True)
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
 
@@ -368,8 +387,12 @@ def test_loads_a_reference_sam_state_dict():
         assert torch.equal(a, b)
     # and the other way: torch.optim.SGD takes ours
     sgd = torch.optim.SGD(m_fast.parameters(), lr=1.0, momentum=0.9)
-    sgd.load_state_dict({"state": fast.state_dict()["state"],
-                         "param_groups": [dict(sgd.param_groups[0], params=list(range(len(list(m_fast.parameters())))))]})
+    sgd.load_state_dict(
+        {
+            "state": fast.state_dict()["state"],
+            "param_groups": [dict(sgd.param_groups[0], params=list(range(len(list(m_fast.parameters())))))],
+        }
+    )
     assert torch.equal(sgd.state[next(m_fast.parameters())]["momentum_buffer"], _momenta(fast, m_fast)[0])
 
 
@@ -520,6 +543,7 @@ def no_host_sync(monkeypatch):
     def forbid(name):
         def raiser(self, *args, **kwargs):
             raise AssertionError(f"host synchronisation: Tensor.{name} called in a step")
+
         return raiser
 
     def install():

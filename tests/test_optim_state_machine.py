@@ -45,20 +45,27 @@ from sbfast.optim import SharpBalanceSAM
 
 EXAMPLES = 150
 STEPS = 30
-SHAPES = [((3, 4), torch.float64), ((4,), torch.float64), ((2, 3), torch.float32), ((5,), torch.float32),
-          ((1,), torch.float64)]
+SHAPES = [
+    ((3, 4), torch.float64),
+    ((4,), torch.float64),
+    ((2, 3), torch.float32),
+    ((5,), torch.float32),
+    ((1,), torch.float64),
+]
 GROUPS = [[0, 1, 2], [3, 4]]  # a group mixes dtypes; a dtype spans groups
 POISON = [float("nan"), float("inf"), float("-inf")]
 
-hyper = st.fixed_dictionaries({
-    "lr": st.sampled_from([0.0, 0.01, 0.1, 0.5]),
-    "momentum": st.sampled_from([0.0, 0.5, 0.9]),
-    "dampening": st.sampled_from([0.0, 0.3]),
-    "nesterov": st.booleans(),
-    "weight_decay": st.sampled_from([0.0, 1e-3, 0.1]),
-    "rho": st.sampled_from([0.0, 0.05, 0.5]),
-    "adaptive": st.booleans(),
-})
+hyper = st.fixed_dictionaries(
+    {
+        "lr": st.sampled_from([0.0, 0.01, 0.1, 0.5]),
+        "momentum": st.sampled_from([0.0, 0.5, 0.9]),
+        "dampening": st.sampled_from([0.0, 0.3]),
+        "nesterov": st.booleans(),
+        "weight_decay": st.sampled_from([0.0, 1e-3, 0.1]),
+        "rho": st.sampled_from([0.0, 0.05, 0.5]),
+        "adaptive": st.booleans(),
+    }
+)
 
 
 def _valid(h: dict) -> dict:
@@ -113,7 +120,8 @@ class SAMMachine(RuleBasedStateMachine):
             grads=[None if p.grad is None else p.grad.clone() for p in self.fast_p + self.ref_p],
             fast_sd=copy.deepcopy(self.fast.state_dict()),
             ref_sd=copy.deepcopy(self.ref.state_dict()),
-            skipped=int(self.fast.skipped_steps), has_normal=self.fast.has_normal,
+            skipped=int(self.fast.skipped_steps),
+            has_normal=self.fast.has_normal,
         )
 
     def _assert_unchanged(self, before: dict) -> None:
@@ -181,12 +189,17 @@ class SAMMachine(RuleBasedStateMachine):
                 else:
                     p.grad.add_(v)
 
-    @rule(data=st.data(), kind=st.sampled_from(["sam", "mixed", "normal only"]),
-          poison=st.sampled_from([None, "normal", "first", "second"]), zero_grad=st.booleans())
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["sam", "mixed", "normal only"]),
+        poison=st.sampled_from([None, "normal", "first", "second"]),
+        zero_grad=st.booleans(),
+    )
     def training_step(self, data, kind, poison, zero_grad):
         """A whole step as a training loop makes it (the mixed step of docs/algorithm.md), built from the
         rules above, so that long runs of full steps, with a non-finite gradient in any pass,
         come up as often as the odd orders."""
+
         def then(phase, *args):  # each part as its own rule, the invariant after each
             phase(*args)
             self.agree()
@@ -244,8 +257,10 @@ class SAMMachine(RuleBasedStateMachine):
             return
         perturbed = {id(p) for p in self.ref_p if p.grad is not None}
         if not finite:  # skip mode: the fused step goes on device-side, the reference cannot
-            self.poisoned = [~torch.isfinite(p.grad) if p.grad is not None else torch.zeros_like(p, dtype=torch.bool)
-                             for p in self.ref_p]
+            self.poisoned = [
+                ~torch.isfinite(p.grad) if p.grad is not None else torch.zeros_like(p, dtype=torch.bool)
+                for p in self.ref_p
+            ]
             self.fast.first_step(zero_grad=zero_grad)
             if zero_grad:
                 self.ref.zero_grad()
@@ -332,8 +347,11 @@ class SAMMachine(RuleBasedStateMachine):
 
         def updated(p: torch.Tensor) -> bool:
             state = self.ref.state.get(p, {})
-            return (p.grad is not None or (self.ref.has_normal and "normal_g" in state)
-                    or (phase == "second_step" and id(p) in self.perturbed))
+            return (
+                p.grad is not None
+                or (self.ref.has_normal and "normal_g" in state)
+                or (phase == "second_step" and id(p) in self.perturbed)
+            )
 
         if not any(updated(p) for p in self.ref.param_groups[group]["params"]):
             return  # the phase reads no lr of this group
@@ -380,6 +398,7 @@ class SAMMachine(RuleBasedStateMachine):
         assert int(self.fast.skipped_steps) == (self.skipped if self.nonfinite == "skip" else 0)
 
 
-SAMMachine.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
-                                        suppress_health_check=[HealthCheck.too_slow])
+SAMMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 TestSAMMachine = pytest.mark.usefixtures("one_thread")(SAMMachine.TestCase)

@@ -83,8 +83,9 @@ def test_dispatched_op_matches_float64(device, form, dtype, atol, shape):
 def test_reference_matches_float64(form):
     for shape in SHAPES:
         a, g = _inputs(shape, torch.float64, "cpu")
-        torch.testing.assert_close(getattr(reference, f"per_sample_grad_sq_norm_{form}")(a, g), _exact(a, g),
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            getattr(reference, f"per_sample_grad_sq_norm_{form}")(a, g), _exact(a, g), rtol=1e-12, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,8 +127,16 @@ TRITON_DTYPES = [
     (torch.float32, 1e-6),
     (torch.float64, 1e-13),
     (torch.float16, 1e-6),
-    pytest.param(torch.bfloat16, 1e-6, marks=[pytest.mark.cuda, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no CUDA GPU (the interpreter's bfloat16 tl.dot is wrong)")]),
+    pytest.param(
+        torch.bfloat16,
+        1e-6,
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="no CUDA GPU (the interpreter's bfloat16 tl.dot is wrong)"
+            ),
+        ],
+    ),
 ]
 
 
@@ -178,7 +187,6 @@ def test_bad_inputs_name_the_problem(form):
             op(torch.ones(3, 4, 5), torch.ones(3, 4, 2, device="cuda"))
 
 
-
 # --------------------------------------------------------------------------------------------
 # sbfast::per_sample_conv_grad_sq_norm
 # --------------------------------------------------------------------------------------------
@@ -217,8 +225,8 @@ def _conv_exact(x, g, w_size, stride, padding, dilation, groups):
     out = []
     for i in range(x.shape[0]):
         w = torch.zeros(w_size, dtype=torch.float64, requires_grad=True)
-        y = conv(x[i:i + 1].double().cpu(), w, None, stride, padding, dilation, groups)
-        (dw,) = torch.autograd.grad(y, w, g[i:i + 1].double().cpu())
+        y = conv(x[i : i + 1].double().cpu(), w, None, stride, padding, dilation, groups)
+        (dw,) = torch.autograd.grad(y, w, g[i : i + 1].double().cpu())
         out.append(dw.pow(2).sum())
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
@@ -242,8 +250,9 @@ def test_conv_op_matches_float64(device, dtype, rtol, case):
 def test_conv_reference_matches_float64():
     for case in CONVS:
         x, g, geometry = _conv_case(case, torch.float64, "cpu")
-        torch.testing.assert_close(reference.per_sample_conv_grad_sq_norm(x, g, *geometry),
-                                   _conv_exact(x, g, *geometry), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            reference.per_sample_conv_grad_sq_norm(x, g, *geometry), _conv_exact(x, g, *geometry), rtol=1e-12, atol=0
+        )
 
 
 @pytest.mark.triton
@@ -252,8 +261,9 @@ def test_triton_conv_matches_float64(dtype, rtol):
     face = registry.triton_op("per_sample_conv_grad_sq_norm")
     for case in [c for c in CONVS if c[0][-1] < 16]:  # the interpreter is slow
         x, g, geometry = _conv_case(case, dtype, TRITON_DEVICE)
-        torch.testing.assert_close(face(x, g, *geometry).double().cpu(), _conv_exact(x, g, *geometry),
-                                   rtol=rtol, atol=0)
+        torch.testing.assert_close(
+            face(x, g, *geometry).double().cpu(), _conv_exact(x, g, *geometry), rtol=rtol, atol=0
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -316,12 +326,14 @@ CONV_FORMS = [
 def test_conv_both_forms_and_layouts(device, dtype, rtol, case):
     x, g, geometry = _conv_case(case, dtype, device, seed=7)
     exact = _conv_exact(x, g, *geometry)
-    torch.testing.assert_close(ops.per_sample_conv_grad_sq_norm(x, g, *geometry).double().cpu(), exact,
-                               rtol=rtol, atol=0)
+    torch.testing.assert_close(
+        ops.per_sample_conv_grad_sq_norm(x, g, *geometry).double().cpu(), exact, rtol=rtol, atol=0
+    )
     if x.dim() == 4:  # channels_last input and output gradient: strided, handled by a dense copy
         xl, gl = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(ops.per_sample_conv_grad_sq_norm(xl, gl, *geometry).double().cpu(), exact,
-                                   rtol=rtol, atol=0)
+        torch.testing.assert_close(
+            ops.per_sample_conv_grad_sq_norm(xl, gl, *geometry).double().cpu(), exact, rtol=rtol, atol=0
+        )
 
 
 @pytest.mark.cuda
@@ -334,8 +346,12 @@ def test_cuda_kernels_agree_with_cpu_kernels():
             torch.testing.assert_close(op(a.cuda(), g.cuda()).cpu(), op(a, g), rtol=1e-12, atol=0)
     for case in CONVS + CONV_FORMS:
         x, g, geometry = _conv_case(case, torch.float64, "cpu")
-        torch.testing.assert_close(ops.per_sample_conv_grad_sq_norm(x.cuda(), g.cuda(), *geometry).cpu(),
-                                   ops.per_sample_conv_grad_sq_norm(x, g, *geometry), rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            ops.per_sample_conv_grad_sq_norm(x.cuda(), g.cuda(), *geometry).cpu(),
+            ops.per_sample_conv_grad_sq_norm(x, g, *geometry),
+            rtol=1e-12,
+            atol=0,
+        )
 
 
 @pytest.mark.cuda
@@ -345,8 +361,11 @@ def test_cuda_graph_replays_the_per_sample_norms():
     x, gc, geometry = _conv_case(CONV_FORMS[0], torch.float32, "cuda")
 
     def all_norms():
-        return (ops.per_sample_grad_sq_norm_direct(a, g), ops.per_sample_grad_sq_norm_gram(a, g),
-                ops.per_sample_conv_grad_sq_norm(x, gc, *geometry))
+        return (
+            ops.per_sample_grad_sq_norm_direct(a, g),
+            ops.per_sample_grad_sq_norm_gram(a, g),
+            ops.per_sample_conv_grad_sq_norm(x, gc, *geometry),
+        )
 
     all_norms()
     torch.cuda.synchronize()

@@ -39,8 +39,12 @@ def mlp(seed: int = 0, dtype: torch.dtype = F64) -> nn.Module:
 def bn_cnn(seed: int = 0, dtype: torch.dtype = F64) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4),
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 4),
     ).to(dtype)
     with torch.no_grad():  # non-trivial running statistics, so eval mode differs from train mode
         model(torch.randn(16, 1, 5, 5, dtype=dtype) * 2 + 1)
@@ -49,7 +53,7 @@ def bn_cnn(seed: int = 0, dtype: torch.dtype = F64) -> nn.Module:
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int, order: torch.Tensor | None = None) -> list:
     idx = torch.arange(len(x)) if order is None else order
-    return [(idx[i:i + size], x[idx[i:i + size]], y[idx[i:i + size]]) for i in range(0, len(x), size)]
+    return [(idx[i : i + size], x[idx[i : i + size]], y[idx[i : i + size]]) for i in range(0, len(x), size)]
 
 
 def quad_setup():
@@ -118,8 +122,10 @@ def test_global_norm_across_groups_with_own_rho():
     model = nn.Linear(3, 2).to(F64)
     opt = SAM([{"params": [model.weight]}, {"params": [model.bias], "rho": 0.5}], rho=0.1, lr=0.1)
     F.cross_entropy(model(torch.randn(4, 3, dtype=F64)), torch.tensor([0, 1, 1, 0])).backward()
-    (w0, b0), (gw, gb) = (model.weight.detach().clone(), model.bias.detach().clone()), (
-        model.weight.grad.clone(), model.bias.grad.clone())
+    (w0, b0), (gw, gb) = (
+        (model.weight.detach().clone(), model.bias.detach().clone()),
+        (model.weight.grad.clone(), model.bias.grad.clone()),
+    )
     n = float(torch.sqrt((gw**2).sum() + (gb**2).sum()))
     opt.first_step()
     torch.testing.assert_close(model.weight.detach(), w0 + 0.1 * gw / (n + EPS), rtol=0, atol=1e-15)
@@ -138,8 +144,7 @@ def test_second_step_restores_bit_exactly_before_base_step():
     F.cross_entropy(model(x), y).backward()
     seen = []
     real_step = opt.base_optimizer.step
-    opt.base_optimizer.step = lambda: (seen.append([p.detach().clone() for p in model.parameters()]),
-                                       real_step())
+    opt.base_optimizer.step = lambda: (seen.append([p.detach().clone() for p in model.parameters()]), real_step())
     opt.second_step()
     assert all(torch.equal(s, b) for s, b in zip(seen[0], before, strict=True))
     assert storages == [p.data_ptr() for p in model.parameters()]  # restored in place
@@ -210,8 +215,14 @@ def test_lr_scheduler_drives_base_optimizer():
 
 def _run_mixed(model, opt, steps, start=0):
     gen = torch.Generator().manual_seed(123)
-    data = [(torch.randn(8, 4, generator=gen, dtype=F64), torch.randint(0, 3, (8,), generator=gen),
-             torch.rand(8, generator=gen) < 0.5) for _ in range(start + steps)]
+    data = [
+        (
+            torch.randn(8, 4, generator=gen, dtype=F64),
+            torch.randint(0, 3, (8,), generator=gen),
+            torch.rand(8, generator=gen) < 0.5,
+        )
+        for _ in range(start + steps)
+    ]
     for x, y, m in data[start:]:
         mixed_step(model, opt, x, y, m)
 
@@ -318,7 +329,7 @@ def test_fisher_bn_model_matches_eval_loop_and_restores_modes():
     expected = []
     for i in range(7):
         ref.zero_grad()
-        F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1]).backward()
+        F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
         expected.append(sum(float((p.grad**2).sum()) for p in ref.parameters()))
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=0)
 
@@ -429,11 +440,14 @@ def test_sam_loss_gap_rho_zero_is_zero_and_bad_rho_raises():
 
 # ---------------------------------------------------------------------- select_sam_masks
 
-HAND_SCORES = torch.tensor([
-    [0.0, .5, .5, .5, .5, .5, .5, .5, .5, .5],  # F_0 = {0, 1}: the tie among 1..9 goes to index 1
-    [9.0, .1, .2, 9., 9., 9., 9., 9., 9., 9.],  # F_1 = {1, 2}
-    [3.0, 3., 3., 1., 1., 1., 3., 3., 3., 3.],  # F_2 = {3, 4}: the tie among 3, 4, 5 goes to 3, 4
-], dtype=F64)
+HAND_SCORES = torch.tensor(
+    [
+        [0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],  # F_0 = {0, 1}: the tie among 1..9 goes to index 1
+        [9.0, 0.1, 0.2, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0],  # F_1 = {1, 2}
+        [3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0],  # F_2 = {3, 4}: the tie among 3, 4, 5 goes to 3, 4
+    ],
+    dtype=F64,
+)
 # k = 2, U = {0..4}, R = [5, 6, 7, 8, 9], R_0 = [5, 8], R_1 = [6, 9], R_2 = [7]
 # A_0 = {1, 2, 3, 4}, A_1 = {0, 1, 3, 4}, A_2 = {0, 1, 2}
 HAND_BALANCE = [  # A_i | R_i
@@ -509,8 +523,11 @@ def _python_masks(rows: list[list[float]], n: int, ratio: float, variant: str) -
 
 @settings(max_examples=150, deadline=None)
 @given(
-    m=st.integers(1, 4), n=st.integers(0, 25), ratio=st.floats(0.0, 1.0),
-    variant=st.sampled_from(["balance", "boost"]), data=st.data(),
+    m=st.integers(1, 4),
+    n=st.integers(0, 25),
+    ratio=st.floats(0.0, 1.0),
+    variant=st.sampled_from(["balance", "boost"]),
+    data=st.data(),
 )
 def test_select_matches_python_rules(m, n, ratio, variant, data):
     # few distinct values, so ties are everywhere
@@ -526,21 +543,24 @@ def test_select_matches_python_rules(m, n, ratio, variant, data):
         assert all(masks[i, s] for s in others)
 
 
-@pytest.mark.parametrize("scores,kwargs,match", [
-    (torch.zeros(5), {}, "2-D"),
-    (torch.zeros(0, 5), {}, "M = 0"),
-    (torch.zeros(2, 5, dtype=torch.long), {}, "floating"),
-    (torch.tensor([[0.0, float("nan")]]), {}, "NaN"),
-    (torch.tensor([[0.0, float("inf")]]), {}, "inf"),
-    (torch.zeros(2, 5), {"ratio": -0.1}, "ratio"),
-    (torch.zeros(2, 5), {"ratio": 1.5}, "ratio"),
-    (torch.zeros(2, 5), {"ratio": float("nan")}, "ratio"),
-    (torch.zeros(2, 5), {"ratio": "0.5"}, "ratio"),
-    (torch.zeros(2, 5), {"ratio": True}, "ratio"),
-    (torch.zeros(2, 5), {"variant": "sharp"}, "variant"),
-    (torch.zeros(2, 5), {"seeds": [1]}, "seeds"),
-    (torch.zeros(2, 5), {"seeds": [1, 2.5]}, "seeds"),
-])
+@pytest.mark.parametrize(
+    "scores,kwargs,match",
+    [
+        (torch.zeros(5), {}, "2-D"),
+        (torch.zeros(0, 5), {}, "M = 0"),
+        (torch.zeros(2, 5, dtype=torch.long), {}, "floating"),
+        (torch.tensor([[0.0, float("nan")]]), {}, "NaN"),
+        (torch.tensor([[0.0, float("inf")]]), {}, "inf"),
+        (torch.zeros(2, 5), {"ratio": -0.1}, "ratio"),
+        (torch.zeros(2, 5), {"ratio": 1.5}, "ratio"),
+        (torch.zeros(2, 5), {"ratio": float("nan")}, "ratio"),
+        (torch.zeros(2, 5), {"ratio": "0.5"}, "ratio"),
+        (torch.zeros(2, 5), {"ratio": True}, "ratio"),
+        (torch.zeros(2, 5), {"variant": "sharp"}, "variant"),
+        (torch.zeros(2, 5), {"seeds": [1]}, "seeds"),
+        (torch.zeros(2, 5), {"seeds": [1, 2.5]}, "seeds"),
+    ],
+)
 def test_select_errors(scores, kwargs, match):
     kwargs = {"ratio": 0.5, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -566,8 +586,10 @@ def _manual_mixed(model, x, y, mask, rho):
         n = torch.sqrt(sum((gi**2).sum() for gi in g))
         e = {name: (rho * gi / (n + EPS)).detach() for name, gi in zip(names, g, strict=True)}
     w_e = {name: w[name] + e[name] for name in names}
-    total = (F.cross_entropy(functional_call(model, w, (x[~mask],)), y[~mask], reduction="sum")
-             + F.cross_entropy(functional_call(model, w_e, (x[mask],)), y[mask], reduction="sum")) / b
+    total = (
+        F.cross_entropy(functional_call(model, w, (x[~mask],)), y[~mask], reduction="sum")
+        + F.cross_entropy(functional_call(model, w_e, (x[mask],)), y[mask], reduction="sum")
+    ) / b
     loss_w = F.cross_entropy(functional_call(model, w, (x,)), y)
     return torch.autograd.grad(total, list(w.values())), float(loss_w.detach())
 
@@ -577,9 +599,12 @@ def test_mixed_step_matches_manual_sgd():
     model = mlp(3)
     opt = SAM(model.parameters(), rho=rho, lr=lr, momentum=mom, weight_decay=wd)
     gen = torch.Generator().manual_seed(4)
-    masks = [torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool),
-             torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool),
-             torch.tensor([0, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)]
+    masks = [
+        torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool),
+        torch.ones(8, dtype=torch.bool),
+        torch.zeros(8, dtype=torch.bool),
+        torch.tensor([0, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool),
+    ]
     bufs = None
     for mask in masks:
         x, y = torch.randn(8, 4, generator=gen, dtype=F64), torch.randint(0, 3, (8,), generator=gen)
@@ -600,8 +625,14 @@ def test_mixed_step_bad_inputs():
     opt = SAM(model.parameters(), rho=0.1, lr=0.1)
     x, y = torch.randn(4, 4, dtype=F64), torch.tensor([0, 1, 2, 0])
     ok = torch.tensor([True, False, True, False])
-    for args in [(x, y[:3], ok), (x, y, ok[:3]), (x[:3], y, ok), (x, y, ok.long()), (x[:0], y[:0], ok[:0]),
-                 (x, y[:, None], ok)]:
+    for args in [
+        (x, y[:3], ok),
+        (x, y, ok[:3]),
+        (x[:3], y, ok),
+        (x, y, ok.long()),
+        (x[:0], y[:0], ok[:0]),
+        (x, y[:, None], ok),
+    ]:
         with pytest.raises(ValueError):
             mixed_step(model, opt, *args)
     with pytest.raises(TypeError):

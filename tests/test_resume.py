@@ -34,10 +34,22 @@ from sbfast.train.run_folder import RunLog
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASE = dict(
-    dataset="synthetic", members=2, epochs=4, swap_epoch=1, train_subset=64, test_subset=32, batch_size=16,
-    model_kwargs={"width": 4}, sharpness_samples=16, progress=False, augment=True, augment_pad=1,
-    eval_corruptions=("gaussian_noise",), eval_severities=(1,), num_threads=1,
-)  # fmt: skip
+    dataset="synthetic",
+    members=2,
+    epochs=4,
+    swap_epoch=1,
+    train_subset=64,
+    test_subset=32,
+    batch_size=16,
+    model_kwargs={"width": 4},
+    sharpness_samples=16,
+    progress=False,
+    augment=True,
+    augment_pad=1,
+    eval_corruptions=("gaussian_noise",),
+    eval_severities=(1,),
+    num_threads=1,
+)
 # phase 1: 2 epochs x 2 members x 4 batches of 16; phase 2: 2 epochs x 2 members x 4-5 batches
 PHASE1_STEPS = 16
 PHASE2_STEPS = 16  # at least; static batching may add a tail batch per member epoch
@@ -118,8 +130,11 @@ def run_child(config: dict, hook: str, kill_on_pause: bool, timeout: float = 300
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, json.dumps(config), hook],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     out: list[str] = []
     try:
         sel = selectors.DefaultSelector()
@@ -153,7 +168,9 @@ def assert_same_run(got: T.EnsembleResult, want: T.EnsembleResult) -> None:
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         for k in sa:
-            assert torch.equal(sa[k], sb[k]), f"member {j} {k} differs (max {float((sa[k].double() - sb[k].double()).abs().max())})"
+            assert torch.equal(sa[k], sb[k]), (
+                f"member {j} {k} differs (max {float((sa[k].double() - sb[k].double()).abs().max())})"
+            )
     for name in ("scores", "masks"):
         x, y = getattr(got, name), getattr(want, name)
         assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
@@ -224,8 +241,19 @@ def test_checkpoint_every_thins_last(data, tmp_path):
 
     TR.save_checkpoint, saved = spy, TR.save_checkpoint
     try:
-        T.train_ensemble(T.TrainConfig(**cfg(output_dir=str(d), epochs=6, swap_epoch=1, checkpoint_every=3,
-                                             eval_corruptions=(), sharpness_samples=0)), data=data)  # fmt: skip
+        T.train_ensemble(
+            T.TrainConfig(
+                **cfg(
+                    output_dir=str(d),
+                    epochs=6,
+                    swap_epoch=1,
+                    checkpoint_every=3,
+                    eval_corruptions=(),
+                    sharpness_samples=0,
+                )
+            ),
+            data=data,
+        )
     finally:
         TR.save_checkpoint = saved
     # T_d = 1 ends phase 1 (last, then phase1), epoch 2 is the 3rd (every 3), epoch 5 the last
@@ -360,8 +388,10 @@ def test_no_good_checkpoint_is_one_clear_error(runs, data, tmp_path):
 def test_requested_fields():
     assert requested_fields(T.TrainConfig(resume="r")) == {"resume": "r"}
     assert requested_fields(T.TrainConfig(resume="r", progress=False, rho=0.05)) == {
-        "resume": "r", "progress": False, "rho": 0.05,
-    }  # fmt: skip
+        "resume": "r",
+        "progress": False,
+        "rho": 0.05,
+    }
     assert requested_fields({"resume": "r", "seed": 3}) == {"resume": "r", "seed": 3}
     with pytest.raises(ValueError, match="unknown TrainConfig fields \\['bogus'\\]"):
         requested_fields({"bogus": 1})
@@ -369,13 +399,22 @@ def test_requested_fields():
 
 def test_resumed_config_rules():
     saved = T.TrainConfig(**cfg(output_dir="old"))
-    got = resumed_config(saved, {"progress": True, "num_threads": 2, "eval_every": 2, "backend": "reference"}, "r", "cpu")
+    got = resumed_config(
+        saved, {"progress": True, "num_threads": 2, "eval_every": 2, "backend": "reference"}, "r", "cpu"
+    )
     assert (got.progress, got.num_threads, got.eval_every, got.backend) == (True, 2, 2, "reference")
     assert got.output_dir == "r" and got.resume is None and got.rho == saved.rho
-    for change, name in [({"rho": 0.05}, "rho"), ({"seed": 1}, "seed"), ({"epochs": 9}, "epochs"),
-                         ({"batching": "exact"}, "batching"), ({"ratio": 0.3}, "ratio"),
-                         ({"corruption_root": "/c"}, "corruption_root"), ({"output_dir": "elsewhere"}, "output_dir"),
-                         ({"device": "cuda"}, "device"), ({"from_phase1": "x"}, "from_phase1")]:  # fmt: skip
+    for change, name in [
+        ({"rho": 0.05}, "rho"),
+        ({"seed": 1}, "seed"),
+        ({"epochs": 9}, "epochs"),
+        ({"batching": "exact"}, "batching"),
+        ({"ratio": 0.3}, "ratio"),
+        ({"corruption_root": "/c"}, "corruption_root"),
+        ({"output_dir": "elsewhere"}, "output_dir"),
+        ({"device": "cuda"}, "device"),
+        ({"from_phase1": "x"}, "from_phase1"),
+    ]:
         with pytest.raises(ValueError, match=rf"cannot resume r with changed fields .*{name}"):
             resumed_config(saved, change, "r", "cpu")
     assert resumed_config(saved, {"device": "cpu", "rho": saved.rho}, "r", "cpu").device == "cpu"
@@ -421,7 +460,9 @@ def test_resume_with_the_other_backend(runs, data, tmp_path):
 
 def test_fork_from_de_sam_equals_the_full_sharpbalance_run(runs, data, tmp_path):
     de_sam_dir, _ = runs["de_sam"]
-    got = T.train_ensemble(T.TrainConfig(**cfg(batching="static", from_phase1=str(de_sam_dir), output_dir=str(tmp_path / "f"))), data=data)
+    got = T.train_ensemble(
+        T.TrainConfig(**cfg(batching="static", from_phase1=str(de_sam_dir), output_dir=str(tmp_path / "f"))), data=data
+    )
     assert_same_run(got, runs["static"][1])
     assert got.components["from_phase1"] == str(de_sam_dir / "checkpoints" / "phase1.pt")
     # the fork writes its own phase1.pt (its own config), so it can be forked again
@@ -438,9 +479,17 @@ def test_fork_sweeps_ratio_and_variant(runs, data, tmp_path):
 
 def test_fork_is_refused_when_phase1_differs(runs, data, tmp_path):
     src = runs["de_sam"][0]
-    for change, name in [({"rho": 0.05}, "rho"), ({"seed": 1}, "seed"), ({"swap_epoch": 0}, "swap_epoch"),
-                         ({"epochs": 5}, "epochs"), ({"members": 3}, "members"), ({"lr": 0.05}, "lr")]:  # fmt: skip
-        with pytest.raises(ValueError, match=rf"from_phase1 .*phase1.pt: phase 1 of that run is not this run's phase 1: .*{name}"):
+    for change, name in [
+        ({"rho": 0.05}, "rho"),
+        ({"seed": 1}, "seed"),
+        ({"swap_epoch": 0}, "swap_epoch"),
+        ({"epochs": 5}, "epochs"),
+        ({"members": 3}, "members"),
+        ({"lr": 0.05}, "lr"),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"from_phase1 .*phase1.pt: phase 1 of that run is not this run's phase 1: .*{name}"
+        ):
             T.train_ensemble(T.TrainConfig(**cfg(from_phase1=str(src), **change)), data=data)
     with pytest.raises(C.CheckpointError, match="phase1.pt: missing"):
         T.train_ensemble(T.TrainConfig(**cfg(from_phase1=str(tmp_path))), data=data)
@@ -452,7 +501,9 @@ def test_fork_is_refused_when_phase1_differs(runs, data, tmp_path):
     with pytest.raises(ValueError, match="exclude each other"):
         T.TrainConfig(**cfg(resume="a", from_phase1="b"))
     # free to differ: method, batching, ratio, variant
-    check_phase1_compatible(T.TrainConfig(**cfg(method="de_sam")), T.TrainConfig(**cfg(batching="exact", ratio=0.2)), "x")
+    check_phase1_compatible(
+        T.TrainConfig(**cfg(method="de_sam")), T.TrainConfig(**cfg(batching="exact", ratio=0.2)), "x"
+    )
 
 
 # ------------------------------------------------------------------------------ using a saved run
@@ -488,6 +539,9 @@ def test_load_ensemble_warns_on_an_unfinished_run(runs, tmp_path):
     d = tmp_path / "copy"
     shutil.copytree(runs["static"][0], d)
     (d / "checkpoints" / "last.pt").unlink()
-    with pytest.warns(RuntimeWarning, match="last.pt: missing"), pytest.warns(RuntimeWarning, match="has not finished training"):
+    with (
+        pytest.warns(RuntimeWarning, match="last.pt: missing"),
+        pytest.warns(RuntimeWarning, match="has not finished training"),
+    ):
         models = T.load_ensemble(d)
     assert len(models) == BASE["members"]

@@ -60,12 +60,20 @@ def _sgd_inputs(n, dtype, device, cfg, *, with_backup=True):
     wd, momentum, damp, nesterov, normal, write_sum, first = cfg
     mk = lambda: torch.randn(n, dtype=dtype, device=device)  # noqa: E731
     return dict(
-        param=mk(), backup=mk() if with_backup else None, grad=mk(), normal_grad=mk() if normal else None,
+        param=mk(),
+        backup=mk() if with_backup else None,
+        grad=mk(),
+        normal_grad=mk() if normal else None,
         momentum_buf=mk() if momentum else None,
         momentum_ready=torch.tensor([0 if first else 1] * 3, dtype=torch.uint8, device=device) if momentum else None,
-        lr=torch.tensor(0.1, dtype=torch.float64, device=device), skip=torch.zeros((), device=device),
-        inv_scale=torch.ones((), device=device), weight_decay=wd, momentum=momentum, dampening=damp,
-        nesterov=nesterov, write_grad_sum=write_sum,
+        lr=torch.tensor(0.1, dtype=torch.float64, device=device),
+        skip=torch.zeros((), device=device),
+        inv_scale=torch.ones((), device=device),
+        weight_decay=wd,
+        momentum=momentum,
+        dampening=damp,
+        nesterov=nesterov,
+        write_grad_sum=write_sum,
     )
 
 
@@ -77,13 +85,18 @@ def _run_sgd(fn, inputs):
 
 
 def _to64(inputs):
-    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-            (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    return {
+        k: v.double()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+        else (v.clone() if isinstance(v, torch.Tensor) else v)
+        for k, v in inputs.items()
+    }
 
 
 def _assert_same(fast, ref, exact, plain, bit_exact, atol):
-    for name, f, r, e, p in zip(("param", "grad", "momentum_buf", "momentum_ready"), fast, ref, exact, plain,
-                                strict=True):
+    for name, f, r, e, p in zip(
+        ("param", "grad", "momentum_buf", "momentum_ready"), fast, ref, exact, plain, strict=True
+    ):
         if r is None:
             assert f is None
             continue
@@ -132,8 +145,10 @@ def test_perturb_huge_and_many_small(device, dtype, n, offset):
     assert torch.equal(fast_w, ref[0]) and torch.equal(fast_b, w)
     for _ in range(40):
         w, g, s = _perturb_inputs(5, torch.float64, device)
-        assert torch.equal(_run_perturb(torch.ops.sbfast.sam_perturb_, w, g, s, True)[0],
-                           _run_perturb(reference.sam_perturb_, w, g, s, True)[0])
+        assert torch.equal(
+            _run_perturb(torch.ops.sbfast.sam_perturb_, w, g, s, True)[0],
+            _run_perturb(reference.sam_perturb_, w, g, s, True)[0],
+        )
 
 
 def _triton_sizes() -> list[int]:
@@ -212,8 +227,9 @@ def _check_sgd_face(fn, device, dtype, bit_exact, atol, sizes):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,bit_exact,atol", DTYPES)
 def test_restore_sgd_dispatched_matches_reference(device, dtype, bit_exact, atol):
-    _check_sgd_face(torch.ops.sbfast.sam_restore_sgd_, device, dtype, bit_exact and device == "cpu", atol,
-                    [0, *ODD_SIZES])
+    _check_sgd_face(
+        torch.ops.sbfast.sam_restore_sgd_, device, dtype, bit_exact and device == "cpu", atol, [0, *ODD_SIZES]
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -239,8 +255,9 @@ def test_restore_sgd_huge_and_many_small(device, dtype, n, offset):
 @pytest.mark.parametrize("dtype,bit_exact,atol", DTYPES)
 def test_restore_sgd_triton_matches_reference(dtype, bit_exact, atol):
     # the interpreter emulates fma with two roundings: held to the float64 rule, not to bits
-    _check_sgd_face(registry.triton_op("sam_restore_sgd_"), TRITON_DEVICE, dtype, False, max(atol, 1e-7),
-                    _triton_sizes())
+    _check_sgd_face(
+        registry.triton_op("sam_restore_sgd_"), TRITON_DEVICE, dtype, False, max(atol, 1e-7), _triton_sizes()
+    )
 
 
 @pytest.mark.triton
@@ -264,8 +281,11 @@ def test_triton_momentum_flags_past_one_block(skip):
 
 @pytest.mark.parametrize("face", ["dispatched", "reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_restore_sgd_skip_restores_only(face):
-    fn = {"dispatched": torch.ops.sbfast.sam_restore_sgd_, "reference": reference.sam_restore_sgd_,
-          "triton": registry.triton_op("sam_restore_sgd_")}[face]
+    fn = {
+        "dispatched": torch.ops.sbfast.sam_restore_sgd_,
+        "reference": reference.sam_restore_sgd_,
+        "triton": registry.triton_op("sam_restore_sgd_"),
+    }[face]
     device = TRITON_DEVICE if face == "triton" else "cpu"
     inputs = _sgd_inputs(129, torch.float32, device, SGD_CONFIGS[1])
     inputs["skip"] = torch.ones((), device=device)
@@ -280,8 +300,12 @@ def test_restore_sgd_skip_restores_only(face):
 def test_restore_sgd_unscales_the_summed_gradient(device):
     # (g' + g_n) * inv_scale: a scaled run equals an unscaled one (power-of-two scale: exact)
     inputs = _sgd_inputs(4097, torch.float32, device, SGD_CONFIGS[0])
-    scaled = dict(inputs, grad=inputs["grad"] * 1024, normal_grad=inputs["normal_grad"] * 1024,
-                  inv_scale=torch.tensor(1 / 1024, device=device))
+    scaled = dict(
+        inputs,
+        grad=inputs["grad"] * 1024,
+        normal_grad=inputs["normal_grad"] * 1024,
+        inv_scale=torch.tensor(1 / 1024, device=device),
+    )
     for fn in (torch.ops.sbfast.sam_restore_sgd_, reference.sam_restore_sgd_):
         a, b = _run_sgd(fn, inputs), _run_sgd(fn, scaled)
         assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
@@ -300,8 +324,22 @@ def test_restore_sgd_reference_equals_torch_sgd():
         for g in (g1, g2):  # the first step (buf = d) and a later one
             p.grad = g.clone()
             sgd.step()
-            torch.ops.sbfast.sam_restore_sgd_(ours, None, g.clone(), None, buf, ready, torch.tensor(0.1, dtype=torch.float64),
-                                              torch.zeros(()), torch.ones(()), wd, momentum, damp, nesterov, False)
+            torch.ops.sbfast.sam_restore_sgd_(
+                ours,
+                None,
+                g.clone(),
+                None,
+                buf,
+                ready,
+                torch.tensor(0.1, dtype=torch.float64),
+                torch.zeros(()),
+                torch.ones(()),
+                wd,
+                momentum,
+                damp,
+                nesterov,
+                False,
+            )
             assert torch.equal(ours, p.detach())
 
 
@@ -322,8 +360,13 @@ def test_kernel_input_errors(device):
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.sbfast.sam_perturb_(w, torch.empty_like(w), g.double(), s, False)
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.sbfast.sam_perturb_(torch.randn(7, 2, device=device).t(), torch.empty(2, 7, device=device),
-                                      torch.randn(2, 7, device=device), s, False)
+        torch.ops.sbfast.sam_perturb_(
+            torch.randn(7, 2, device=device).t(),
+            torch.empty(2, 7, device=device),
+            torch.randn(2, 7, device=device),
+            s,
+            False,
+        )
     inputs = _sgd_inputs(7, torch.float32, device, SGD_CONFIGS[0])
     with pytest.raises(RuntimeError, match="momentum_buf"):
         torch.ops.sbfast.sam_restore_sgd_(**dict(inputs, momentum_buf=None))

@@ -31,8 +31,9 @@ def _run(*args: str, tmp_path: Path, timeout: float = 120, **env_changes: str | 
             env.pop(key, None)
         else:
             env[key] = value
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _wrapper(folder: Path, name: str, imports_torch: bool) -> Path:
@@ -87,7 +88,11 @@ def test_a_rehearsal_runs_every_stage_on_the_cpu_and_leaves_three_files(tmp_path
     with tarfile.open(out_dir / "logs.tar.gz") as tar:
         names = set(tar.getnames())
     stages = ["env", "build", "load", "tests", "train", "bench"]
-    assert {f"logs/{s}.log" for s in stages if s != "build"} | {"logs/stages.tsv", "logs/tests.xml", "logs/train.xml"} <= names
+    assert {f"logs/{s}.log" for s in stages if s != "build"} | {
+        "logs/stages.tsv",
+        "logs/tests.xml",
+        "logs/train.xml",
+    } <= names
 
     summary = (out_dir / "summary.md").read_text()
     table = re.findall(r"^\| (\w+) \| (pass|skipped|timeout|fail\S*) \|", summary, flags=re.M)
@@ -129,16 +134,34 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 def test_the_summary_names_failed_tests_failed_stages_and_the_bench_gaps(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
-    (logs / "stages.tsv").write_text("env\tpass\t1.0\t15\nbuild\tpass\t60.2\t180\ntests\tfail(rc=1)\t80.0\t120\n"
-                                     "bench\ttimeout\t100.0\t100\n")
+    (logs / "stages.tsv").write_text(
+        "env\tpass\t1.0\t15\nbuild\tpass\t60.2\t180\ntests\tfail(rc=1)\t80.0\t120\nbench\ttimeout\t100.0\t100\n"
+    )
     (logs / "tests.xml").write_text(JUNIT)
     (logs / "tests.log").write_text("".join(f"line {i}\n" for i in range(100)) + "2 failed, 1 passed\n")
-    (logs / "bench.log").write_text("noise\nfailed: compile [digits]: CaseTimeout: ran past its cap of 20 s\n"
-                                    "not run: checkpoint: the bench's budget of 85 s was spent\n")
+    (logs / "bench.log").write_text(
+        "noise\nfailed: compile [digits]: CaseTimeout: ran past its cap of 20 s\n"
+        "not run: checkpoint: the bench's budget of 85 s was spent\n"
+    )
     (logs / "gpu_memory_samples.txt").write_text("0\n512\n20480\n1024\n")
     results = tmp_path / "nvidia-h200.json"
-    results.write_text(json.dumps({"device": "NVIDIA H200", "rows": [
-        {"op": "global_sq_norm", "shape": "flat", "face": "cuda-c++", "reference_ms": 1.0, "sbfast_ms": 0.5, "speedup": 2.0}]}))
+    results.write_text(
+        json.dumps(
+            {
+                "device": "NVIDIA H200",
+                "rows": [
+                    {
+                        "op": "global_sq_norm",
+                        "shape": "flat",
+                        "face": "cuda-c++",
+                        "reference_ms": 1.0,
+                        "sbfast_ms": 0.5,
+                        "speedup": 2.0,
+                    }
+                ],
+            }
+        )
+    )
 
     text = _report_module().summary(tmp_path, results, "cuda", "NVIDIA H200 (sm_90)")
     assert text == (tmp_path / "summary.md").read_text()
@@ -147,13 +170,17 @@ def test_the_summary_names_failed_tests_failed_stages_and_the_bench_gaps(tmp_pat
     assert "(train.xml missing: the train stage did not finish)" in text
     assert "## Failed tests (2)" in text
     assert "- test_sam_ops.py::test_perturb[cuda-float16]: AssertionError: Tensor-likes are not close!\n" in text
-    assert "- test_select.py::test_ties[cuda]: RuntimeError: CUDA error: an illegal memory access was encountered" in text
+    assert (
+        "- test_select.py::test_ties[cuda]: RuntimeError: CUDA error: an illegal memory access was encountered" in text
+    )
     assert "20480 MiB" in text
     assert "global_sq_norm  flat   cuda-c++" in text
     assert "- failed: compile [digits]: CaseTimeout: ran past its cap of 20 s" in text
     assert "- not run: checkpoint: the bench's budget of 85 s was spent" in text
     # the last lines of each stage that did not pass, and of no other
-    assert "## tests: fail(rc=1), last 25 lines of tests.log" in text and "line 76\n" in text and "line 75\n" not in text
+    assert (
+        "## tests: fail(rc=1), last 25 lines of tests.log" in text and "line 76\n" in text and "line 75\n" not in text
+    )
     assert "2 failed, 1 passed" in text
     assert "## bench: timeout, last 3 lines of bench.log" in text
     assert "## env:" not in text and "## build:" not in text

@@ -69,7 +69,9 @@ def test_select_matches_reference(device, kind, n, m):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_select_every_dtype(device, dtype):
-    scores = _scores(3, 4097, "ties", dtype=dtype, device=device) + _scores(3, 4097, "random", dtype=dtype, device=device)
+    scores = _scores(3, 4097, "ties", dtype=dtype, device=device) + _scores(
+        3, 4097, "random", dtype=dtype, device=device
+    )
     for variant in MASK_VARIANTS:
         out = select.select_sam_masks(scores, 0.29, variant)
         assert torch.equal(out.cpu(), reference.select_sam_masks(scores.cpu(), 0.29, variant))
@@ -78,12 +80,20 @@ def test_select_every_dtype(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_select_seeds_and_hand_example(device):
     scores = torch.tensor(
-        [[0.0, .5, .5, .5, .5, .5, .5, .5, .5, .5],
-         [9.0, .1, .2, 9., 9., 9., 9., 9., 9., 9.],
-         [3.0, 3., 3., 1., 1., 1., 3., 3., 3., 3.]], dtype=torch.float64, device=device)
+        [
+            [0.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5],
+            [9.0, 0.1, 0.2, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
+            [3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 3.0, 3.0, 3.0, 3.0],
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
     # worked by hand in tests/test_reference.py: F = {0,1}, {1,2}, {3,4}; R = [5..9]
     assert select.select_sam_masks(scores, 0.2, "balance").cpu().int().tolist() == [
-        [0, 1, 1, 1, 1, 1, 0, 0, 1, 0], [1, 1, 0, 1, 1, 0, 1, 0, 0, 1], [1, 1, 1, 0, 0, 0, 0, 1, 0, 0]]
+        [0, 1, 1, 1, 1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 1, 1, 0, 1, 0, 0, 1],
+        [1, 1, 1, 0, 0, 0, 0, 1, 0, 0],
+    ]
     for variant, seeds in [("random", [7, 8, 9]), ("same", [7, 8, 9]), ("random", None)]:
         out = select.select_sam_masks(scores, 0.3, variant, seeds=seeds)
         assert out.device == scores.device
@@ -133,8 +143,13 @@ def test_ksmallest_mask_adversarial_keys(device):
 @pytest.mark.parametrize("variant", MASK_VARIANTS)
 def test_sharpbalance_masks_matches_reference_twin(device, variant):
     g = torch.Generator().manual_seed(5)
-    for m, sizes in [(1, ODD_SIZES + [50000]), (2, ODD_SIZES), (3, ODD_SIZES + [50000]), (8, ODD_SIZES),
-                     (300, [7, 4097])]:  # 300: past the uint8 counters of the CPU kernel
+    for m, sizes in [
+        (1, ODD_SIZES + [50000]),
+        (2, ODD_SIZES),
+        (3, ODD_SIZES + [50000]),
+        (8, ODD_SIZES),
+        (300, [7, 4097]),
+    ]:  # 300: past the uint8 counters of the CPU kernel
         for n in sizes:
             for density in (0.0, 0.05, 0.5, 1.0):
                 flat = torch.rand(m, n, generator=g) < density
@@ -160,7 +175,9 @@ def test_reference_twins_compose_to_select_sam_masks():
     for ratio in (0.0, 0.3, 1.0):
         flat = reference.ksmallest_mask(scores, floor_count(1000, ratio))
         for code, variant in enumerate(MASK_VARIANTS):
-            assert torch.equal(reference.sharpbalance_masks(flat, code), reference.select_sam_masks(scores, ratio, variant))
+            assert torch.equal(
+                reference.sharpbalance_masks(flat, code), reference.select_sam_masks(scores, ratio, variant)
+            )
 
 
 # ------------------------------------------------------------------ Triton face (interpreter on CPU)
@@ -214,8 +231,12 @@ def test_triton_pipeline_matches_select_sam_masks():
 
 @settings(max_examples=120, deadline=None)
 @given(
-    m=st.integers(1, 5), n=st.integers(0, 60), ratio=st.floats(0.0, 1.0), levels=st.integers(1, 6),
-    variant=st.sampled_from(MASK_VARIANTS), seed=st.integers(0, 2**31 - 1),
+    m=st.integers(1, 5),
+    n=st.integers(0, 60),
+    ratio=st.floats(0.0, 1.0),
+    levels=st.integers(1, 6),
+    variant=st.sampled_from(MASK_VARIANTS),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_select_invariants(m, n, ratio, levels, variant, seed):
     g = torch.Generator().manual_seed(seed)
@@ -239,14 +260,18 @@ def test_select_invariants(m, n, ratio, levels, variant, seed):
         assert not (others & ~masks[i]).any()  # A_i within the SAM set
         sam_idx, normal_idx = select.sam_index_split(masks[i])
         assert torch.equal(torch.sort(torch.cat([sam_idx, normal_idx])).values, torch.arange(n))  # normal = complement
-        assert torch.equal(sam_idx, masks[i].nonzero().squeeze(1)) and torch.equal(normal_idx, (~masks[i]).nonzero().squeeze(1))
+        assert torch.equal(sam_idx, masks[i].nonzero().squeeze(1)) and torch.equal(
+            normal_idx, (~masks[i]).nonzero().squeeze(1)
+        )
         assert not (masks[i] & ~others & ~rest).any()  # outside R, SAM only through A_i
     own_rest = (masks & rest).sum(1) if variant == "balance" else (~masks & rest).sum(1)  # |R_i|
     assert int(own_rest.sum()) == int(rest.sum())  # the R_i partition R
     assert int(own_rest.max() - own_rest.min()) <= 1  # round robin: sizes differ by at most 1
     if variant == "balance":
         assert not (masks.sum(0)[rest] != 1).any()  # each R member is SAM for exactly its owner
-    torch.testing.assert_close(select.sam_share(masks), masks.float().mean(1) if n else torch.zeros(m), rtol=0, atol=1e-7)
+    torch.testing.assert_close(
+        select.sam_share(masks), masks.float().mean(1) if n else torch.zeros(m), rtol=0, atol=1e-7
+    )
 
 
 @pytest.mark.triton
@@ -306,24 +331,27 @@ def test_sam_share_and_split_on_a_known_mask():
 # ------------------------------------------------------------------ bad inputs
 
 
-@pytest.mark.parametrize("scores,kwargs,error,match", [
-    (torch.zeros(5), {}, ValueError, "2-D"),
-    (torch.zeros(0, 5), {}, ValueError, "M = 0"),
-    (torch.zeros(2, 5, dtype=torch.long), {}, TypeError, "floating"),
-    (torch.zeros(2, 5, dtype=torch.long), {}, ValueError, "floating"),  # the reference's type, too
-    (torch.zeros(2, 5, dtype=torch.bool), {}, TypeError, "floating"),
-    (torch.tensor([[0.0, float("nan")]]), {}, ValueError, "1 NaN"),
-    (torch.tensor([[0.0, 1.0], [float("inf"), 0.0]]), {}, ValueError, r"1 inf values \(members \[1\]\)"),
-    (torch.tensor([[0.0, float("-inf")]]), {}, ValueError, "inf"),
-    (torch.zeros(2, 5), {"ratio": -0.1}, ValueError, "ratio"),
-    (torch.zeros(2, 5), {"ratio": 1.5}, ValueError, "ratio"),
-    (torch.zeros(2, 5), {"ratio": float("nan")}, ValueError, "ratio"),
-    (torch.zeros(2, 5), {"ratio": "0.5"}, TypeError, "ratio"),
-    (torch.zeros(2, 5), {"ratio": True}, TypeError, "ratio"),
-    (torch.zeros(2, 5), {"variant": "sharp"}, ValueError, "variant"),
-    (torch.zeros(2, 5), {"seeds": [1]}, ValueError, "seeds"),
-    (torch.zeros(2, 5), {"seeds": [1, 2.5]}, TypeError, "seeds"),
-])
+@pytest.mark.parametrize(
+    "scores,kwargs,error,match",
+    [
+        (torch.zeros(5), {}, ValueError, "2-D"),
+        (torch.zeros(0, 5), {}, ValueError, "M = 0"),
+        (torch.zeros(2, 5, dtype=torch.long), {}, TypeError, "floating"),
+        (torch.zeros(2, 5, dtype=torch.long), {}, ValueError, "floating"),  # the reference's type, too
+        (torch.zeros(2, 5, dtype=torch.bool), {}, TypeError, "floating"),
+        (torch.tensor([[0.0, float("nan")]]), {}, ValueError, "1 NaN"),
+        (torch.tensor([[0.0, 1.0], [float("inf"), 0.0]]), {}, ValueError, r"1 inf values \(members \[1\]\)"),
+        (torch.tensor([[0.0, float("-inf")]]), {}, ValueError, "inf"),
+        (torch.zeros(2, 5), {"ratio": -0.1}, ValueError, "ratio"),
+        (torch.zeros(2, 5), {"ratio": 1.5}, ValueError, "ratio"),
+        (torch.zeros(2, 5), {"ratio": float("nan")}, ValueError, "ratio"),
+        (torch.zeros(2, 5), {"ratio": "0.5"}, TypeError, "ratio"),
+        (torch.zeros(2, 5), {"ratio": True}, TypeError, "ratio"),
+        (torch.zeros(2, 5), {"variant": "sharp"}, ValueError, "variant"),
+        (torch.zeros(2, 5), {"seeds": [1]}, ValueError, "seeds"),
+        (torch.zeros(2, 5), {"seeds": [1, 2.5]}, TypeError, "seeds"),
+    ],
+)
 def test_select_errors(scores, kwargs, error, match):
     kwargs = {"ratio": 0.5, **kwargs}
     with pytest.raises(error, match=match):
@@ -368,8 +396,15 @@ def _kernel_faces(device: str) -> list:
     cpp = (torch.ops.sbfast.ksmallest_mask, torch.ops.sbfast.sharpbalance_masks, device, RuntimeError, RuntimeError)
     faces = [cpp]
     if registry.TRITON_ERROR is None:
-        faces.append((registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks"), TRITON_DEVICE,
-                      TypeError, ValueError))
+        faces.append(
+            (
+                registry.triton_op("ksmallest_mask"),
+                registry.triton_op("sharpbalance_masks"),
+                TRITON_DEVICE,
+                TypeError,
+                ValueError,
+            )
+        )
     return faces
 
 

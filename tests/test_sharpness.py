@@ -36,7 +36,7 @@ TOLS = [(F32, 1e-4), (F64, 1e-10)]
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list:
-    return [(torch.arange(i, min(i + size, len(x))), x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+    return [(torch.arange(i, min(i + size, len(x))), x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 def vmap_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -73,8 +73,9 @@ def randomise_norms(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_parity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, rtol: float,
-                 **kw) -> torch.Tensor:
+def check_parity(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, rtol: float, **kw
+) -> torch.Tensor:
     """fisher_scores against the reference; returns the fast scores."""
     model = model.to(dtype)
     x = x.to(dtype) if x.is_floating_point() else x
@@ -240,8 +241,11 @@ class Alone(nn.Module):
         super().__init__()
         self.layer = layer
         with torch.no_grad():
-            probe = torch.zeros(2, *in_shape, dtype=torch.long) if isinstance(layer, nn.Embedding) \
+            probe = (
+                torch.zeros(2, *in_shape, dtype=torch.long)
+                if isinstance(layer, nn.Embedding)
                 else torch.zeros(2, *in_shape)
+            )
             width = layer.eval()(probe).flatten(1).shape[1]
         self.head = nn.Linear(width, classes).requires_grad_(False)
 
@@ -265,9 +269,15 @@ LAYERS = {
     "linear_bias_only": (lambda: _frozen(nn.Linear(7, 5), "weight"), (3, 7)),
     "linear_weight_only": (lambda: _frozen(nn.Linear(7, 5), "bias"), (3, 7)),
     "conv1d": (lambda: nn.Conv1d(3, 7, 3, stride=2, dilation=2, padding=3), (3, 29)),
-    "conv1d_same_replicate_groups": (lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="replicate", groups=2), (4, 7)),
+    "conv1d_same_replicate_groups": (
+        lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="replicate", groups=2),
+        (4, 7),
+    ),
     "conv1d_k1": (lambda: nn.Conv1d(1, 1, 1), (1, 1)),
-    "conv2d_stride_dilation": (lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)), (3, 7, 6)),
+    "conv2d_stride_dilation": (
+        lambda: nn.Conv2d(3, 5, (3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 2)),
+        (3, 7, 6),
+    ),
     "conv2d_groups": (lambda: nn.Conv2d(6, 9, 3, groups=3, bias=False), (6, 5, 5)),
     "conv2d_depthwise_circular": (lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="circular"), (4, 4, 4)),
     "conv2d_valid_1x1": (lambda: nn.Conv2d(7, 1, 1, padding="valid"), (7, 1, 1)),
@@ -370,7 +380,7 @@ def test_own_parameters_per_sample_copies_are_checked():
     with pytest.warns(RuntimeWarning, match="OwnParameters"):
         scorer = Scorer(model, None, "auto")
     with scorer:
-        got = torch.cat([scorer.score_split(x[i:i + 2], y[i:i + 2], y[i:i + 2]) for i in range(0, 11, 2)])
+        got = torch.cat([scorer.score_split(x[i : i + 2], y[i : i + 2], y[i : i + 2]) for i in range(0, 11, 2)])
     # batch 1 copies all three and fails (proj), then one at a time: offset passes the check
     # against vmap, mixed fails it, proj fails again; the last batches use offset's copies
     assert scorer.expand_state == {"offset": "yes", "mixed": "no", "proj": "no"}
@@ -390,7 +400,7 @@ def test_vit_embeddings_take_per_sample_copies_after_the_check():
     scorer._fallback_scores = lambda *a: calls.append(a[2]) or real(*a)
     model.eval()
     with scorer:
-        got = torch.cat([scorer.score_split(x[i:i + 3], y[i:i + 3], y[i:i + 3]) for i in range(0, 6, 3)])
+        got = torch.cat([scorer.score_split(x[i : i + 3], y[i : i + 3], y[i : i + 3]) for i in range(0, 6, 3)])
     assert scorer.expand_state == {"cls_token": "yes", "pos_embed": "yes"}
     assert len(calls) == 1  # vmap on the first batch only
     torch.testing.assert_close(got, vmap_scores(model, x, y), rtol=1e-10, atol=0)
@@ -425,8 +435,11 @@ def test_memory_budget_chunks_equal_the_whole_batch(monkeypatch, form):
     sizes = {}
     for name in ("per_sample_conv_grad_sq_norm", "per_sample_grad_sq_norm_gram", "per_sample_grad_sq_norm_direct"):
         real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda a, *rest, real=real, name=name:
-                            sizes.setdefault(name, []).append(a.shape[0]) or real(a, *rest))
+        monkeypatch.setattr(
+            ops,
+            name,
+            lambda a, *rest, real=real, name=name: sizes.setdefault(name, []).append(a.shape[0]) or real(a, *rest),
+        )
     monkeypatch.setattr(linear_conv, "TRANSIENT_BUDGET_BYTES", 1)
     with no_fallback():
         chunked = sample_fisher_scores(model, x, y, form=form)
@@ -617,8 +630,9 @@ def test_batch_size_and_data_form_do_not_matter():
     y = torch.randint(0, 3, (len(x),))
     base = fisher_scores(model, SampleSet(x, y), batch_size=1, progress=False)
     for bs in (2, 3, 256):
-        torch.testing.assert_close(fisher_scores(model, SampleSet(x, y), batch_size=bs, progress=False), base,
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            fisher_scores(model, SampleSet(x, y), batch_size=bs, progress=False), base, rtol=1e-5, atol=0
+        )
     # a loader's big batch split into chunks of batch_size, shuffled order
     order = torch.randperm(len(x))
     shuffled = [(order, x[order], y[order])]
@@ -674,8 +688,11 @@ def test_non_finite_inputs_or_scores_are_refused_with_their_indices():
     data = [(torch.arange(10, 13), x[:3], y[:3]), (torch.arange(13, 16), x[3:], y[3:])]
     with pytest.raises(ValueError, match=r"not finite for 1 sample.*sample index 14 \(pass 0, batch 1\).*input x"):
         fisher_scores(model, data, progress=False)
-    with pytest.raises(ValueError, match=r"not finite for 3 samples.*13, 14, 15.*\(pass 0, batch 1\).*1 of them have "
-                                         r"an input x that holds NaN or inf \(first: sample index 14\).*shares"):
+    with pytest.raises(
+        ValueError,
+        match=r"not finite for 3 samples.*13, 14, 15.*\(pass 0, batch 1\).*1 of them have "
+        r"an input x that holds NaN or inf \(first: sample index 14\).*shares",
+    ):
         sam_loss_gap_scores(model, data, 0.1, progress=False)  # e is the batch's: all three undefined
     x[4, 0, 1, 1] = 0.0
     with torch.no_grad():  # finite inputs, broken weights: every score is NaN
@@ -788,7 +805,10 @@ def test_sam_loss_gap_matches_reference(adaptive):
     # a data set is batched by batch_size: the same batches, the same scores
     torch.testing.assert_close(
         sam_loss_gap_scores(model, SampleSet(x, y), 0.3, batch_size=3, adaptive=adaptive, progress=False),
-        expected, rtol=1e-6, atol=1e-7)
+        expected,
+        rtol=1e-6,
+        atol=1e-7,
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -805,8 +825,9 @@ def test_sam_loss_gap_out_of_memory_keeps_the_batch_perturbation(monkeypatch):
         return real(module, params, args)
 
     monkeypatch.setattr(loss_gap, "functional_call", flaky)
-    torch.testing.assert_close(sam_loss_gap_scores(model, batches(x, y, 7), 0.1, progress=False), expected,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        sam_loss_gap_scores(model, batches(x, y, 7), 0.1, progress=False), expected, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_sam_loss_gap_bad_inputs():
@@ -850,7 +871,8 @@ def test_fisher_scores_through_triton_faces(monkeypatch, form):
         model, x = MODELS[name]()
         x, y = x[:3].to(TRITON_DEVICE), torch.tensor([0, 2, 1], device=TRITON_DEVICE)
         model = model.double().to(TRITON_DEVICE)
-        torch.testing.assert_close(sample_fisher_scores(model, x.double(), y, form=form), vmap_scores(model, x.double(), y),
-                                   rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            sample_fisher_scores(model, x.double(), y, form=form), vmap_scores(model, x.double(), y), rtol=1e-10, atol=0
+        )
     expected = {"auto": {"conv", "direct", "gram"}, "direct": {"conv"}, "gram": {"gram"}}[form]
     assert {n.rsplit("_", 1)[1] if not n.startswith("per_sample_conv") else "conv" for n in used} >= expected

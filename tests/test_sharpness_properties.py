@@ -75,8 +75,9 @@ def specs(draw):
     if s["stride"] == (1, 1) and s["mode"] == "zeros" and draw(st.booleans()):
         s["padding"] = "same"
     else:
-        pads = [_padding(draw, n, k, d, s["mode"])
-                for n, k, d in zip((s["h"], s["w"]), s["k"], s["dilation"], strict=True)]
+        pads = [
+            _padding(draw, n, k, d, s["mode"]) for n, k, d in zip((s["h"], s["w"]), s["k"], s["dilation"], strict=True)
+        ]
         if -1 in pads:
             s["k"], s["dilation"], pads = (1, 1), (1, 1), [0, 0]
         s["padding"] = tuple(pads)
@@ -104,8 +105,17 @@ class RandomNet(nn.Module):
     def __init__(self, s: dict) -> None:
         super().__init__()
         self.s = s
-        self.conv = nn.Conv2d(s["c_in"], s["c1"], s["k"], s["stride"], s["padding"], s["dilation"], s["groups"],
-                              bias=s["conv_bias"], padding_mode=s["mode"])
+        self.conv = nn.Conv2d(
+            s["c_in"],
+            s["c1"],
+            s["k"],
+            s["stride"],
+            s["padding"],
+            s["dilation"],
+            s["groups"],
+            bias=s["conv_bias"],
+            padding_mode=s["mode"],
+        )
         with torch.no_grad():
             h_out, w_out = self.conv(torch.zeros(1, s["c_in"], s["h"], s["w"])).shape[2:]
         self.bn2 = nn.BatchNorm2d(s["c1"]) if s["bn2"] else None
@@ -167,7 +177,7 @@ def brute_force(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     out = []
     for i in range(x.shape[0]):
         m.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        F.cross_entropy(m(x[i : i + 1]), y[i : i + 1]).backward()
         out.append(sum(p.grad.pow(2).sum() for p in m.parameters() if p.requires_grad and p.grad is not None))
     return torch.stack(out)
 

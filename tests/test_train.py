@@ -25,9 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny(**kw) -> T.TrainConfig:
     base = dict(
-        dataset="synthetic", members=2, epochs=3, train_subset=64, test_subset=32, batch_size=16,
-        model_kwargs={"width": 4}, sharpness_samples=16, progress=False, eval_corruptions=(),
-    )  # fmt: skip
+        dataset="synthetic",
+        members=2,
+        epochs=3,
+        train_subset=64,
+        test_subset=32,
+        batch_size=16,
+        model_kwargs={"width": 4},
+        sharpness_samples=16,
+        progress=False,
+        eval_corruptions=(),
+    )
     base.update(kw)
     return T.TrainConfig(**base)
 
@@ -60,7 +68,14 @@ def test_presets_fill_unset_fields():
     assert c.augment and c.augment_pad == 1 and c.augment_flip is False  # no mirrored digits
     assert c.eval_corruptions == T.DEFAULT_CORRUPTIONS and "frost" not in c.eval_corruptions
     c = T.TrainConfig(dataset="cifar10", data_root="/nowhere")
-    assert (c.model, c.epochs, c.swap_epoch, c.rho, c.batch_size, c.variant) == ("resnet18", 200, 100, 0.2, 128, "boost")
+    assert (c.model, c.epochs, c.swap_epoch, c.rho, c.batch_size, c.variant) == (
+        "resnet18",
+        200,
+        100,
+        0.2,
+        128,
+        "boost",
+    )
     assert (c.augment_pad, c.augment_flip) == (4, True)
     assert T.TrainConfig(dataset="cifar100", data_root="/x").variant == "balance"
     # swap_epoch follows epochs when unset, and stays valid for sharpbalance
@@ -180,8 +195,10 @@ def test_static_plan_invariants(n_sam, n_normal, b):
     # the full batches carry the member's SAM share to within one sample (floor or ceil)
     assert abs(p.n_sam - p.batch_size * n_sam / n) < 1
     # and no other composition fills more full batches
-    best = max(min(n_sam // k if k else n, n_normal // (p.batch_size - k) if p.batch_size - k else n, n // p.batch_size)
-               for k in range(p.batch_size + 1))  # fmt: skip
+    best = max(
+        min(n_sam // k if k else n, n_normal // (p.batch_size - k) if p.batch_size - k else n, n // p.batch_size)
+        for k in range(p.batch_size + 1)
+    )
     assert p.full_batches == best
 
 
@@ -324,8 +341,16 @@ def test_phase_one_does_not_depend_on_batching(data):
 def test_reference_components_match_the_plain_twin_bit_for_bit(method, data):
     # float64, augmentation on: the trainer's on-device batches and augmentation, its exact mixed
     # step and its schedule must reproduce the plain DataLoader loop exactly
-    cfg = tiny(method=method, backend="reference", batching="exact", dtype="float64", epochs=4, swap_epoch=1,
-               augment=True, augment_flip=True)  # fmt: skip
+    cfg = tiny(
+        method=method,
+        backend="reference",
+        batching="exact",
+        dtype="float64",
+        epochs=4,
+        swap_epoch=1,
+        augment=True,
+        augment_flip=True,
+    )
     fast = T.train_ensemble(cfg, data=data)
     ref = T.train_ensemble_reference(cfg, data=data)
     assert max_param_diff(fast, ref) == 0.0
@@ -364,10 +389,9 @@ def test_fast_backend_matches_the_plain_twin(method, dtype, tol, data):
 @pytest.fixture(scope="module")
 def sb_result(data) -> T.EnsembleResult:
     return T.train_ensemble(
-        tiny(method="sharpbalance", members=3, eval_corruptions=("contrast", "gaussian_noise"),
-             eval_severities=(1, 3)),
+        tiny(method="sharpbalance", members=3, eval_corruptions=("contrast", "gaussian_noise"), eval_severities=(1, 3)),
         data=data,
-    )  # fmt: skip
+    )
 
 
 def test_result_metrics_and_ood(sb_result):

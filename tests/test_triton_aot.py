@@ -32,8 +32,13 @@ def _launched_kernels() -> set[str]:
     for path in sorted((ROOT / "kernels").glob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "launch"
-                    and node.args and isinstance(node.args[0], ast.Name)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "launch"
+                and node.args
+                and isinstance(node.args[0], ast.Name)
+            ):
                 found.add(f"sbfast.kernels.{path.stem}:{node.args[0].id}")
     return found
 

@@ -35,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     from sbfast.cli.training import add_compare_parser, add_train_parser
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback of an error instead of one line")  # fmt: skip
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error instead of one line",
+    )
     p = Parser(prog="sbfast", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)

@@ -34,8 +34,11 @@ def build_config(fields: Mapping[str, Any]) -> TrainConfig:
 def _with_flag(message: str) -> str:
     import re
 
-    found = [(m.start(), f.name) for f in dataclasses.fields(TrainConfig)
-             if (m := re.search(rf"(?<![\w-]){f.name}(?![\w-])", message))]  # fmt: skip
+    found = [
+        (m.start(), f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if (m := re.search(rf"(?<![\w-]){f.name}(?![\w-])", message))
+    ]
     if not found:
         return message
     return f"{flag_name(min(found)[1])}: {message}"
@@ -82,9 +85,13 @@ def check_corruption_root(config: TrainConfig, data: Any) -> None:
         return
     flag = f"{flag_name('corruption_root')} {root}"
     if not Path(root).is_dir():
-        raise CliError(f"{flag}: no such folder; expected a CIFAR-10-C/-100-C folder of <corruption>.npy and labels.npy")
+        raise CliError(
+            f"{flag}: no such folder; expected a CIFAR-10-C/-100-C folder of <corruption>.npy and labels.npy"
+        )
     if not config.eval_corruptions:
-        raise CliError(f"{flag}: no corruptions are evaluated ({flag_name('eval_corruptions')} is empty), so the folder would not be read")
+        raise CliError(
+            f"{flag}: no corruptions are evaluated ({flag_name('eval_corruptions')} is empty), so the folder would not be read"
+        )
     from sbfast.data import load_cifar_c
 
     try:
@@ -124,7 +131,9 @@ def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise CliError(f"{flag} cannot be written ({e.strerror or e}); expected a folder you can create and write") from None
+        raise CliError(
+            f"{flag} cannot be written ({e.strerror or e}); expected a folder you can create and write"
+        ) from None
     return path
 
 

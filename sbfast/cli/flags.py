@@ -59,7 +59,9 @@ def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e.msg}); expected an object such as '{{\"width\": 8}}'") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not JSON ({e.msg}); expected an object such as '{{\"width\": 8}}'"
+        ) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; expected one such as '{{\"width\": 8}}'")
     return value
@@ -188,7 +190,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CliError(f"--config {path!r}: not JSON ({e.msg} at line {e.lineno}); expected an object of TrainConfig fields") from None
+        raise CliError(
+            f"--config {path!r}: not JSON ({e.msg} at line {e.lineno}); expected an object of TrainConfig fields"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):

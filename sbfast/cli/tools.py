@@ -15,9 +15,13 @@ from sbfast.cli.errors import CliError
 
 
 def add_tool_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    e = sub.add_parser("eval", parents=parents, help="recompute a run's metrics from its saved members",
-                       description="Recompute a finished run's test metrics, OOD accuracy and sharpness from its "
-                       "checkpoint, with the run's own config (docs/cli.md). Prints the table; --json writes it.")  # fmt: skip
+    e = sub.add_parser(
+        "eval",
+        parents=parents,
+        help="recompute a run's metrics from its saved members",
+        description="Recompute a finished run's test metrics, OOD accuracy and sharpness from its "
+        "checkpoint, with the run's own config (docs/cli.md). Prints the table; --json writes it.",
+    )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (one that holds config.json and checkpoints/)")
     e.add_argument("--data-root", metavar="PATH", help="where the run's CIFAR data lives now, if it moved")
     e.add_argument("--corruption-root", metavar="PATH", help="where the run's CIFAR-C folder lives now, if it moved")
@@ -25,20 +29,31 @@ def add_tool_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--json", metavar="FILE", help="also write the metrics as strict JSON to FILE")
     e.set_defaults(handler=cmd_eval)
 
-    s = sub.add_parser("score", parents=parents, help="Fisher scores of a run's saved members",
-                       description="Per-sample Fisher scores s_i = ||grad_w CE(f_w(x_i), y_i)||^2 of every saved member "
-                       "on the run's training set (eval mode, no augmentation): a float32 array [M, N], written as "
-                       ".npy or .pt (by the file's extension).")  # fmt: skip
+    s = sub.add_parser(
+        "score",
+        parents=parents,
+        help="Fisher scores of a run's saved members",
+        description="Per-sample Fisher scores s_i = ||grad_w CE(f_w(x_i), y_i)||^2 of every saved member "
+        "on the run's training set (eval mode, no augmentation): a float32 array [M, N], written as "
+        ".npy or .pt (by the file's extension).",
+    )
     s.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (one that holds config.json and checkpoints/)")
     s.add_argument("--output", metavar="FILE", help="FILE.npy or FILE.pt (default RUN_DIR/fisher_scores.npy)")
     s.add_argument("--data-root", metavar="PATH", help="where the run's CIFAR data lives now, if it moved")
     s.add_argument("--device", default="cpu", help="device to score on (default: cpu)")
-    s.add_argument("--batch-size", type=int, metavar="N", help="scoring batch size (default: the run's scoring_batch_size)")
+    s.add_argument(
+        "--batch-size", type=int, metavar="N", help="scoring batch size (default: the run's scoring_batch_size)"
+    )
     s.set_defaults(handler=cmd_score)
 
-    b = sub.add_parser("bench", parents=parents, add_help=False, help="the benchmark table (python -m bench)",
-                       description="Runs the bench package of a source checkout: every op against the reference. "
-                       "Arguments are passed on; see 'sbfast bench --help'.")  # fmt: skip
+    b = sub.add_parser(
+        "bench",
+        parents=parents,
+        add_help=False,
+        help="the benchmark table (python -m bench)",
+        description="Runs the bench package of a source checkout: every op against the reference. "
+        "Arguments are passed on; see 'sbfast bench --help'.",
+    )
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m bench")
     b.set_defaults(handler=cmd_bench)
 
@@ -71,7 +86,9 @@ def _device(name: str) -> str:
     except (RuntimeError, TypeError):
         raise CliError(f"--device {name!r}: not a device name; expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); expected cpu or an existing one")
+        raise CliError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); expected cpu or an existing one"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise CliError(f"--device {name}: expected cpu or cuda")
     return name
@@ -93,18 +110,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         try:
-            ev = T.evaluate_run(args.run_dir, data_root=args.data_root, corruption_root=args.corruption_root, device=device)
+            ev = T.evaluate_run(
+                args.run_dir, data_root=args.data_root, corruption_root=args.corruption_root, device=device
+            )
         except ValueError as e:
             raise CliError(f"RUN_DIR {args.run_dir!r}: {e}") from None
     m = ev["metrics"]
     sharp = ev.get("sharpness") or []
     ood = ev.get("ood")
     row = {
-        "method": config.method, "member_acc": m.get("member_acc_mean"), "ensemble_acc": m.get("ensemble_acc"),
-        "nll": m.get("ensemble_nll"), "ece": m.get("ece"), "der": m.get("der"), "eir": m.get("eir"),
+        "method": config.method,
+        "member_acc": m.get("member_acc_mean"),
+        "ensemble_acc": m.get("ensemble_acc"),
+        "nll": m.get("ensemble_nll"),
+        "ece": m.get("ece"),
+        "der": m.get("der"),
+        "eir": m.get("eir"),
         "ood_acc": ood["mean"]["ensemble_acc"] if ood else None,
         "sharpness": sum(sharp) / len(sharp) if sharp else None,
-    }  # fmt: skip
+    }
     print(f"sbfast eval: {args.run_dir} ({config.method}, {config.dataset}, M = {config.members}) on {device}")
     print(format_table([{k: shown(v) for k, v in row.items()}]))
     if args.json:
@@ -147,7 +171,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         torch.save(scores, out)
     print(f"sbfast score: {args.run_dir} ({config.method}, M = {len(models)}), {scores.shape[1]} training samples")
     for j, r in enumerate(rows):
-        print(f"  member {j}: mean {float(r.double().mean()):.4f}  median {float(r.median()):.4f}  max {float(r.max()):.4f}")
+        print(
+            f"  member {j}: mean {float(r.double().mean()):.4f}  median {float(r.median()):.4f}  max {float(r.max()):.4f}"
+        )
     print(f"wrote {out} (float32 [{scores.shape[0]}, {scores.shape[1]}], row j = member j, column i = sample index i)")
     return 0
 
@@ -184,8 +210,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     import sbfast
     from sbfast import train as T
 
-    print(f"sbfast {sbfast.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
-          f"numpy {numpy.__version__}")  # fmt: skip
+    print(
+        f"sbfast {sbfast.__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+        f"numpy {numpy.__version__}"
+    )
     try:
         import triton
 

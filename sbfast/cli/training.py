@@ -23,7 +23,7 @@ data set, then print mean ± standard deviation over seeds of every metric and t
 differences between methods, and write the comparison's JSON, text and figures.
 
 The main job, `sbfast compare` without flags, runs on the embedded digits data with seeds
-{' '.join(map(str, MAIN_SEEDS))} and {', '.join(f'{k}={v}' for k, v in MAIN_JOB.items())} (its defaults on digits, shown
+{" ".join(map(str, MAIN_SEEDS))} and {", ".join(f"{k}={v}" for k, v in MAIN_JOB.items())} (its defaults on digits, shown
 below), so that each member makes enough test errors for DER and EIR to mean something.
 
 Precedence: TrainConfig defaults and dataset presets < the main job's digits defaults (or
@@ -50,39 +50,85 @@ OLD_NAMES = {"eval_corruptions": ["--corruptions"], "eval_severities": ["--sever
 
 def _common_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run options")
-    g.add_argument("--config", metavar="FILE", help="JSON file of TrainConfig fields, e.g. a run's config.json or "
-                   "results.json (its output/resume folders are ignored); flags override it")  # fmt: skip
-    g.add_argument("--quick", action="store_true",
-                   help="a smoke run in seconds: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))  # fmt: skip
-    g.add_argument("--width", type=int, metavar="N", help="shortcut for --model-kwargs '{\"width\": N}' (cnn, resnet18)")
-    g.add_argument("--reference-trainer", action="store_true",
-                   help="train with sbfast.train.train_ensemble_reference, the slow plain-PyTorch twin")  # fmt: skip
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON file of TrainConfig fields, e.g. a run's config.json or "
+        "results.json (its output/resume folders are ignored); flags override it",
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in seconds: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
+    )
+    g.add_argument(
+        "--width", type=int, metavar="N", help="shortcut for --model-kwargs '{\"width\": N}' (cnn, resnet18)"
+    )
+    g.add_argument(
+        "--reference-trainer",
+        action="store_true",
+        help="train with sbfast.train.train_ensemble_reference, the slow plain-PyTorch twin",
+    )
 
 
 def add_compare_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("compare", aliases=["run"], parents=parents, help="train and compare methods over seeds (the main job)",
-                       description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "compare",
+        aliases=["run"],
+        parents=parents,
+        help="train and compare methods over seeds (the main job)",
+        description=COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_argument_group("comparison")
-    g.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
-                   help=f"methods to compare, from {', '.join(METHODS)} (TrainConfig.method, one per run; "
-                   f"default: all)")  # fmt: skip
-    g.add_argument("--seeds", "--seed", nargs="+", type=int, metavar="N",
-                   help="seeds; every method runs with each (TrainConfig.seed, one per run; default "
-                   f"{' '.join(map(str, MAIN_SEEDS))}, with --quick {' '.join(map(str, QUICK_SEEDS))})")  # fmt: skip
-    g.add_argument("--output", "--output-dir", dest="output", metavar="PATH",
-                   help="folder of the comparison (TrainConfig.output_dir of each run is PATH/<method>/seed<k>; "
-                   "default runs/compare-<timestamp>)")  # fmt: skip
-    g.add_argument("--no-fork", action="store_true",
-                   help="train sharpbalance's phase 1 itself instead of starting from de_sam's (same numbers, slower)")
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"methods to compare, from {', '.join(METHODS)} (TrainConfig.method, one per run; default: all)",
+    )
+    g.add_argument(
+        "--seeds",
+        "--seed",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="seeds; every method runs with each (TrainConfig.seed, one per run; default "
+        f"{' '.join(map(str, MAIN_SEEDS))}, with --quick {' '.join(map(str, QUICK_SEEDS))})",
+    )
+    g.add_argument(
+        "--output",
+        "--output-dir",
+        dest="output",
+        metavar="PATH",
+        help="folder of the comparison (TrainConfig.output_dir of each run is PATH/<method>/seed<k>; "
+        "default runs/compare-<timestamp>)",
+    )
+    g.add_argument(
+        "--no-fork",
+        action="store_true",
+        help="train sharpbalance's phase 1 itself instead of starting from de_sam's (same numbers, slower)",
+    )
     _common_run_flags(p)
-    add_config_flags(p, exclude=("method", "seed", "output_dir", "resume", "from_phase1"), aliases=OLD_NAMES,
-                     defaults={k: f"{v} on digits" for k, v in MAIN_JOB.items()})  # fmt: skip
+    add_config_flags(
+        p,
+        exclude=("method", "seed", "output_dir", "resume", "from_phase1"),
+        aliases=OLD_NAMES,
+        defaults={k: f"{v} on digits" for k, v in MAIN_JOB.items()},
+    )
     p.set_defaults(handler=cmd_compare)
 
 
 def add_train_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("train", parents=parents, help="train one method (also resume a run, or fork from phase 1)",
-                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "train",
+        parents=parents,
+        help="train one method (also resume a run, or fork from phase 1)",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common_run_flags(p)
     add_config_flags(p, aliases={"output_dir": ["--output"], **OLD_NAMES})
     p.set_defaults(handler=cmd_train)
@@ -140,8 +186,10 @@ def _trainer(args: argparse.Namespace) -> Any:
 
 def _describe(cfg: Any, data: Any) -> str:
     td = f", T_d {cfg.swap_epoch}" if cfg.method == "sharpbalance" or cfg.method == "de_sam" else ""
-    return (f"{cfg.dataset} (train {len(data.train)}, test {len(data.test)}), model {cfg.model}, M = {cfg.members}, "
-            f"{cfg.epochs} epochs{td}, device {cfg.resolved_device()}, backend {cfg.backend}, batching {cfg.batching}")  # fmt: skip
+    return (
+        f"{cfg.dataset} (train {len(data.train)}, test {len(data.test)}), model {cfg.model}, M = {cfg.members}, "
+        f"{cfg.epochs} epochs{td}, device {cfg.resolved_device()}, backend {cfg.backend}, batching {cfg.batching}"
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -158,7 +206,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     methods = run_order(args.methods)
     configs = [checks.build_config({**fields, "method": m, "seed": s}) for m in methods for s in seeds]
     data = checks.preflight(configs)
-    out = checks.check_output_dir(Path(args.output), empty=True) if args.output else checks.new_run_dir("runs", "compare-")
+    out = (
+        checks.check_output_dir(Path(args.output), empty=True)
+        if args.output
+        else checks.new_run_dir("runs", "compare-")
+    )
     base_cfg = configs[0]
     print(f"sbfast compare: {', '.join(methods)} x seeds {' '.join(map(str, seeds))} on {_describe(base_cfg, data)}")
     print(f"writing {out}/", flush=True)
@@ -169,9 +221,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         def f(k: str) -> str:
             return "-" if m.get(k) is None else f"{m[k]:.4f}"
 
-        print(f"  {record['method']:<13} seed {record['seed']}: ensemble_acc {f('ensemble_acc')}  member_acc "
-              f"{f('member_acc')}  der {f('der')}  eir {f('eir')}  ood_acc {f('ood_acc')}  ({m.get('wall_s') or 0:.1f} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"  {record['method']:<13} seed {record['seed']}: ensemble_acc {f('ensemble_acc')}  member_acc "
+            f"{f('member_acc')}  der {f('der')}  eir {f('eir')}  ood_acc {f('ood_acc')}  ({m.get('wall_s') or 0:.1f} s)",
+            flush=True,
+        )
 
     started = _Started()
     trainer = _trainer(args)
@@ -180,12 +234,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return trainer(cfg, [_callback(started)], **kw)
 
     with started.guard():
-        comp = run_comparison(base_cfg, methods, seeds, out, data=data, trainer=tracked,
-                              fork_phase1=not args.no_fork and not args.reference_trainer, on_run=on_run)  # fmt: skip
+        comp = run_comparison(
+            base_cfg,
+            methods,
+            seeds,
+            out,
+            data=data,
+            trainer=tracked,
+            fork_phase1=not args.no_fork and not args.reference_trainer,
+            on_run=on_run,
+        )
     print()
     print(comp.report())
-    print(f"\nwrote {out}/ (comparison.txt, comparison.json, comparison.png, curves.png, sharpness_diversity.png, "
-          f"<method>/seed<k>/); {comp.timing['total_s']:.0f} s")  # fmt: skip
+    print(
+        f"\nwrote {out}/ (comparison.txt, comparison.json, comparison.png, curves.png, sharpness_diversity.png, "
+        f"<method>/seed<k>/); {comp.timing['total_s']:.0f} s"
+    )
     return 0
 
 
@@ -219,7 +283,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             saved = read_config(run_dir)
         except ValueError as e:
             raise CliError(f"--resume {resume}: {e}") from None
-        checks.preflight([checks.build_config({**saved.to_dict(), **given, "resume": None, "output_dir": str(run_dir)})])
+        checks.preflight(
+            [checks.build_config({**saved.to_dict(), **given, "resume": None, "output_dir": str(run_dir)})]
+        )
         print(f"sbfast train: resuming {run_dir}", flush=True)
         requested = {k: v for k, v in given.items() if k != "resume"}
         with started.guard():
@@ -248,7 +314,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_result(result: Any, out: Path) -> None:
-    print(f"\n== {result.config.method} ({result.components.get('optimizer')}, {result.timing.get('total_s', 0):.1f} s) ==")
+    print(
+        f"\n== {result.config.method} ({result.components.get('optimizer')}, {result.timing.get('total_s', 0):.1f} s) =="
+    )
     print(result.table())
     print(f"wrote {out}/")
     sys.stdout.flush()

@@ -60,9 +60,20 @@ __all__ = [
 ]
 
 CORRUPTIONS = [
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
-    "glass_blur", "motion_blur", "zoom_blur", "snow", "frost", "fog",
-    "brightness", "contrast", "elastic_transform", "pixelate",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
     "jpeg_compression",
 ]
 
@@ -85,8 +96,9 @@ def _on(pos: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pos if device.type == "cpu" else pos.to(device, non_blocking=True)
 
 
-def _mix_step(net: nn.Module, indice: torch.Tensor, data: torch.Tensor, target: torch.Tensor,
-              lookup: torch.Tensor, optimizer: Any) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+def _mix_step(
+    net: nn.Module, indice: torch.Tensor, data: torch.Tensor, target: torch.Tensor, lookup: torch.Tensor, optimizer: Any
+) -> tuple[torch.Tensor | int, torch.Tensor | int]:
     """The release's mix_step on a lookup table; returns (correct as a device tensor, detached
     total loss) without synchronising."""
     b = data.shape[0]
@@ -130,8 +142,17 @@ def _mix_step(net: nn.Module, indice: torch.Tensor, data: torch.Tensor, target: 
     return correct, total_loss
 
 
-def mix_step(args: Any, net: nn.Module, indice: torch.Tensor, data: torch.Tensor, target: torch.Tensor,
-             idx: Any, optimizer: Any, epoch: int, device: torch.device | str) -> tuple[int, torch.Tensor]:
+def mix_step(
+    args: Any,
+    net: nn.Module,
+    indice: torch.Tensor,
+    data: torch.Tensor,
+    target: torch.Tensor,
+    idx: Any,
+    optimizer: Any,
+    epoch: int,
+    device: torch.device | str,
+) -> tuple[int, torch.Tensor]:
     """One SharpBalance step on a batch: samples whose index is in ``idx`` are normal, the rest
     SAM (the release's ``mix_step``, same arithmetic).
 
@@ -156,8 +177,16 @@ def mix_step(args: Any, net: nn.Module, indice: torch.Tensor, data: torch.Tensor
     return int(correct), total_loss  # type: ignore[return-value]
 
 
-def train_one_epoch(args: Any, net: nn.Module, train_loader: Iterable, optimizer: Any, normal_indice: Any,
-                    scheduler: Any, epoch: int, device: torch.device | str) -> torch.Tensor | float:
+def train_one_epoch(
+    args: Any,
+    net: nn.Module,
+    train_loader: Iterable,
+    optimizer: Any,
+    normal_indice: Any,
+    scheduler: Any,
+    epoch: int,
+    device: torch.device | str,
+) -> torch.Tensor | float:
     """Train for one epoch (the release's ``train_one_epoch``).
 
     ``args.sam == 'False'``: plain ``optimizer.step()`` per batch; anything else: :func:`mix_step`
@@ -197,7 +226,9 @@ def train_one_epoch(args: Any, net: nn.Module, train_loader: Iterable, optimizer
     return loss_ema
 
 
-def evaluate(args: Any, net: nn.Module, test_loader: Any, device: torch.device | str | None = None) -> tuple[float, float]:
+def evaluate(
+    args: Any, net: nn.Module, test_loader: Any, device: torch.device | str | None = None
+) -> tuple[float, float]:
     """Evaluate on a loader of (images, targets) (the release's ``evaluate``).
 
     Returns:
@@ -244,8 +275,10 @@ def evaluate_c(args: Any, net: nn.Module, test_data: Any, base_path: str) -> tup
             would silently evaluate the unchanged clean set 15 times).
     """
     if not (hasattr(test_data, "data") and hasattr(test_data, "targets")):
-        raise TypeError(f"evaluate_c: test_data must have .data and .targets (a CIFAR-style data set), got "
-                        f"{type(test_data).__name__}")
+        raise TypeError(
+            f"evaluate_c: test_data must have .data and .targets (a CIFAR-style data set), got "
+            f"{type(test_data).__name__}"
+        )
     batch_size = getattr(args, "eval_batch_size", None) or args.batch_size
     labels = torch.LongTensor(np.load(base_path + "labels.npy"))
     corruption_accs = []
@@ -253,8 +286,13 @@ def evaluate_c(args: Any, net: nn.Module, test_data: Any, base_path: str) -> tup
     for corruption in CORRUPTIONS:
         test_data.data = np.load(base_path + corruption + ".npy")
         test_data.targets = labels
-        test_loader = torch.utils.data.DataLoader(test_data, batch_size=batch_size, shuffle=False,
-                                                  num_workers=args.num_workers, pin_memory=torch.cuda.is_available())
+        test_loader = torch.utils.data.DataLoader(
+            test_data,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=args.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
         test_loss, test_acc = evaluate(args, net, test_loader)
         corruption_accs.append(test_acc)
         corruption_accs_dict[corruption] = test_acc
@@ -284,8 +322,10 @@ def test_fisher(net: nn.Module, train_loader: Any, flat_trial: int, device: torc
     unseen = torch.isnan(scores)
     if bool(unseen.any()):
         first = int(unseen.nonzero()[0, 0])
-        raise ValueError(f"test_fisher: {int(unseen.sum())} of {n} samples were never yielded by the loader "
-                         f"(e.g. sample {first}); every sample of the data set needs a score")
+        raise ValueError(
+            f"test_fisher: {int(unseen.sum())} of {n} samples were never yielded by the loader "
+            f"(e.g. sample {first}); every sample of the data set needs a score"
+        )
     # the release accumulates in torch's default dtype (torch.zeros(N)): return that type
     return scores.to(device="cpu", dtype=torch.get_default_dtype()).numpy()
 
@@ -299,8 +339,13 @@ def _process_device(process_id: int) -> torch.device:
 
 def _scoring_loader(args: Any, batch_size: int) -> torch.utils.data.DataLoader:
     train_data = CustomDataset(create_dataset(args, is_fisher=True))
-    return torch.utils.data.DataLoader(train_data, batch_size=batch_size, shuffle=False, num_workers=args.num_workers,
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        train_data,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def main_fisher(args: Any, process_id: int, dict_to_share: Any, model: nn.Module) -> np.ndarray:
@@ -319,8 +364,9 @@ def main_fisher(args: Any, process_id: int, dict_to_share: Any, model: nn.Module
     return dict_to_share[process_id]
 
 
-def test_sharpness_loss(model: nn.Module, train_loader: Any, optimizer: Any, criterion: nn.Module,
-                        device: torch.device | str) -> torch.Tensor:
+def test_sharpness_loss(
+    model: nn.Module, train_loader: Any, optimizer: Any, criterion: nn.Module, device: torch.device | str
+) -> torch.Tensor:
     """Per-sample SAM loss gap l_i(w + e) - l_i(w), e from the batch's mean loss (the release's
     ``test_sharpness_loss``): ``optimizer.first_step`` then ``optimizer.back_step`` per batch,
     the model in whatever mode it is in (as the release). ``criterion`` must not reduce
@@ -337,8 +383,10 @@ def test_sharpness_loss(model: nn.Module, train_loader: Any, optimizer: Any, cri
         optimizer.zero_grad()
         loss_erm = criterion(model(batch), targets)
         if loss_erm.dim() != 1:
-            raise ValueError(f"test_sharpness_loss: criterion must give per-sample losses [b] (reduction='none'), "
-                             f"got shape {tuple(loss_erm.shape)}")
+            raise ValueError(
+                f"test_sharpness_loss: criterion must give per-sample losses [b] (reduction='none'), "
+                f"got shape {tuple(loss_erm.shape)}"
+            )
         torch.mean(loss_erm).backward()
         optimizer.first_step(zero_grad=True)
         with torch.no_grad():
@@ -349,7 +397,9 @@ def test_sharpness_loss(model: nn.Module, train_loader: Any, optimizer: Any, cri
     return sharpness.cpu()
 
 
-def main_sharpness_loss(args: Any, process_id: int, dict_to_share: Any, model: nn.Module, optimizer: Any) -> torch.Tensor:
+def main_sharpness_loss(
+    args: Any, process_id: int, dict_to_share: Any, model: nn.Module, optimizer: Any
+) -> torch.Tensor:
     """The release's ``main_sharpness_loss``: :func:`test_sharpness_loss` on the unaugmented
     training set (batches of 128), shared as ``dict_to_share[process_id]`` and returned."""
     device = _process_device(process_id)

@@ -69,8 +69,10 @@ def _as_int_array(idx: Any) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         bad = arr[~np.isfinite(arr) | (arr != np.floor(arr))] if arr.size else arr
         if bad.size:
-            raise ValueError(f"idx holds {bad.size} non-integral value(s), e.g. {bad[0]!r}; expected sample indices "
-                             "(the release would never match them)")
+            raise ValueError(
+                f"idx holds {bad.size} non-integral value(s), e.g. {bad[0]!r}; expected sample indices "
+                "(the release would never match them)"
+            )
         arr = arr.astype(np.int64)
     return arr.astype(np.int64, copy=False)
 
@@ -80,8 +82,10 @@ def _build(idx: Any, num_samples: int | None) -> torch.Tensor:
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < -1:
-            raise ValueError(f"idx holds the negative sample index {lo}; expected indices >= 0 (or the "
-                             "release's -1 for 'no normal sample')")
+            raise ValueError(
+                f"idx holds the negative sample index {lo}; expected indices >= 0 (or the "
+                "release's -1 for 'no normal sample')"
+            )
         if num_samples is not None and hi >= num_samples:
             raise ValueError(f"idx holds the sample index {hi}, outside the data set of {num_samples} samples")
     else:
@@ -137,8 +141,9 @@ def split_batch(indice: torch.Tensor, lookup: torch.Tensor, batch: int) -> tuple
     if not isinstance(indice, torch.Tensor):
         indice = torch.as_tensor(indice)
     if indice.dim() != 1 or indice.is_floating_point() or indice.dtype == torch.bool:
-        raise ValueError(f"indice must be a 1-D integer tensor of sample indices, got {indice.dtype} "
-                         f"{tuple(indice.shape)}")
+        raise ValueError(
+            f"indice must be a 1-D integer tensor of sample indices, got {indice.dtype} {tuple(indice.shape)}"
+        )
     if indice.shape[0] != batch:
         raise ValueError(f"indice has {indice.shape[0]} entries but the batch has {batch} samples")
     ind = indice.cpu().long()

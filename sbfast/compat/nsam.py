@@ -43,8 +43,14 @@ class NSAM:
     """The release's NSAM constructor: returns a :class:`FusedNSAM` for ``torch.optim.SGD``,
     else a :class:`ReferenceNSAM` (with a one-time warning). See the module docstring."""
 
-    def __new__(cls, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                adaptive: bool = False, **kwargs: Any) -> NSAM:
+    def __new__(
+        cls,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> NSAM:
         if cls is not NSAM:
             return super().__new__(cls)
         if base_optimizer is torch.optim.SGD:
@@ -53,8 +59,12 @@ class NSAM:
         if not _warned_unfused:
             _warned_unfused = True
             name = getattr(base_optimizer, "__name__", repr(base_optimizer))
-            warnings.warn(f"sbfast.compat.NSAM: base optimizer {name} is not torch.optim.SGD; using the unfused "
-                          "reference SAM (sbfast.reference.SAM). Only SGD runs fused.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"sbfast.compat.NSAM: base optimizer {name} is not torch.optim.SGD; using the unfused "
+                "reference SAM (sbfast.reference.SAM). Only SGD runs fused.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return super().__new__(ReferenceNSAM)
 
 
@@ -63,8 +73,14 @@ class FusedNSAM(NSAM, SharpBalanceSAM):
 
     _warn_on_moved_params = False  # the release moves the model after building the optimizer
 
-    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
-                 rho: float = 0.05, adaptive: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if kwargs.get("maximize", False):
             raise ValueError("NSAM: maximize=True is not supported")
         unknown = set(kwargs) - set(_SGD_KEYS) - set(_SGD_NOOP_KEYS) - {"maximize"}
@@ -88,8 +104,14 @@ class FusedNSAM(NSAM, SharpBalanceSAM):
 class ReferenceNSAM(NSAM, SAM):
     """NSAM over any other base optimizer: ``sbfast.reference.SAM`` (unfused)."""
 
-    def __init__(self, params: Iterable[Any], base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[torch.optim.Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
         SAM.__init__(self, params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
 
     @torch.no_grad()

@@ -26,8 +26,13 @@ from sbfast.compat import engine, nsam, utils
 __all__ = ["register", "unregister", "registered"]
 
 # what the release's utils.py defines: a utils module with all of these is the release's
-_RELEASE_UTILS_MARKERS = ("class CustomDataset", "def create_dataset", "def create_model", "def save_model",
-                          "def load_model")
+_RELEASE_UTILS_MARKERS = (
+    "class CustomDataset",
+    "def create_dataset",
+    "def create_model",
+    "def save_model",
+    "def load_model",
+)
 
 registered: dict[str, types.ModuleType] = {}
 _previous: dict[str, types.ModuleType | None] = {}
@@ -70,9 +75,13 @@ def _sam_package() -> types.ModuleType:
 def _put(name: str, module: types.ModuleType) -> None:
     old = sys.modules.get(name)
     if old is not None and old is not module and not getattr(old, "__sbfast_alias__", False):
-        warnings.warn(f"sbfast.compat.release: module {name!r} was already imported ({getattr(old, '__file__', old)}); "
-                      f"later imports of {name!r} get sbfast's, names bound before keep the old one. Import "
-                      "sbfast.compat.release first.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"sbfast.compat.release: module {name!r} was already imported ({getattr(old, '__file__', old)}); "
+            f"later imports of {name!r} get sbfast's, names bound before keep the old one. Import "
+            "sbfast.compat.release first.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     _previous.setdefault(name, old)
     sys.modules[name] = module
     registered[name] = module
@@ -86,8 +95,12 @@ def register() -> dict[str, types.ModuleType]:
     if _utils_is_free():
         _put("utils", utils)
     elif "utils" not in registered:
-        warnings.warn("sbfast.compat.release: a 'utils' module that is not the release's is importable; it is left "
-                      "alone. Import create_dataset etc. from sbfast.compat.utils.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            "sbfast.compat.release: a 'utils' module that is not the release's is importable; it is left "
+            "alone. Import create_dataset etc. from sbfast.compat.utils.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return dict(registered)
 
 

@@ -48,8 +48,10 @@ def _size(flats: Any, where: str) -> tuple[int, dict[Any, np.ndarray]]:
             continue
         a = np.asarray(flats[key])
         if a.shape != (n,):
-            raise ValueError(f"{where}: flats[{key!r}] has shape {a.shape} but flats[0] has {n} scores; every member "
-                             "must score the same data set")
+            raise ValueError(
+                f"{where}: flats[{key!r}] has shape {a.shape} but flats[0] has {n} scores; every member "
+                "must score the same data set"
+            )
         arrays[key] = a
     return n, arrays
 
@@ -70,8 +72,10 @@ def _scores(arrays: dict[Any, np.ndarray], i: Any, where: str) -> torch.Tensor:
     if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < m:
         raise ValueError(f"{where}: member i = {i!r} is not one of the ids 0..{m - 1} in flats")
     rows = [np.asarray(arrays[j]) for j in range(m)]
-    if any(not (np.issubdtype(r.dtype, np.floating) or np.issubdtype(r.dtype, np.integer)) or r.dtype == np.bool_
-           for r in rows):
+    if any(
+        not (np.issubdtype(r.dtype, np.floating) or np.issubdtype(r.dtype, np.integer)) or r.dtype == np.bool_
+        for r in rows
+    ):
         raise ValueError(f"{where}: scores must be numbers, got dtypes {[str(r.dtype) for r in rows]}")
     stacked = np.stack(rows)
     if not np.issubdtype(stacked.dtype, np.floating):

@@ -40,8 +40,15 @@ from sbfast.data import (
 )
 from sbfast.models import ResNet18, WideResNet
 
-__all__ = ["CustomDataset", "ImageArrayDataset", "ReleaseTransform", "create_dataset", "create_model", "load_model",
-           "save_model"]
+__all__ = [
+    "CustomDataset",
+    "ImageArrayDataset",
+    "ReleaseTransform",
+    "create_dataset",
+    "create_model",
+    "load_model",
+    "save_model",
+]
 
 
 class CustomDataset(torch.utils.data.Dataset):
@@ -91,7 +98,7 @@ class ReleaseTransform:
             if h != self.crop or w != self.crop:
                 i = torch.randint(0, h - self.crop + 1, size=(1,)).item()
                 j = torch.randint(0, w - self.crop + 1, size=(1,)).item()
-                x = x[:, i:i + self.crop, j:j + self.crop]
+                x = x[:, i : i + self.crop, j : j + self.crop]
             if torch.rand(1) < 0.5:
                 x = x.flip(-1)
         x = x.contiguous().to(dtype=torch.get_default_dtype()).div(255)
@@ -164,8 +171,10 @@ def create_dataset(args: Any, is_fisher: bool = False) -> Any:
     test_transform = ReleaseTransform(mean, std)
     for attr in ("train_idx_path", "val_idx_path"):
         if not Path(getattr(args, attr)).is_file():
-            raise FileNotFoundError(f"args.{attr} = {getattr(args, attr)!r} is not a file (a numpy index file "
-                                    "such as the release's dataset/train_idx.npy)")
+            raise FileNotFoundError(
+                f"args.{attr} = {getattr(args, attr)!r} is not a file (a numpy index file "
+                "such as the release's dataset/train_idx.npy)"
+            )
     train_idx = np.load(args.train_idx_path)
     val_idx = np.load(args.val_idx_path)
     if args.data_path is None:
@@ -236,8 +245,9 @@ def create_model(args: Any, num_classes: int, softmax: bool = False) -> nn.Modul
     """
     if args.model == "wrn-40-2":
         if getattr(args, "save_features", False) or getattr(args, "bench", False):
-            raise ValueError("create_model: save_features / bench (the release's sparse-training instrumentation) "
-                             "are not supported")
+            raise ValueError(
+                "create_model: save_features / bench (the release's sparse-training instrumentation) are not supported"
+            )
         return _ReleaseWideResNet(40, 2, num_classes, 0.0)
     if args.model == "resnet18" and softmax:
         return _ReleaseResNet18Softmax(num_classes, args.width)
@@ -248,8 +258,15 @@ def create_model(args: Any, num_classes: int, softmax: bool = False) -> nn.Modul
     raise ValueError(f"create_model: unknown args.model {args.model!r}; expected 'resnet18' or 'wrn-40-2'")
 
 
-def save_model(args: Any, model: nn.Module, epoch: int, best_acc: float, optimizer: Any, first_stage: bool = False,
-               save_init: bool = False) -> None:
+def save_model(
+    args: Any,
+    model: nn.Module,
+    epoch: int,
+    best_acc: float,
+    optimizer: Any,
+    first_stage: bool = False,
+    save_init: bool = False,
+) -> None:
     """Write the release's checkpoint dict (epoch, dataset, model, state_dict, best_acc,
     optimizer) to ``args.save_path``: ``checkpoint.pth.tar``; with ``first_stage``,
     ``checkpoint-<epoch>.pth.tar`` (``save_init``) or ``checkpoint_startepoch.pth.tar``."""

@@ -119,11 +119,20 @@ def _flat_length(pieces: Sequence[Piece], width: int) -> int:
     return sum((e - s) * width for _, s, e in pieces)
 
 
-def _pack(ctx: DistContext, pieces: Sequence[Piece], local: Sequence[torch.Tensor], tail: tuple[int, ...],
-          dtype: torch.dtype, length: int, what: str) -> torch.Tensor:
+def _pack(
+    ctx: DistContext,
+    pieces: Sequence[Piece],
+    local: Sequence[torch.Tensor],
+    tail: tuple[int, ...],
+    dtype: torch.dtype,
+    length: int,
+    what: str,
+) -> torch.Tensor:
     if len(local) != len(pieces):
-        raise ValueError(f"{what}: rank {ctx.rank} gave {len(local)} tensors; its placement computes {len(pieces)} "
-                         f"(members {[j for j, _, _ in pieces]})")
+        raise ValueError(
+            f"{what}: rank {ctx.rank} gave {len(local)} tensors; its placement computes {len(pieces)} "
+            f"(members {[j for j, _, _ in pieces]})"
+        )
     flat = torch.zeros(length, dtype=dtype, device=ctx.comm_device)
     at = 0
     for (j, s, e), t in zip(pieces, local, strict=True):
@@ -136,8 +145,14 @@ def _pack(ctx: DistContext, pieces: Sequence[Piece], local: Sequence[torch.Tenso
     return flat
 
 
-def _unpack(chunks: Sequence[torch.Tensor], layout: list[list[Piece]], members: int, n: int,
-            tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _unpack(
+    chunks: Sequence[torch.Tensor],
+    layout: list[list[Piece]],
+    members: int,
+    n: int,
+    tail: tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     out = torch.empty((members, n, *tail), dtype=dtype, device=chunks[0].device)
     width = 1
     for t in tail:
@@ -275,13 +290,15 @@ def gather_probs(
     led = placement.led_by(ctx.rank)
     if sorted(local) != list(led):
         raise ValueError(f"gather_probs: rank {ctx.rank} leads members {list(led)} but gave {sorted(local)}")
-    out = _gather_rows(ctx, placement, [local[j] for j in led], n, (num_classes,), split=False, dst=dst,
-                       what="the probability gather")
+    out = _gather_rows(
+        ctx, placement, [local[j] for j in led], n, (num_classes,), split=False, dst=dst, what="the probability gather"
+    )
     return None if out is None else out.cpu()
 
 
-def broadcast_module_state(ctx: DistContext, tensors: Sequence[torch.Tensor], src: int,
-                           group: Any = None, what: str = "the buffer broadcast") -> None:
+def broadcast_module_state(
+    ctx: DistContext, tensors: Sequence[torch.Tensor], src: int, group: Any = None, what: str = "the buffer broadcast"
+) -> None:
     """Copy ``tensors`` (e.g. a data-parallel member's BatchNorm running statistics) from rank
     ``src`` to the other ranks of ``group``, in place; one broadcast per tensor through the
     backend's device."""

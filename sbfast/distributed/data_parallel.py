@@ -107,8 +107,10 @@ class DataParallelOptimizer:
             raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
         for name in ("normal_step", "first_step", "second_step", "third_step", "zero_grad"):
             if not callable(getattr(optimizer, name, None)):
-                raise TypeError(f"{type(optimizer).__name__} has no {name}(); DataParallelOptimizer wraps SharpBalanceSAM "
-                                "or an optimizer with the same phases (reference.SAM)")
+                raise TypeError(
+                    f"{type(optimizer).__name__} has no {name}(); DataParallelOptimizer wraps SharpBalanceSAM "
+                    "or an optimizer with the same phases (reference.SAM)"
+                )
         self.optimizer = optimizer
         self.ctx = ctx
         self.group = group
@@ -247,8 +249,15 @@ def _runs(x: torch.Tensor, collective_forward: bool) -> bool:
     return x.shape[0] > 0 or collective_forward
 
 
-def dp_sgd_step(forward: Forward, opt: DataParallelOptimizer, x: torch.Tensor, y: torch.Tensor, batch: int, *,
-                collective_forward: bool = False) -> torch.Tensor:
+def dp_sgd_step(
+    forward: Forward,
+    opt: DataParallelOptimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+    *,
+    collective_forward: bool = False,
+) -> torch.Tensor:
     """Plain SGD on this rank's slice (x, y) of a batch of ``batch`` samples.
 
     Returns the slice's share of the batch mean loss, (sum of CE over the slice) / batch, a 0-d
@@ -264,8 +273,15 @@ def dp_sgd_step(forward: Forward, opt: DataParallelOptimizer, x: torch.Tensor, y
     return total
 
 
-def dp_sam_step(forward: Forward, opt: DataParallelOptimizer, x: torch.Tensor, y: torch.Tensor, batch: int, *,
-                collective_forward: bool = False) -> torch.Tensor:
+def dp_sam_step(
+    forward: Forward,
+    opt: DataParallelOptimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+    *,
+    collective_forward: bool = False,
+) -> torch.Tensor:
     """SAM on every sample of this rank's slice of a batch of ``batch`` samples (section 2 of
     the algorithm); the perturbation's gradient per ``opt.sam_grad_sync``. Returns the slice's
     share of the batch mean loss at w."""
@@ -295,8 +311,10 @@ def dp_mixed_step(
     if b == 0:
         raise ValueError("dp_mixed_step: the batch is empty (k_n = k_s = 0)")
     if xn.shape[0] > k_n or xs.shape[0] > k_s:
-        raise ValueError(f"dp_mixed_step: slices ({xn.shape[0]} normal, {xs.shape[0]} SAM) larger than the batch's "
-                         f"parts ({k_n}, {k_s})")
+        raise ValueError(
+            f"dp_mixed_step: slices ({xn.shape[0]} normal, {xs.shape[0]} SAM) larger than the batch's "
+            f"parts ({k_n}, {k_s})"
+        )
     g = opt.size
     total = torch.zeros((), dtype=torch.float64, device=xs.device)
     opt.zero_grad()

@@ -61,8 +61,15 @@ class RankPlan:
             gradient and BatchNorm (:mod:`sbfast.distributed.data_parallel`).
     """
 
-    def __init__(self, ctx: DistContext, members: int, placement: str = "auto", *, sam_grad_sync: str = "local",
-                 sync_batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        ctx: DistContext,
+        members: int,
+        placement: str = "auto",
+        *,
+        sam_grad_sync: str = "local",
+        sync_batchnorm: bool = False,
+    ) -> None:
         self.ctx = ctx
         self.placement: Placement = place(members, ctx.world_size, placement)
         self.sam_grad_sync = sam_grad_sync
@@ -114,8 +121,16 @@ class RankPlan:
 
     # -- a data-parallel member's step -------------------------------------------------------
 
-    def step(self, j: int, forward: Callable[[torch.Tensor], torch.Tensor], opt: DataParallelOptimizer, phase: str,
-             batch: Any, fetch: Fetch, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self,
+        j: int,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        opt: DataParallelOptimizer,
+        phase: str,
+        batch: Any,
+        fetch: Fetch,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One step of data-parallel member j on this rank's slice of ``batch``.
 
         ``batch``: index tensor [b], or (sam [k_s], normal [k_n]) for the static mixed phase;
@@ -143,8 +158,17 @@ class RankPlan:
             sel = mask[batch].to(x.device)
             xn, yn, xs, ys = x[~sel], y[~sel], x[sel], y[sel]
             k_n, k_s = xn.shape[0], xs.shape[0]
-        return dp_mixed_step(forward, opt, shard(xn, k, g), shard(yn, k, g), shard(xs, k, g), shard(ys, k, g), k_n, k_s,
-                             collective_forward=coll)  # fmt: skip
+        return dp_mixed_step(
+            forward,
+            opt,
+            shard(xn, k, g),
+            shard(yn, k, g),
+            shard(xs, k, g),
+            shard(ys, k, g),
+            k_n,
+            k_s,
+            collective_forward=coll,
+        )
 
     def sync_buffers(self, j: int, model: nn.Module) -> None:
         """A data-parallel member's BatchNorm running statistics: the leader's, on every rank."""
@@ -153,8 +177,13 @@ class RankPlan:
 
     # -- exchanges ---------------------------------------------------------------------------
 
-    def _sum_over_ranks(self, values: Mapping[int, float | torch.Tensor], what: str, leaders_only: bool,
-                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def _sum_over_ranks(
+        self,
+        values: Mapping[int, float | torch.Tensor],
+        what: str,
+        leaders_only: bool,
+        dtype: torch.dtype = torch.float64,
+    ) -> torch.Tensor:
         m = self.placement.members
         buf = torch.zeros(m, dtype=dtype, device=self.ctx.comm_device)
         for j, v in values.items():
@@ -284,9 +313,15 @@ class EvaluationGather:
         return self.plan.member_floats(dict(zip(self.members, local, strict=True)))
 
 
-def start_plan(members: int, device: str | torch.device | None, *, placement: str = "auto",
-               sam_grad_sync: str = "local", sync_batchnorm: bool = False,
-               timeout_s: float = 600.0) -> RankPlan | None:
+def start_plan(
+    members: int,
+    device: str | torch.device | None,
+    *,
+    placement: str = "auto",
+    sam_grad_sync: str = "local",
+    sync_batchnorm: bool = False,
+    timeout_s: float = 600.0,
+) -> RankPlan | None:
     """Join the job torchrun started (or the caller's process group) and plan this rank's
     share of the ensemble; None in a single-process run."""
     ctx = init_distributed(device, timeout_s=timeout_s)
@@ -320,6 +355,7 @@ def check_resume_placement(
     Raises:
         ValueError saying which member and how to resume.
     """
+
     def groups_of(p: Mapping[str, Any] | Placement | None) -> tuple[int, list[list[int]]]:
         if p is None:
             return 1, [[0]] * members
@@ -344,6 +380,9 @@ def check_resume_placement(
                 "data-parallel member's numbers depend on its number of ranks (BatchNorm statistics per slice, each "
                 f"slice's own SAM perturbation). Resume on {saved_world} rank(s) with placement '{spec(saved_groups)}', "
                 "or train with sam_grad_sync='all' and sync_batchnorm=True, under which the number of ranks changes "
-                "only roundings")
-    return (f"resuming on {world} rank(s) (placement {spec(groups)}) a run checkpointed on {saved_world} "
-            f"(placement {spec(saved_groups)})")
+                "only roundings"
+            )
+    return (
+        f"resuming on {world} rank(s) (placement {spec(groups)}) a run checkpointed on {saved_world} "
+        f"(placement {spec(saved_groups)})"
+    )

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "DistContext", "LaunchEnv", "init_distributed", "launch_env", "quiet_unless_rank0", "shutdown"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "DistContext",
+    "LaunchEnv",
+    "init_distributed",
+    "launch_env",
+    "quiet_unless_rank0",
+    "shutdown",
+]
 
 # Long enough for the slowest rank to finish an epoch's scoring (every collective of a run waits
 # for it), short enough that a dead rank ends the job within minutes.
@@ -46,8 +54,9 @@ def _int_var(env: Mapping[str, str], name: str, default: int | None = None) -> i
     raw = env.get(name)
     if raw is None:
         if default is None:
-            raise ValueError(f"environment variable {name} is missing (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK "
-                             "together)")
+            raise ValueError(
+                f"environment variable {name} is missing (torchrun sets RANK, WORLD_SIZE and LOCAL_RANK together)"
+            )
         return default
     try:
         return int(raw)
@@ -107,8 +116,10 @@ def _run_device(device: str | torch.device | None, local_rank: int) -> torch.dev
             raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
         if d.index is None:
             if local_rank >= torch.cuda.device_count():
-                raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
-                                 "devices; start at most that many processes per node")
+                raise ValueError(
+                    f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                    "devices; start at most that many processes per node"
+                )
             d = torch.device("cuda", local_rank)
     return d
 
@@ -171,12 +182,15 @@ def init_distributed(
         kwargs = {}
         if backend == "nccl":
             kwargs["device_id"] = run_device  # eager NCCL init: a bad GPU fails here, not at the first exchange
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
-                                timeout=timeout, **kwargs)
+        dist.init_process_group(
+            backend, init_method=init_method or "env://", rank=rank, world_size=world_size, timeout=timeout, **kwargs
+        )
     else:
         if dist.get_rank() != rank or dist.get_world_size() != world_size:
-            raise ValueError(f"a process group already exists as rank {dist.get_rank()} of {dist.get_world_size()}, "
-                             f"not rank {rank} of {world_size}")
+            raise ValueError(
+                f"a process group already exists as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"not rank {rank} of {world_size}"
+            )
         backend = str(dist.get_backend())
     comm_device = run_device if backend == "nccl" else torch.device("cpu")
     return DistContext(rank, int(world_size), local_rank, backend, run_device, comm_device, float(timeout_s), owns)

@@ -31,7 +31,7 @@ _ENTRY = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 def _ranks(ranks: tuple[int, ...]) -> str:
-    """"2" or "0-1" (consecutive) or "0, 2"."""
+    """ "2" or "0-1" (consecutive) or "0, 2"."""
     if len(ranks) > 1 and ranks == tuple(range(ranks[0], ranks[-1] + 1)):
         return f"{ranks[0]}-{ranks[-1]}"
     return ", ".join(str(r) for r in ranks)
@@ -118,15 +118,19 @@ def _blocks(members: int, world_size: int) -> tuple[tuple[int, ...], ...]:
 
 
 def _allowed(members: int) -> str:
-    return (f"with {members} members a world of 1..{members} ranks places whole members, or a multiple of "
-            f"{members} ({members * 2}, {members * 3}, ...) spreads each member over W/{members} ranks")
+    return (
+        f"with {members} members a world of 1..{members} ranks places whole members, or a multiple of "
+        f"{members} ({members * 2}, {members * 3}, ...) spreads each member over W/{members} ranks"
+    )
 
 
 def _parse_explicit(spec: str, members: int, world_size: int) -> tuple[tuple[int, ...], ...]:
     entries = [e.strip() for e in spec.split(",")]
     if len(entries) != members:
-        raise ValueError(f"placement {spec!r} has {len(entries)} entries; expected one per member ({members}), "
-                         "each a rank ('0') or a range of ranks sharing the member ('0-1')")
+        raise ValueError(
+            f"placement {spec!r} has {len(entries)} entries; expected one per member ({members}), "
+            "each a rank ('0') or a range of ranks sharing the member ('0-1')"
+        )
     groups: list[tuple[int, ...]] = []
     for j, e in enumerate(entries):
         mt = _ENTRY.match(e)
@@ -137,8 +141,9 @@ def _parse_explicit(spec: str, members: int, world_size: int) -> tuple[tuple[int
         if hi < lo:
             raise ValueError(f"placement {spec!r}: entry {j} ({e!r}) is an empty range; write it low-high")
         if hi >= world_size:
-            raise ValueError(f"placement {spec!r}: entry {j} names rank {hi}, but the world has ranks "
-                             f"0..{world_size - 1}")
+            raise ValueError(
+                f"placement {spec!r}: entry {j} names rank {hi}, but the world has ranks 0..{world_size - 1}"
+            )
         groups.append(tuple(range(lo, hi + 1)))
     used = [0] * world_size
     shared = [False] * world_size
@@ -148,13 +153,17 @@ def _parse_explicit(spec: str, members: int, world_size: int) -> tuple[tuple[int
             shared[r] = shared[r] or len(g) > 1
     idle = [r for r in range(world_size) if used[r] == 0]
     if idle:
-        raise ValueError(f"placement {spec!r} leaves rank{'s' * (len(idle) != 1)} {_ranks(tuple(idle))} without a "
-                         f"member; every one of the {world_size} ranks must hold at least one")
+        raise ValueError(
+            f"placement {spec!r} leaves rank{'s' * (len(idle) != 1)} {_ranks(tuple(idle))} without a "
+            f"member; every one of the {world_size} ranks must hold at least one"
+        )
     crowded = [r for r in range(world_size) if shared[r] and used[r] > 1]
     if crowded:
-        raise ValueError(f"placement {spec!r}: rank {crowded[0]} shares a member (data parallel) and holds another; "
-                         "a rank that shares a member must hold only that one (its partners would wait at every "
-                         "all-reduce while it trains the others)")
+        raise ValueError(
+            f"placement {spec!r}: rank {crowded[0]} shares a member (data parallel) and holds another; "
+            "a rank that shares a member must hold only that one (its partners would wait at every "
+            "all-reduce while it trains the others)"
+        )
     return tuple(groups)
 
 
@@ -176,27 +185,38 @@ def place(members: int, world_size: int, spec: str = "auto") -> Placement:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if not isinstance(spec, str):
-        raise TypeError(f"placement must be a string ({', '.join(PLACEMENT_MODES)} or a list like '0,0,1'), "
-                        f"got {type(spec).__name__}")
+        raise TypeError(
+            f"placement must be a string ({', '.join(PLACEMENT_MODES)} or a list like '0,0,1'), "
+            f"got {type(spec).__name__}"
+        )
     spec = spec.strip()
     if spec == "auto":
         spec = "members" if world_size <= members else "data-parallel"
     if spec == "members":
         if world_size > members:
-            raise ValueError(f"placement 'members' puts whole members on ranks, so it needs at most {members} ranks "
-                             f"(one member each); the world has {world_size}. Use 'data-parallel' (a multiple of "
-                             f"{members} ranks) or an explicit list such as '0,1-2'")
+            raise ValueError(
+                f"placement 'members' puts whole members on ranks, so it needs at most {members} ranks "
+                f"(one member each); the world has {world_size}. Use 'data-parallel' (a multiple of "
+                f"{members} ranks) or an explicit list such as '0,1-2'"
+            )
         return Placement(world_size, _blocks(members, world_size), "members")
     if spec == "data-parallel":
         if world_size % members != 0:
-            raise ValueError(f"cannot spread {members} members evenly over {world_size} ranks: {_allowed(members)}; "
-                             "or give an explicit placement such as '0,1-2'")
+            raise ValueError(
+                f"cannot spread {members} members evenly over {world_size} ranks: {_allowed(members)}; "
+                "or give an explicit placement such as '0,1-2'"
+            )
         g = world_size // members
-        return Placement(world_size, tuple(tuple(range(j * g, (j + 1) * g)) for j in range(members)),
-                         "data-parallel" if g > 1 else "members")
+        return Placement(
+            world_size,
+            tuple(tuple(range(j * g, (j + 1) * g)) for j in range(members)),
+            "data-parallel" if g > 1 else "members",
+        )
     if not spec or not spec[0].isdigit():
-        raise ValueError(f"unknown placement {spec!r}; expected one of {PLACEMENT_MODES} or an explicit list, one "
-                         "entry per member: a rank ('0,0,1') or a range of ranks sharing a member ('0-1,2-3')")
+        raise ValueError(
+            f"unknown placement {spec!r}; expected one of {PLACEMENT_MODES} or an explicit list, one "
+            "entry per member: a rank ('0,0,1') or a range of ranks sharing a member ('0-1,2-3')"
+        )
     return Placement(world_size, _parse_explicit(spec, members, world_size), "explicit")
 
 
@@ -205,8 +225,10 @@ def check_spec(spec: object, members: int) -> None:
     (a config's field): a mode name, or an explicit list with one valid entry per member that
     leaves no rank below its highest one idle. Raises ValueError / TypeError as :func:`place`."""
     if not isinstance(spec, str):
-        raise TypeError(f"placement must be a string ({', '.join(PLACEMENT_MODES)} or a list like '0,0,1'), "
-                        f"got {type(spec).__name__}")
+        raise TypeError(
+            f"placement must be a string ({', '.join(PLACEMENT_MODES)} or a list like '0,0,1'), "
+            f"got {type(spec).__name__}"
+        )
     s = spec.strip()
     if s in PLACEMENT_MODES:
         return

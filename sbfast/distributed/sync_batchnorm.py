@@ -45,9 +45,16 @@ def _shape(x: torch.Tensor) -> list[int]:
 class _GroupBatchNormFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        fctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, eps: float, factor: float,
-        dctx: DistContext, group: Any,
+        fctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        eps: float,
+        factor: float,
+        dctx: DistContext,
+        group: Any,
     ) -> torch.Tensor:
         c = x.shape[1]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -115,9 +122,19 @@ class GroupBatchNorm(_BatchNorm):
     ``group`` (see the module docstring). Eval mode is plain BatchNorm with the running
     statistics. Built by :func:`convert_sync_batchnorm`."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, *, dist_ctx: DistContext, group: Any = None,
-                 device: Any = None, dtype: Any = None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        dist_ctx: DistContext,
+        group: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.dist_ctx = dist_ctx
         self.group = group
@@ -138,8 +155,9 @@ class GroupBatchNorm(_BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         rm = self.running_mean if self.training and self.track_running_stats else None
         rv = self.running_var if self.training and self.track_running_stats else None
-        return _GroupBatchNormFn.apply(input, self.weight, self.bias, rm, rv, self.eps, factor, self.dist_ctx,
-                                       self.group)
+        return _GroupBatchNormFn.apply(
+            input, self.weight, self.bias, rm, rv, self.eps, factor, self.dist_ctx, self.group
+        )
 
 
 def convert_sync_batchnorm(model: nn.Module, ctx: DistContext, group: Any = None) -> nn.Module:
@@ -154,8 +172,15 @@ def convert_sync_batchnorm(model: nn.Module, ctx: DistContext, group: Any = None
 def _convert(module: nn.Module, ctx: DistContext, group: Any) -> nn.Module:
     out = module
     if isinstance(module, _BatchNorm) and not isinstance(module, (GroupBatchNorm, nn.SyncBatchNorm)):
-        out = GroupBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                             module.track_running_stats, dist_ctx=ctx, group=group)
+        out = GroupBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            dist_ctx=ctx,
+            group=group,
+        )
         if module.affine:
             out.weight, out.bias = module.weight, module.bias
         out.running_mean, out.running_var = module.running_mean, module.running_var

@@ -12,8 +12,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["GRAD_NORM", "NONFINITE", "check_group", "check_lr", "is_capturing", "is_real", "nonfinite_flag",
-           "unique_params"]
+__all__ = [
+    "GRAD_NORM",
+    "NONFINITE",
+    "check_group",
+    "check_lr",
+    "is_capturing",
+    "is_real",
+    "nonfinite_flag",
+    "unique_params",
+]
 
 NONFINITE = ("error", "skip")
 GRAD_NORM = ("per_tensor", "global")
@@ -48,8 +56,10 @@ def check_group(group: dict[str, Any], where: str) -> None:
     if not isinstance(group["nesterov"], bool):
         raise ValueError(f"{where}: nesterov must be a bool, got {group['nesterov']!r}")
     if group["nesterov"] and (group["momentum"] <= 0 or damp != 0):
-        raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening == 0, got "
-                         f"momentum={group['momentum']!r}, dampening={damp!r}")
+        raise ValueError(
+            f"{where}: nesterov needs momentum > 0 and dampening == 0, got "
+            f"momentum={group['momentum']!r}, dampening={damp!r}"
+        )
     if group.get("maximize", False):
         raise ValueError(f"{where}: maximize=True is not supported")
 
@@ -62,8 +72,10 @@ def unique_params(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     first: dict[int, int] = {}
     for j, p in enumerate(params):
         if id(p) in first:
-            raise ValueError(f"optimizer contains a parameter group with duplicate parameters (entries "
-                             f"{first[id(p)]} and {j} are the same tensor); pass each parameter once")
+            raise ValueError(
+                f"optimizer contains a parameter group with duplicate parameters (entries "
+                f"{first[id(p)]} and {j} are the same tensor); pass each parameter once"
+            )
         first[id(p)] = j
     return params
 
@@ -77,6 +89,7 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
     """0-d bool on the device: any element of ``tensors`` is not finite. One read of each,
     as a plain sum (multi-threaded, vectorised): a NaN or inf makes it NaN or inf; finite
     gradients could only trip it by overflowing the float32 sum (|sum| > 3.4e38)."""
-    sums = torch.stack([t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double()
-                        for t in tensors])
+    sums = torch.stack(
+        [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for t in tensors]
+    )
     return ~torch.isfinite(sums).all()

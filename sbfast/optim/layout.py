@@ -83,23 +83,28 @@ def check_params(params: list[torch.Tensor], previous: FlatLayout | None) -> tor
     if len(devices) != 1:
         raise ValueError(f"all parameters must be on one device, got {sorted(str(d) for d in devices)}")
     if params[0].device.type == "meta":
-        raise ValueError("the parameters are on the meta device (shapes without values); materialise the model "
-                         "first (e.g. model.to_empty(device=...) and initialise it), then build SharpBalanceSAM")
+        raise ValueError(
+            "the parameters are on the meta device (shapes without values); materialise the model "
+            "first (e.g. model.to_empty(device=...) and initialise it), then build SharpBalanceSAM"
+        )
     for i, p in enumerate(params):
         if not p.is_floating_point():
             raise ValueError(f"parameter {i} has dtype {p.dtype}; expected a floating dtype")
         if not p.is_leaf:
             raise ValueError(f"parameter {i} is not a leaf tensor")
         if not is_dense(p):
-            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}, stride {p.stride()}) is not dense "
-                             "(contiguous or channels_last); it cannot live in a flat buffer")
+            raise ValueError(
+                f"parameter {i} (shape {tuple(p.shape)}, stride {p.stride()}) is not dense "
+                "(contiguous or channels_last); it cannot live in a flat buffer"
+            )
         if p.grad is not None and p.grad.is_sparse:
             raise TypeError(f"parameter {i} has a sparse gradient; SharpBalanceSAM needs dense gradients")
         owned = previous is not None and any(p is q for q in previous.params)
         if not owned and p.untyped_storage().nbytes() != p.numel() * p.element_size():
             raise ValueError(
                 f"parameter {i} shares its storage with other tensors (a view, a tied slice, or a "
-                "parameter of another SharpBalanceSAM); re-pointing it would untie it")
+                "parameter of another SharpBalanceSAM); re-pointing it would untie it"
+            )
     return params[0].device
 
 
@@ -135,8 +140,17 @@ class FlatLayout:
             flat = torch.zeros(max(total, 1), dtype=dtype, device=device)
             grad = torch.zeros_like(flat)
             b = len(buckets)
-            buckets.append(Bucket(dtype, index, offsets, numels, flat, [grad, None],
-                                  ready=torch.zeros(len(index), dtype=torch.uint8, device=device)))
+            buckets.append(
+                Bucket(
+                    dtype,
+                    index,
+                    offsets,
+                    numels,
+                    flat,
+                    [grad, None],
+                    ready=torch.zeros(len(index), dtype=torch.uint8, device=device),
+                )
+            )
             with torch.no_grad():
                 for k, i in enumerate(index):
                     p = params[i]
@@ -256,8 +270,10 @@ class FlatLayout:
             if g.is_sparse:
                 raise TypeError(f"parameter {i} has a sparse gradient; SharpBalanceSAM needs dense gradients")
             if g.device != p.device or g.dtype != p.dtype or g.shape != p.shape:
-                raise ValueError(f"parameter {i}: gradient {g.dtype} {tuple(g.shape)} on {g.device} does not "
-                                 f"match the parameter {p.dtype} {tuple(p.shape)} on {p.device}")
+                raise ValueError(
+                    f"parameter {i}: gradient {g.dtype} {tuple(g.shape)} on {g.device} does not "
+                    f"match the parameter {p.dtype} {tuple(p.shape)} on {p.device}"
+                )
             foreign.append(i)
         with torch.no_grad():
             for i in foreign:

@@ -42,8 +42,9 @@ def inverse_scale(grad_scaler: Any, device: torch.device, ones: torch.Tensor) ->
     return scale.double().reciprocal().float().to(device)
 
 
-def report_found_inf(grad_scaler: Any, optimizer: torch.optim.Optimizer, device: torch.device,
-                     found: torch.Tensor) -> None:
+def report_found_inf(
+    grad_scaler: Any, optimizer: torch.optim.Optimizer, device: torch.device, found: torch.Tensor
+) -> None:
     """Tell the scaler that ``optimizer`` stepped, with ``found`` (> 0: an inf or NaN was seen
     and the step skipped), as ``GradScaler.step`` would, so that ``update()`` backs off."""
     if not scaler_enabled(grad_scaler):

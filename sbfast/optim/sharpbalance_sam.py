@@ -79,8 +79,16 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             raise ValueError(f"grad_norm must be one of {GRAD_NORM}, got {grad_norm!r}")
         if bn_freeze is not None and not isinstance(bn_freeze, nn.Module):
             raise TypeError(f"bn_freeze must be an nn.Module or None, got {type(bn_freeze).__name__}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, rho=rho, adaptive=adaptive,
-                        dampening=dampening, nesterov=nesterov, maximize=False)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            rho=rho,
+            adaptive=adaptive,
+            dampening=dampening,
+            nesterov=nesterov,
+            maximize=False,
+        )
         check_group(defaults, "SharpBalanceSAM")
         self._built = False
         self.nonfinite = nonfinite
@@ -183,13 +191,19 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             return
         if self._st.perturbed is not None or self._st.has_normal:
             self._drop_step_after_move()
-            raise RuntimeError("parameters were moved (Module.to?) in the middle of a SAM step: they are back at w "
-                               "(the values before first_step, converted), the step is dropped and the optimizer "
-                               "re-pointed them at new flat buffers; move the model between steps")
+            raise RuntimeError(
+                "parameters were moved (Module.to?) in the middle of a SAM step: they are back at w "
+                "(the values before first_step, converted), the step is dropped and the optimizer "
+                "re-pointed them at new flat buffers; move the model between steps"
+            )
         if self._warn_on_moved_params:
-            warnings.warn("SharpBalanceSAM: parameters were moved (Module.to or p.data = ...) after the "
-                          "optimizer was built; re-pointing them at new flat buffers. Build the optimizer "
-                          "after moving the model.", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "SharpBalanceSAM: parameters were moved (Module.to or p.data = ...) after the "
+                "optimizer was built; re-pointing them at new flat buffers. Build the optimizer "
+                "after moving the model.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._build()
 
     @torch.no_grad()
@@ -209,8 +223,11 @@ class SharpBalanceSAM(torch.optim.Optimizer):
     def _snapshot(self) -> dict[int, torch.Tensor]:
         """Momentum buffers by parameter identity, for a rebuild."""
         self._sync_state(exact=True)
-        return {id(p): self.state[p]["momentum_buffer"].clone()
-                for p in self._layout.params if "momentum_buffer" in self.state.get(p, {})}
+        return {
+            id(p): self.state[p]["momentum_buffer"].clone()
+            for p in self._layout.params
+            if "momentum_buffer" in self.state.get(p, {})
+        }
 
     def _restore_snapshot(self, old: dict[int, torch.Tensor]) -> None:
         for i, p in enumerate(self._layout.params):
@@ -225,8 +242,10 @@ class SharpBalanceSAM(torch.optim.Optimizer):
     def flat_buffers(self) -> list[dict[str, Any]]:
         """The flat buffers, one dict per dtype (dtype, param, grad, backup, momentum), e.g. for
         inspection or for allocating graph-static inputs next to them."""
-        return [dict(dtype=b.dtype, param=b.param, grad=b.grads[self._st.cur], backup=b.backup,
-                     momentum=b.momentum) for b in self._layout.buckets]
+        return [
+            dict(dtype=b.dtype, param=b.param, grad=b.grads[self._st.cur], backup=b.backup, momentum=b.momentum)
+            for b in self._layout.buckets
+        ]
 
     def _runs(self, key_of: Callable[[int], tuple | None]) -> list[Run]:
         return self._layout.runs(key_of)
@@ -265,15 +284,19 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor):
             if lr.device != self._device:
                 if is_capturing(self._device):  # a copy between devices cannot be captured
-                    raise ValueError(f"param group {gi}: lr is a tensor on {lr.device}, but a CUDA-graph capture "
-                                     f"needs it on the parameters' device {self._device} (nothing changed)")
+                    raise ValueError(
+                        f"param group {gi}: lr is a tensor on {lr.device}, but a CUDA-graph capture "
+                        f"needs it on the parameters' device {self._device} (nothing changed)"
+                    )
                 lr = lr.to(self._device, non_blocking=True)
             if lr.dtype not in (torch.float32, torch.float64):
                 lr = lr.double()
             return lr.reshape(())
         if not is_real(lr) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"param group {gi}: lr must be a finite float >= 0, got {lr!r} (nothing changed; "
-                             "the step is still pending)")
+            raise ValueError(
+                f"param group {gi}: lr must be a finite float >= 0, got {lr!r} (nothing changed; "
+                "the step is still pending)"
+            )
         if lr != self._st.lr_host[gi]:
             self._lr_dev[gi].fill_(lr)
             self._st.lr_host[gi] = lr
@@ -281,8 +304,12 @@ class SharpBalanceSAM(torch.optim.Optimizer):
 
     def _device_side(self, grad_scaler: Any) -> bool:
         """Whether non-finite values are handled on the device (skip) rather than raised."""
-        return (self.nonfinite == "skip" or grad_scaler is not None or torch.compiler.is_compiling()
-                or is_capturing(self._device))
+        return (
+            self.nonfinite == "skip"
+            or grad_scaler is not None
+            or torch.compiler.is_compiling()
+            or is_capturing(self._device)
+        )
 
     def _bn_buffers(self) -> list[torch.Tensor]:
         if self._bn_module is None:
@@ -355,8 +382,10 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             bad = ~torch.isfinite(norm)
             self._found.add_(bad.float())
         elif not bool(torch.isfinite(norm)):
-            raise ValueError(f"SharpBalanceSAM.first_step: the gradient norm is not finite ({norm.item()}); "
-                             "parameters left unperturbed")
+            raise ValueError(
+                f"SharpBalanceSAM.first_step: the gradient norm is not finite ({norm.item()}); "
+                "parameters left unperturbed"
+            )
         inv = (norm + SAM_EPS).reciprocal()  # rho / x is x.reciprocal() * rho in torch
         layout.ensure_backup()
         if self._st.bn_saved is not None:
@@ -374,8 +403,12 @@ class SharpBalanceSAM(torch.optim.Optimizer):
                     s = torch.where(bad, torch.zeros_like(s), s)
                 scales[key] = s
             registry.op_for("sam_perturb_", self._device)(
-                self._slice(run, bucket.param), self._slice(run, bucket.backup),
-                self._slice(run, bucket.grads[self._st.cur]), scales[key], bool(group["adaptive"]))
+                self._slice(run, bucket.param),
+                self._slice(run, bucket.backup),
+                self._slice(run, bucket.grads[self._st.cur]),
+                scales[key],
+                bool(group["adaptive"]),
+            )
         self._st.perturbed = present
         if zero_grad:
             self.zero_grad()
@@ -410,8 +443,13 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             plain = [views[i] for i, a in zip(members, adaptive, strict=True) if not a]
             asam = [i for i, a in zip(members, adaptive, strict=True) if a]
             norms_plain = torch._foreach_norm(plain) if plain else []
-            norms_asam = (torch._foreach_norm(torch._foreach_mul(torch._foreach_abs([layout.params[i] for i in asam]),
-                                                                 [views[i] for i in asam])) if asam else [])
+            norms_asam = (
+                torch._foreach_norm(
+                    torch._foreach_mul(torch._foreach_abs([layout.params[i] for i in asam]), [views[i] for i in asam])
+                )
+                if asam
+                else []
+            )
             it_plain, it_asam = iter(norms_plain), iter(norms_asam)
             norms = [next(it_asam) if a else next(it_plain) for a in adaptive]
             return torch.norm(torch.stack(norms), p=2)
@@ -456,8 +494,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             elif bool(bad):
                 self._restore_only(runs)
                 self._end_step()
-                raise ValueError("SharpBalanceSAM.second_step: a gradient is not finite; parameters restored "
-                                 "to w, no update taken")
+                raise ValueError(
+                    "SharpBalanceSAM.second_step: a gradient is not finite; parameters restored to w, no update taken"
+                )
         self._sgd(runs, grad_scaler, lambda r: self._restore_args(r, cur, nb, zero_grad), lrs)
         if not zero_grad:
             # reference: a parameter with only g_n gets p.grad = g_n; keep .grad views in one buffer
@@ -481,11 +520,16 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         else:
             grad = self._slice(run, bucket.grads[nb]) if has_n else None
             normal = None
-        return dict(backup=self._slice(run, bucket.backup) if perturbed else None, grad=grad, normal=normal,
-                    write_sum=normal is not None and not zero_grad)
+        return dict(
+            backup=self._slice(run, bucket.backup) if perturbed else None,
+            grad=grad,
+            normal=normal,
+            write_sum=normal is not None and not zero_grad,
+        )
 
-    def _sgd(self, runs: list[Run], grad_scaler: Any, args_of: Callable[[Run], dict[str, Any]],
-             lrs: dict[int, torch.Tensor]) -> None:
+    def _sgd(
+        self, runs: list[Run], grad_scaler: Any, args_of: Callable[[Run], dict[str, Any]], lrs: dict[int, torch.Tensor]
+    ) -> None:
         inv_scale = inverse_scale(grad_scaler, self._device, self._ones)
         op = registry.op_for("sam_restore_sgd_", self._device)
         layout = self._layout
@@ -500,11 +544,22 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             momentum = float(group["momentum"])
             if momentum != 0:
                 layout.ensure_momentum()
-            op(param, a["backup"], a["grad"], a["normal"],
-               self._slice(run, bucket.momentum) if momentum != 0 else None,
-               bucket.ready[run.start:run.end] if momentum != 0 else None,
-               lrs[run.group], self._found, inv_scale, float(group["weight_decay"]), momentum,
-               float(group["dampening"]), bool(group["nesterov"]), a["write_sum"])
+            op(
+                param,
+                a["backup"],
+                a["grad"],
+                a["normal"],
+                self._slice(run, bucket.momentum) if momentum != 0 else None,
+                bucket.ready[run.start : run.end] if momentum != 0 else None,
+                lrs[run.group],
+                self._found,
+                inv_scale,
+                float(group["weight_decay"]),
+                momentum,
+                float(group["dampening"]),
+                bool(group["nesterov"]),
+                a["write_sum"],
+            )
             if momentum != 0:
                 for i in run.members:
                     self._st.ready_host[i] = True
@@ -560,8 +615,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         or on the current gradients when normal_step was not called."""
         self._check_layout()
         if self._st.perturbed is not None:
-            raise ValueError("third_step after first_step: the parameters are at w + e; finish the SAM "
-                             "step with second_step")
+            raise ValueError(
+                "third_step after first_step: the parameters are at w + e; finish the SAM step with second_step"
+            )
         layout = self._layout
         present = layout.collect_grads(self._st.cur)
         n = len(layout.params)
@@ -586,9 +642,17 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             elif bool(bad):
                 self._end_step()
                 raise ValueError("SharpBalanceSAM.third_step: a gradient is not finite; no update taken")
-        self._sgd(runs, grad_scaler, lambda r: dict(
-            backup=None, grad=self._slice(r, layout.buckets[r.bucket].grads[nb if r.key[2] else cur]),
-            normal=None, write_sum=False), lrs)
+        self._sgd(
+            runs,
+            grad_scaler,
+            lambda r: dict(
+                backup=None,
+                grad=self._slice(r, layout.buckets[r.bucket].grads[nb if r.key[2] else cur]),
+                normal=None,
+                write_sum=False,
+            ),
+            lrs,
+        )
         if nb is not None and not zero_grad:
             # reference: p.grad = g_n afterwards; g_n's buffer becomes the current one (no copy)
             movers = [i for r in runs if r.key[1] for i in r.members]

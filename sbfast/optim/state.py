@@ -51,8 +51,9 @@ def sgd_layout(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str
     return sd
 
 
-def complete_groups(groups: list[dict[str, Any]], defaults: dict[str, Any],
-                    lr_tensors: list[torch.Tensor | None]) -> None:
+def complete_groups(
+    groups: list[dict[str, Any]], defaults: dict[str, Any], lr_tensors: list[torch.Tensor | None]
+) -> None:
     """After ``Optimizer.load_state_dict``: fill the keys a foreign state dict lacks from
     ``defaults``, and where a group had an lr tensor (``lr_tensors[gi]``) and the loaded lr is a
     float, fill that tensor in place and keep it (captured graphs read it)."""

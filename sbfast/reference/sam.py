@@ -96,8 +96,7 @@ class SAM(torch.optim.Optimizer):
         grad_norm = sam_grad_norm(pairs)
         if not bool(torch.isfinite(grad_norm)):
             raise ValueError(
-                f"SAM.first_step: the gradient norm is not finite ({grad_norm.item()}); "
-                "parameters left unperturbed"
+                f"SAM.first_step: the gradient norm is not finite ({grad_norm.item()}); parameters left unperturbed"
             )
         for group in self.param_groups:
             scale = group["rho"] / (grad_norm + SAM_EPS)
@@ -169,4 +168,3 @@ class SAM(torch.optim.Optimizer):
             self.base_optimizer.load_state_dict(base_sd)
         # both loads build fresh group dicts: share them again so schedulers reach the base
         self.base_optimizer.param_groups = self.param_groups
-

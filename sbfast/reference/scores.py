@@ -25,9 +25,7 @@ def _check_batch(
             f"{tuple(x.shape)}, {tuple(y.shape)}"
         )
     if not (index.shape[0] == x.shape[0] == y.shape[0]):
-        raise ValueError(
-            f"batch sizes differ: index {index.shape[0]}, x {x.shape[0]}, y {y.shape[0]}"
-        )
+        raise ValueError(f"batch sizes differ: index {index.shape[0]}, x {x.shape[0]}, y {y.shape[0]}")
     if index.is_floating_point() or y.is_floating_point() or index.dtype == torch.bool:
         raise ValueError(f"index and y must be integer tensors, got {index.dtype} and {y.dtype}")
     if index.numel() and int(index.min()) < 0:
@@ -51,8 +49,9 @@ def _score_samples(
     """Shared loop: eval mode, batches to the compute device, scores averaged per index."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be an int >= 1, got {trials!r}")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
-                                    or num_samples < 0):
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0
+    ):
         raise ValueError(f"num_samples must be an int >= 0, got {num_samples!r}")
     params, fixed, dev, dtype = split_params(model, device)
 
@@ -90,7 +89,8 @@ def _score_samples(
     # mean per index: trials average, and an index never seen is NaN rather than a fake score
     sums = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, index, torch.cat(values).double())
     counts = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(
-        0, index, torch.ones_like(index, dtype=torch.float64))
+        0, index, torch.ones_like(index, dtype=torch.float64)
+    )
     return (sums / counts).float()
 
 
@@ -129,8 +129,7 @@ def fisher_scores(
         grads = per_sample_grad(params, fixed, x, y)
         return sum(g.pow(2).flatten(1).sum(1) for g in grads.values())
 
-    return _score_samples(model, loader, per_batch, trials=trials, device=device,
-                          num_samples=num_samples)
+    return _score_samples(model, loader, per_batch, trials=trials, device=device, num_samples=num_samples)
 
 
 def sam_loss_gap_scores(
@@ -167,5 +166,4 @@ def sam_loss_gap_scores(
             loss_e = F.cross_entropy(functional_call(model, (w_e, fixed), (x,)), y, reduction="none")
         return loss_e - loss.detach()
 
-    return _score_samples(model, loader, per_batch, trials=1, device=device,
-                          num_samples=num_samples)
+    return _score_samples(model, loader, per_batch, trials=1, device=device, num_samples=num_samples)

@@ -33,8 +33,7 @@ def mixed_step(
     Returns:
         the batch-mean loss at w, a python float.
     """
-    if not all(hasattr(optimizer, f) for f in ("normal_step", "first_step", "second_step",
-                                               "third_step")):
+    if not all(hasattr(optimizer, f) for f in ("normal_step", "first_step", "second_step", "third_step")):
         raise TypeError(f"optimizer must be a SAM, got {type(optimizer).__name__}")
     if not isinstance(sam_mask, torch.Tensor) or sam_mask.dtype != torch.bool:
         raise ValueError(f"sam_mask must be a bool tensor, got {getattr(sam_mask, 'dtype', sam_mask)!r}")
@@ -45,9 +44,7 @@ def mixed_step(
         )
     b = x.shape[0]
     if not (b == y.shape[0] == sam_mask.shape[0]) or b == 0:
-        raise ValueError(
-            f"batch sizes differ or are empty: x {b}, y {y.shape[0]}, sam_mask {sam_mask.shape[0]}"
-        )
+        raise ValueError(f"batch sizes differ or are empty: x {b}, y {y.shape[0]}, sam_mask {sam_mask.shape[0]}")
     sam_mask = sam_mask.to(x.device)
     n_sam = int(sam_mask.sum())
     n_normal = b - n_sam

@@ -14,8 +14,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from sbfast.common import module_modes, restore_modes
 
-__all__ = ["Batch", "ScoreTable", "as_loader", "check_batch", "check_positive_int", "check_targets", "eval_mode",
-           "loader_length", "progress_bar"]
+__all__ = [
+    "Batch",
+    "ScoreTable",
+    "as_loader",
+    "check_batch",
+    "check_positive_int",
+    "check_targets",
+    "eval_mode",
+    "loader_length",
+    "progress_bar",
+]
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -31,9 +40,7 @@ def as_loader(data: Any, batch_size: int) -> Iterable:
     if isinstance(data, Dataset) and not isinstance(data, DataLoader):
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
-        raise TypeError(
-            f"data must be a data set or a loader yielding (index, x, y), got {type(data).__name__}"
-        )
+        raise TypeError(f"data must be a data set or a loader yielding (index, x, y), got {type(data).__name__}")
     return data
 
 
@@ -113,7 +120,7 @@ class ScoreTable:
 
     def end_pass(self) -> None:
         """Refuse a sample index seen twice in the pass that ends here (one host read)."""
-        chunks = self.indices[self.pass_start:]
+        chunks = self.indices[self.pass_start :]
         if chunks:
             index = torch.cat(chunks)
             ordered, order = torch.sort(index, stable=True)
@@ -123,12 +130,16 @@ class ScoreTable:
                 sample = int(ordered[first])
                 positions = order[ordered == sample].tolist()
                 batches = sorted({self._locate(self.pass_start, pos)[1] for pos in positions})
-                where = f"batch {batches[0]}" if len(batches) == 1 else \
-                    f"batches {', '.join(map(str, batches[:-1]))} and {batches[-1]}"
+                where = (
+                    f"batch {batches[0]}"
+                    if len(batches) == 1
+                    else f"batches {', '.join(map(str, batches[:-1]))} and {batches[-1]}"
+                )
                 raise ValueError(
                     f"{self.what}: sample index {sample} appears {len(positions)} times in pass {self.pass_no} "
                     f"({where}); each sample may come once per pass (its scores would be averaged with "
-                    "another sample's); trials= repeats whole passes")
+                    "another sample's); trials= repeats whole passes"
+                )
         self.pass_no, self.batch_no, self.pass_start = self.pass_no + 1, -1, len(self.indices)
 
     def _locate(self, first_chunk: int, position: int) -> tuple[int, int]:
@@ -158,26 +169,35 @@ class ScoreTable:
         # mean per index: trials average, and an index never seen is NaN rather than a fake score
         sums = torch.zeros(n, dtype=torch.float64, device=self.device).index_add_(0, index, values.double())
         counts = torch.zeros(n, dtype=torch.float64, device=self.device).index_add_(
-            0, index, torch.ones_like(index, dtype=torch.float64))
+            0, index, torch.ones_like(index, dtype=torch.float64)
+        )
         return (sums / counts).float()
 
     def _raise_non_finite(self, index: torch.Tensor, bad: torch.Tensor) -> None:
         positions = bad.nonzero()[:, 0].tolist()
-        x_ok = torch.cat([torch.ones(len(i), dtype=torch.bool, device=self.device) if ok is None else ok
-                          for i, ok in zip(self.indices, self.x_finite, strict=True)])
+        x_ok = torch.cat(
+            [
+                torch.ones(len(i), dtype=torch.bool, device=self.device) if ok is None else ok
+                for i, ok in zip(self.indices, self.x_finite, strict=True)
+            ]
+        )
         bad_x = [p for p in positions if not bool(x_ok[p])]
         shown = positions[:5]
         samples = ", ".join(str(int(index[p])) for p in shown) + (", ..." if len(positions) > 5 else "")
         pass_no, batch_no = self._locate(0, positions[0])
         if bad_x:
-            cause = (f"{len(bad_x)} of them have an input x that holds NaN or inf (first: sample index "
-                     f"{int(index[bad_x[0]])})")
+            cause = (
+                f"{len(bad_x)} of them have an input x that holds NaN or inf (first: sample index "
+                f"{int(index[bad_x[0]])})"
+            )
         else:
             cause = "their inputs are finite: the model's output or gradient is not finite there (check the weights)"
         count = f"{len(positions)} sample{'s' if len(positions) > 1 else ''}"
-        raise ValueError(f"{self.what}: the score is not finite for {count}, sample indices [{samples}] (the first "
-                         f"is sample index {int(index[positions[0]])} (pass {pass_no}, batch {batch_no})); {cause}"
-                         + (f"; {self.note}" if self.note else ""))
+        raise ValueError(
+            f"{self.what}: the score is not finite for {count}, sample indices [{samples}] (the first "
+            f"is sample index {int(index[positions[0]])} (pass {pass_no}, batch {batch_no})); {cause}"
+            + (f"; {self.note}" if self.note else "")
+        )
 
 
 def progress_bar(iterable: Iterable, enabled: bool, desc: str, total: int | None) -> Iterator:
@@ -205,6 +225,8 @@ def eval_mode(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     stuck = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if stuck:
         restore_modes(modes)
-        raise ValueError(f"{', '.join(stuck)} stayed in training mode after model.eval(): batch statistics "
-                         "would mix samples; per-sample scores need eval-mode normalisation")
+        raise ValueError(
+            f"{', '.join(stuck)} stayed in training mode after model.eval(): batch statistics "
+            "would mix samples; per-sample scores need eval-mode normalisation"
+        )
     return modes

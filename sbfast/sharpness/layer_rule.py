@@ -38,8 +38,9 @@ class Rule:
         """The captured tensors whose in-place modification would invalidate ``ctx``."""
         return [ctx]
 
-    def score(self, module: nn.Module, calls: list[tuple[Any, torch.Tensor]], names: frozenset[str],
-              form: str) -> torch.Tensor:
+    def score(
+        self, module: nn.Module, calls: list[tuple[Any, torch.Tensor]], names: frozenset[str], form: str
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -59,16 +59,22 @@ class LinearRule(Rule):
             total = sq(a) * g_sq if "weight" in names else torch.zeros_like(g_sq)
             return total + g_sq if "bias" in names else total
         b = calls[0][0].shape[0]
-        a = torch.cat([x.reshape(b, -1, x.shape[-1]) for x, _ in calls], 1) if len(calls) > 1 else \
-            calls[0][0].reshape(b, -1, calls[0][0].shape[-1])
-        g = torch.cat([y.reshape(b, -1, y.shape[-1]) for _, y in calls], 1) if len(calls) > 1 else \
-            calls[0][1].reshape(b, -1, calls[0][1].shape[-1])
+        a = (
+            torch.cat([x.reshape(b, -1, x.shape[-1]) for x, _ in calls], 1)
+            if len(calls) > 1
+            else calls[0][0].reshape(b, -1, calls[0][0].shape[-1])
+        )
+        g = (
+            torch.cat([y.reshape(b, -1, y.shape[-1]) for _, y in calls], 1)
+            if len(calls) > 1
+            else calls[0][1].reshape(b, -1, calls[0][1].shape[-1])
+        )
         if "weight" in names:
             t = a.shape[1]
             chosen = choose_form(t, a.shape[2], g.shape[2]) if form == "auto" else form
             # the Gram form's two [T, T] matrices per sample (float64 at most) are the transient
             step = batch_step(2 * t * t * 8) if chosen == "gram" else b
-            total = torch.cat([matrix_term(a[s:s + step], g[s:s + step], chosen) for s in range(0, b, step)])
+            total = torch.cat([matrix_term(a[s : s + step], g[s : s + step], chosen) for s in range(0, b, step)])
         else:
             total = sq(g[:, :0])
         if "bias" in names:
@@ -103,8 +109,10 @@ class ConvRule(Rule):
             p = m.out_channels // m.groups
             chosen = choose_form(t, d, p) if form == "auto" else form
             step = batch_step(self._transient_bytes(m, calls, chosen))
-            parts = [self._weight_term(m, [((x[s:s + step], w), g[s:s + step]) for (x, w), g in calls], chosen)
-                     for s in range(0, b, step)]
+            parts = [
+                self._weight_term(m, [((x[s : s + step], w), g[s : s + step]) for (x, w), g in calls], chosen)
+                for s in range(0, b, step)
+            ]
             total = torch.cat(parts) if len(parts) > 1 else parts[0]
         if "bias" in names:
             g_sum = sum(g.reshape(b, m.out_channels, -1).sum(2) for _, g in calls)

@@ -71,16 +71,19 @@ def sam_loss_gap_scores(
         losses, grads = [], None
         for start in range(0, b, size):
             with torch.enable_grad():
-                out = forward(w, x[start:start + size])
+                out = forward(w, x[start : start + size])
                 if start == 0:
                     check_targets(y_host, out.shape[1])
-                loss = F.cross_entropy(out, y[start:start + size], reduction="none")
+                loss = F.cross_entropy(out, y[start : start + size], reduction="none")
                 # one chunk: the reference's loss.mean(), bit for bit; several: sum/b per chunk
                 total = loss.mean() if size >= b else loss.sum() / b
                 part = torch.autograd.grad(total, list(w.values()), allow_unused=True)
             losses.append(loss.detach())
-            grads = part if grads is None else [
-                a if c is None else (c if a is None else a + c) for a, c in zip(grads, part, strict=True)]
+            grads = (
+                part
+                if grads is None
+                else [a if c is None else (c if a is None else a + c) for a, c in zip(grads, part, strict=True)]
+            )
         loss_w = torch.cat(losses)
         if not bool(torch.isfinite(loss_w).all()):
             # e is the batch's: one non-finite loss leaves every gap of the batch undefined; the
@@ -91,8 +94,12 @@ def sam_loss_gap_scores(
             raise ValueError("the loss does not depend on any trainable parameter")
         w_e = perturbed_params(params, g, rho, adaptive)
         with torch.no_grad():
-            loss_e = torch.cat([F.cross_entropy(forward(w_e, x[s:s + size]), y[s:s + size], reduction="none")
-                                for s in range(0, b, size)])
+            loss_e = torch.cat(
+                [
+                    F.cross_entropy(forward(w_e, x[s : s + size]), y[s : s + size], reduction="none")
+                    for s in range(0, b, size)
+                ]
+            )
         return loss_e - loss_w
 
     def gap_split(x: torch.Tensor, y: torch.Tensor, y_host: torch.Tensor) -> torch.Tensor:
@@ -108,8 +115,11 @@ def sam_loss_gap_scores(
                     torch.cuda.empty_cache()
                 chunk[0] = max(1, size // 2)
 
-    table = ScoreTable("sam_loss_gap_scores", dev, "a batch shares one perturbation e, so one non-finite loss "
-                       "leaves the whole batch's gaps undefined")
+    table = ScoreTable(
+        "sam_loss_gap_scores",
+        dev,
+        "a batch shares one perturbation e, so one non-finite loss leaves the whole batch's gaps undefined",
+    )
     modes = eval_mode(model)
     try:
         for batch in progress_bar(loader, progress, "SAM loss gaps", loader_length(loader, 1)):

@@ -131,8 +131,14 @@ class Scorer:
         if st is None or module not in self.rules or not torch.is_grad_enabled():
             return None  # outside a scoring pass (vmap fallback, checks) or under no_grad
         x = args[0] if args else next(iter(kwargs.values()), None)
-        if not (isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) and x.dim() >= 1
-                and output.dim() >= 1 and x.shape[0] == st.size and output.shape[0] == st.size):
+        if not (
+            isinstance(x, torch.Tensor)
+            and isinstance(output, torch.Tensor)
+            and x.dim() >= 1
+            and output.dim() >= 1
+            and x.shape[0] == st.size
+            and output.shape[0] == st.size
+        ):
             st.bad.add(module)
             return None
         st.fired.add(module)
@@ -242,8 +248,9 @@ class Scorer:
             self.state = None
         return st
 
-    def _main_pass_retrying(self, x: torch.Tensor, y: torch.Tensor, y_host: torch.Tensor,
-                            expand: list[str]) -> _BatchState:
+    def _main_pass_retrying(
+        self, x: torch.Tensor, y: torch.Tensor, y_host: torch.Tensor, expand: list[str]
+    ) -> _BatchState:
         while True:
             try:
                 return self._main_pass(x, y, y_host, expand)
@@ -317,8 +324,7 @@ class Scorer:
             # parameter's per-sample norms must be vmap's; this batch keeps vmap's numbers
             slow = self._fallback_scores(x, y, fallback)
             tol = 1e-9 if self.acc_dtype == torch.float64 else 1e-4
-            ok = all(bool(((st.expanded[n] - slow[n]).abs() <= tol * slow[n].abs().max()).all())
-                     for n in use + trial)
+            ok = all(bool(((st.expanded[n] - slow[n]).abs() <= tol * slow[n].abs().max()).all()) for n in use + trial)
             if ok:
                 for n in trial:
                     self.expand_state[n] = "yes"

@@ -123,6 +123,6 @@ class StaticBatcher:
         for ks, kn in p.tail:
             cuts.append((s0, ks, n0, kn))
             s0, n0 = s0 + ks, n0 + kn
-        for i in (torch.randperm(len(cuts), generator=g).tolist() if p.tail else range(len(cuts))):
+        for i in torch.randperm(len(cuts), generator=g).tolist() if p.tail else range(len(cuts)):
             s, ks, n, kn = cuts[i]
             yield sam[s : s + ks], nor[n : n + kn]

@@ -76,18 +76,26 @@ def decode(raw: bytes | memoryview, name: str = "<bytes>") -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {name}: empty (0 bytes)")
     if len(raw) < HEADER.size:
         if bytes(raw[: len(MAGIC)]) == MAGIC[: len(raw)]:
-            raise CheckpointError(f"checkpoint {name}: truncated ({len(raw)} bytes, shorter than the {HEADER.size}-byte header)")
+            raise CheckpointError(
+                f"checkpoint {name}: truncated ({len(raw)} bytes, shorter than the {HEADER.size}-byte header)"
+            )
         raise CheckpointError(f"checkpoint {name}: not an sbfast checkpoint ({len(raw)} bytes, no {MAGIC!r} header)")
     magic, version, length, digest = HEADER.unpack_from(raw)
     if magic != MAGIC:
-        raise CheckpointError(f"checkpoint {name}: not an sbfast checkpoint (starts with {bytes(magic)!r}, expected {MAGIC!r})")
+        raise CheckpointError(
+            f"checkpoint {name}: not an sbfast checkpoint (starts with {bytes(magic)!r}, expected {MAGIC!r})"
+        )
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {name}: format version {version}; this sbfast reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {name}: format version {version}; this sbfast reads version {FORMAT_VERSION}"
+        )
     body = raw[HEADER.size :]
     if len(body) < length:
         raise CheckpointError(f"checkpoint {name}: truncated (payload has {len(body)} of {length} bytes)")
     if len(body) > length:
-        raise CheckpointError(f"checkpoint {name}: corrupted ({len(body) - length} bytes after the {length}-byte payload)")
+        raise CheckpointError(
+            f"checkpoint {name}: corrupted ({len(body) - length} bytes after the {length}-byte payload)"
+        )
     if hashlib.sha256(body).digest() != digest:
         raise CheckpointError(f"checkpoint {name}: corrupted (sha256 of the payload does not match the header)")
     try:
@@ -95,14 +103,19 @@ def decode(raw: bytes | memoryview, name: str = "<bytes>") -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's message is a page of advice; the line that names the refused object says what is wrong
-        first = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln), lines[0] if lines else type(e).__name__)
+        first = next(
+            (ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler" in ln),
+            lines[0] if lines else type(e).__name__,
+        )
         raise CheckpointError(
             f"checkpoint {name}: holds objects other than tensors and plain containers (weights_only load refused: {first})"
         ) from None
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad file, reported as one line
         raise CheckpointError(f"checkpoint {name}: payload cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(payload, dict) or payload.get("format") != PAYLOAD_FORMAT:
-        raise CheckpointError(f"checkpoint {name}: not an sbfast training checkpoint (payload format {_format_of(payload)!r})")
+        raise CheckpointError(
+            f"checkpoint {name}: not an sbfast training checkpoint (payload format {_format_of(payload)!r})"
+        )
     return payload
 
 

@@ -48,9 +48,14 @@ MAIN_JOB: dict[str, Any] = {"train_subset": 400}
 MAIN_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 # A smoke run in seconds (--quick): two seeds, so the spread is exercised too.
 QUICK: dict[str, Any] = dict(
-    epochs=5, train_subset=384, test_subset=180, batch_size=32, sharpness_samples=64,
-    eval_corruptions=("gaussian_noise", "contrast"), eval_severities=(1, 5),
-)  # fmt: skip
+    epochs=5,
+    train_subset=384,
+    test_subset=180,
+    batch_size=32,
+    sharpness_samples=64,
+    eval_corruptions=("gaussian_noise", "contrast"),
+    eval_severities=(1, 5),
+)
 QUICK_SEEDS: tuple[int, ...] = (0, 1)
 
 # Paired differences are reported for these pairs (a - b) when both methods ran.
@@ -138,10 +143,18 @@ class Comparison:
                         diffs.append(va - vb)
                 mean, std, n = mean_std(diffs)
                 wins = sum(1 for d in diffs if (d > 0 if better == "higher" else d < 0))
-                out.append({
-                    "pair": f"{a} - {b}", "metric": k, "better": better, "n": n, "mean_diff": mean, "std_diff": std,
-                    "stderr": None if std is None else std / math.sqrt(n), "wins": wins,
-                })  # fmt: skip
+                out.append(
+                    {
+                        "pair": f"{a} - {b}",
+                        "metric": k,
+                        "better": better,
+                        "n": n,
+                        "mean_diff": mean,
+                        "std_diff": std,
+                        "stderr": None if std is None else std / math.sqrt(n),
+                        "wins": wins,
+                    }
+                )
         return out
 
     # -- text ------------------------------------------------------------------------------
@@ -220,9 +233,12 @@ class Comparison:
             if r.get("ood_per_severity"):
                 r["ood_per_severity"] = {int(k): v for k, v in r["ood_per_severity"].items()}
         return cls(
-            methods=list(d["methods"]), seeds=[int(s) for s in d["seeds"]], runs=runs,
-            config=dict(d.get("config", {})), timing=dict(d.get("timing", {})),
-        )  # fmt: skip
+            methods=list(d["methods"]),
+            seeds=[int(s) for s in d["seeds"]],
+            runs=runs,
+            config=dict(d.get("config", {})),
+            timing=dict(d.get("timing", {})),
+        )
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Strict JSON (undefined numbers are null, never NaN); written to ``path`` if given."""
@@ -242,9 +258,12 @@ class Comparison:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {
-            "json": out / "comparison.json", "table": out / "comparison.txt", "plot": out / "comparison.png",
-            "curves": out / "curves.png", "sharpness_diversity": out / "sharpness_diversity.png",
-        }  # fmt: skip
+            "json": out / "comparison.json",
+            "table": out / "comparison.txt",
+            "plot": out / "comparison.png",
+            "curves": out / "curves.png",
+            "sharpness_diversity": out / "sharpness_diversity.png",
+        }
         self.to_json(paths["json"])
         paths["table"].write_text(self.report() + "\n")
         plot_comparison(self, paths["plot"])
@@ -326,4 +345,16 @@ def run_comparison(
     return comp
 
 
-__all__ = ["MAIN_JOB", "MAIN_SEEDS", "METRICS", "PAIRS", "QUICK", "QUICK_SEEDS", "Comparison", "finite_or_none", "mean_std", "run_comparison", "run_order"]
+__all__ = [
+    "MAIN_JOB",
+    "MAIN_SEEDS",
+    "METRICS",
+    "PAIRS",
+    "QUICK",
+    "QUICK_SEEDS",
+    "Comparison",
+    "finite_or_none",
+    "mean_std",
+    "run_comparison",
+    "run_order",
+]

@@ -33,9 +33,14 @@ class Components:
 
 def reference_optimizer(model: nn.Module, config: TrainConfig) -> reference.SAM:
     return reference.SAM(
-        model.parameters(), torch.optim.SGD, rho=config.rho, adaptive=config.adaptive,
-        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-    )  # fmt: skip
+        model.parameters(),
+        torch.optim.SGD,
+        rho=config.rho,
+        adaptive=config.adaptive,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
 
 
 def reference_fisher(
@@ -57,10 +62,14 @@ def fast_optimizer(model: nn.Module, config: TrainConfig) -> SharpBalanceSAM:
         dev = next(model.parameters()).device
         lr = torch.tensor(config.lr, dtype=torch.float32, device=dev)
     return SharpBalanceSAM(
-        model.parameters(), lr=lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, rho=config.rho, adaptive=config.adaptive,
+        model.parameters(),
+        lr=lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        rho=config.rho,
+        adaptive=config.adaptive,
         nonfinite="skip",
-    )  # fmt: skip
+    )
 
 
 def fast_fisher(
@@ -70,21 +79,36 @@ def fast_fisher(
     per-sample collation, no host copies)."""
     batches = DeviceBatches(DeviceData(ds, device), config.scoring_batch_size)
     return fisher_scores(
-        model, batches, batch_size=config.scoring_batch_size, device=device,
-        trials=config.fisher_trials, progress=progress, num_samples=len(ds),
-    )  # fmt: skip
+        model,
+        batches,
+        batch_size=config.scoring_batch_size,
+        device=device,
+        trials=config.fisher_trials,
+        progress=progress,
+        num_samples=len(ds),
+    )
 
 
 FAST = Components(
-    fast_optimizer, fast_fisher, select_sam_masks,
-    {"optimizer": "sbfast.optim.SharpBalanceSAM", "fisher": "sbfast.sharpness.fisher_scores",
-     "select": "sbfast.select.select_sam_masks"},
-)  # fmt: skip
+    fast_optimizer,
+    fast_fisher,
+    select_sam_masks,
+    {
+        "optimizer": "sbfast.optim.SharpBalanceSAM",
+        "fisher": "sbfast.sharpness.fisher_scores",
+        "select": "sbfast.select.select_sam_masks",
+    },
+)
 REFERENCE = Components(
-    reference_optimizer, reference_fisher, reference.select_sam_masks,
-    {"optimizer": "reference.SAM(torch.optim.SGD)", "fisher": "reference.fisher_scores",
-     "select": "reference.select_sam_masks"},
-)  # fmt: skip
+    reference_optimizer,
+    reference_fisher,
+    reference.select_sam_masks,
+    {
+        "optimizer": "reference.SAM(torch.optim.SGD)",
+        "fisher": "reference.fisher_scores",
+        "select": "reference.select_sam_masks",
+    },
+)
 
 
 def get_components(backend: str) -> Components:

@@ -40,26 +40,58 @@ DEFAULT_CORRUPTIONS: tuple[str, ...] = tuple(c for c in CIFAR_C_BENCHMARK if c i
 # CPU cores and still learn (ensemble accuracy > 90%; measured ~1.5-2 min, 99% ensemble accuracy).
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(
-        model="cnn", epochs=40, rho=0.2, batch_size=64, variant="balance",
-        augment=True, augment_pad=1, augment_flip=False,
-        eval_corruptions=DEFAULT_CORRUPTIONS, eval_severities=(1, 2, 3, 4, 5), num_threads=1,
+        model="cnn",
+        epochs=40,
+        rho=0.2,
+        batch_size=64,
+        variant="balance",
+        augment=True,
+        augment_pad=1,
+        augment_flip=False,
+        eval_corruptions=DEFAULT_CORRUPTIONS,
+        eval_severities=(1, 2, 3, 4, 5),
+        num_threads=1,
     ),
     "synthetic": dict(
-        model="cnn", epochs=4, rho=0.2, batch_size=32, variant="balance",
-        augment=False, augment_pad=1, augment_flip=False,
-        eval_corruptions=(), eval_severities=(1, 2, 3, 4, 5), num_threads=1,
+        model="cnn",
+        epochs=4,
+        rho=0.2,
+        batch_size=32,
+        variant="balance",
+        augment=False,
+        augment_pad=1,
+        augment_flip=False,
+        eval_corruptions=(),
+        eval_severities=(1, 2, 3, 4, 5),
+        num_threads=1,
     ),
     "cifar10": dict(
-        model="resnet18", epochs=200, rho=0.2, batch_size=128, variant="boost",
-        augment=True, augment_pad=4, augment_flip=True,
-        eval_corruptions=DEFAULT_CORRUPTIONS, eval_severities=(1, 2, 3, 4, 5), num_threads=None,
+        model="resnet18",
+        epochs=200,
+        rho=0.2,
+        batch_size=128,
+        variant="boost",
+        augment=True,
+        augment_pad=4,
+        augment_flip=True,
+        eval_corruptions=DEFAULT_CORRUPTIONS,
+        eval_severities=(1, 2, 3, 4, 5),
+        num_threads=None,
     ),
     "cifar100": dict(
-        model="resnet18", epochs=200, rho=0.2, batch_size=128, variant="balance",
-        augment=True, augment_pad=4, augment_flip=True,
-        eval_corruptions=DEFAULT_CORRUPTIONS, eval_severities=(1, 2, 3, 4, 5), num_threads=None,
+        model="resnet18",
+        epochs=200,
+        rho=0.2,
+        batch_size=128,
+        variant="balance",
+        augment=True,
+        augment_pad=4,
+        augment_flip=True,
+        eval_corruptions=DEFAULT_CORRUPTIONS,
+        eval_severities=(1, 2, 3, 4, 5),
+        num_threads=None,
     ),
-}  # fmt: skip
+}
 
 # Sizes of the synthetic set (train, test): a deterministic learnable toy for tests.
 SYNTHETIC_SIZES = (512, 256)
@@ -73,8 +105,13 @@ def is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
-def option(default: Any = dataclasses.MISSING, doc: str = "", *, choices: Sequence[str] | None = None,
-           factory: Any = dataclasses.MISSING) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    doc: str = "",
+    *,
+    choices: Sequence[str] | None = None,
+    factory: Any = dataclasses.MISSING,
+) -> Any:
     """A TrainConfig field with its help text (and, for names, the accepted values) in its metadata:
     the one place the command line's flags and their help are generated from."""
     meta: dict[str, Any] = {"help": doc}
@@ -156,8 +193,7 @@ class TrainConfig:
     adaptive: bool = option(False, "adaptive SAM (ASAM): the perturbation is scaled by |w|")
     ratio: float = option(
         0.5,
-        "flat ratio r in [0, 1]: each member's floor(N r) flattest samples become SAM samples of the other "
-        "members",
+        "flat ratio r in [0, 1]: each member's floor(N r) flattest samples become SAM samples of the other members",
     )
     variant: str | None = option(
         None,
@@ -209,8 +245,10 @@ class TrainConfig:
         choices=BATCHINGS,
     )
     compile: bool | str = option(
-        False, "torch.compile the model: true = inductor, or a backend name (eager / aot_eager check the tracing "
-        "cheaply); meant for GPUs", choices=COMPILE_BACKENDS,
+        False,
+        "torch.compile the model: true = inductor, or a backend name (eager / aot_eager check the tracing "
+        "cheaply); meant for GPUs",
+        choices=COMPILE_BACKENDS,
     )
     cuda_graphs: bool = option(
         False,
@@ -228,8 +266,7 @@ class TrainConfig:
     progress: bool = option(True, "progress bars")
     checkpoint_every: int = option(
         1,
-        "write checkpoints/last.pt every this many epochs (0: only at T_d, at the end and when stopped by a "
-        "signal)",
+        "write checkpoints/last.pt every this many epochs (0: only at T_d, at the end and when stopped by a signal)",
     )
     resume: str | None = option(None, "run folder to continue from its last good checkpoint (docs/runs.md)")
     from_phase1: str | None = option(
@@ -350,7 +387,9 @@ class TrainConfig:
                 f"(got resume={self.resume!r}, from_phase1={self.from_phase1!r})"
             )
         if self.from_phase1 is not None and self.method not in ("de_sam", "sharpbalance"):
-            raise ValueError(f"from_phase1 needs a method with a SAM phase 1 (de_sam, sharpbalance), got {self.method!r}")
+            raise ValueError(
+                f"from_phase1 needs a method with a SAM phase 1 (de_sam, sharpbalance), got {self.method!r}"
+            )
         for name in ("adaptive", "augment", "augment_flip", "cuda_graphs", "progress", "sync_batchnorm"):
             boolean(name)
         check_placement(self.placement, self.members)
@@ -359,7 +398,9 @@ class TrainConfig:
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
         if not isinstance(self.compile, bool) and self.compile not in COMPILE_BACKENDS:
-            raise ValueError(f"compile must be a bool or a torch.compile backend in {COMPILE_BACKENDS}, got {self.compile!r}")
+            raise ValueError(
+                f"compile must be a bool or a torch.compile backend in {COMPILE_BACKENDS}, got {self.compile!r}"
+            )
         if self.dataset in ("cifar10", "cifar100") and not self.data_root:
             raise ValueError(f"dataset {self.dataset!r} needs data_root (sbfast never downloads data)")
         if self.dataset in ("digits", "synthetic") and self.data_root is not None:
@@ -373,8 +414,10 @@ class TrainConfig:
         unknown = [c for c in self.eval_corruptions if c not in CORRUPTIONS]
         if unknown and self.corruption_root is None:
             raise ValueError(f"unknown corruptions {unknown}; expected names from {CORRUPTIONS}")
-        if isinstance(self.eval_severities, str) or not self.eval_severities or any(
-            not is_int(s) or not 1 <= s <= 5 for s in self.eval_severities
+        if (
+            isinstance(self.eval_severities, str)
+            or not self.eval_severities
+            or any(not is_int(s) or not 1 <= s <= 5 for s in self.eval_severities)
         ):
             raise ValueError(f"eval_severities must be a non-empty subset of 1..5, got {self.eval_severities!r}")
         if self.device is not None:
@@ -417,7 +460,7 @@ class TrainConfig:
         return dev
 
     def phase_of(self, epoch: int) -> str:
-        """"sgd" (de), "sam" (de_sam; sharpbalance epochs 0..T_d) or "mixed" (sharpbalance after)."""
+        """ "sgd" (de), "sam" (de_sam; sharpbalance epochs 0..T_d) or "mixed" (sharpbalance after)."""
         if self.method == "de":
             return "sgd"
         if self.method == "de_sam" or epoch <= self.swap_epoch:

@@ -44,8 +44,9 @@ class TrainData:
             miss_sev = sorted({k[1] for k in missing})
             if self.corruption_root is not None:
                 stats = dict(mean=self.test.mean, std=self.test.std) if self.test.mean is not None else {}
-                sets = load_cifar_c(self.corruption_root, miss_names, miss_sev, lazy=False,
-                                    num_classes=self.num_classes, **stats)
+                sets = load_cifar_c(
+                    self.corruption_root, miss_names, miss_sev, lazy=False, num_classes=self.num_classes, **stats
+                )
             else:
                 sets = make_corrupted_sets(self.test, miss_names, miss_sev, seed=0)
             for k in missing:

@@ -59,7 +59,9 @@ def _by_method(methods: Sequence[str], runs: Sequence[dict]) -> dict[str, list[d
     return {m: [r for r in runs if r["method"] == m] for m in methods}
 
 
-def _dots(ax: Any, methods: Sequence[str], runs: Sequence[dict], metrics: Sequence[tuple[str, str]], title: str) -> None:
+def _dots(
+    ax: Any, methods: Sequence[str], runs: Sequence[dict], metrics: Sequence[tuple[str, str]], title: str
+) -> None:
     """One group per metric, one marker per method: the mean over seeds with ± 1 std whiskers and
     the seeds as small dots. The axis spans the data (accuracies that differ in the third digit
     would be one flat line on 0..1), which is why these are markers, not bars: a bar's length
@@ -79,9 +81,20 @@ def _dots(ax: Any, methods: Sequence[str], runs: Sequence[dict], metrics: Sequen
                 continue
             if len(pts) > 1:
                 ax.scatter([x + step * 0.22] * len(pts), pts, s=9, color=c, alpha=0.55, linewidths=0, zorder=2)
-            ax.errorbar([x], [mean], yerr=[std] if len(pts) > 1 else None, color=c, marker="o", markersize=7,
-                        capsize=4, linewidth=1.5, markeredgecolor="black", markeredgewidth=0.6, zorder=3,
-                        label=m if k == 0 else None)  # fmt: skip
+            ax.errorbar(
+                [x],
+                [mean],
+                yerr=[std] if len(pts) > 1 else None,
+                color=c,
+                marker="o",
+                markersize=7,
+                capsize=4,
+                linewidth=1.5,
+                markeredgecolor="black",
+                markeredgewidth=0.6,
+                zorder=3,
+                label=m if k == 0 else None,
+            )
             lo = min(lo, mean - std, *pts)
             hi = max(hi, mean + std, *pts)
     ax.set_xticks(range(len(metrics)), [label for _, label in metrics])
@@ -111,12 +124,28 @@ def _ood_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> None:
         stats = [_mean_std(per_sev[s]) for s in xs]
         ok = [(x, mu, sd) for x, (mu, sd) in zip(xs, stats, strict=True) if mu is not None]
         shift = (i - (len(methods) - 1) / 2) * 0.06  # keep overlapping whiskers apart
-        ax.errorbar([x + shift for x, _, _ in ok], [mu for _, mu, _ in ok], yerr=[sd for _, _, sd in ok], color=c,
-                    marker="o", markersize=4, capsize=3, linewidth=1.5, label=m)  # fmt: skip
+        ax.errorbar(
+            [x + shift for x, _, _ in ok],
+            [mu for _, mu, _ in ok],
+            yerr=[sd for _, _, sd in ok],
+            color=c,
+            marker="o",
+            markersize=4,
+            capsize=3,
+            linewidth=1.5,
+            label=m,
+        )
         drawn = True
     if not drawn:
-        ax.text(0.5, 0.5, "no OOD evaluation\n(no corruptions requested)", ha="center", va="center",
-                transform=ax.transAxes, fontsize=9)  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "no OOD evaluation\n(no corruptions requested)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=9,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     else:
@@ -131,7 +160,11 @@ def _ood_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> None:
 def _describe(runs: Sequence[dict], seeds: Sequence[int]) -> str:
     r0 = runs[0] if runs else {}
     n = len(seeds)
-    spread = f"{n} seeds: large markers are means, whiskers ± 1 std, small dots single seeds" if n > 1 else "one seed: no spread"
+    spread = (
+        f"{n} seeds: large markers are means, whiskers ± 1 std, small dots single seeds"
+        if n > 1
+        else "one seed: no spread"
+    )
     return f"{r0.get('dataset', '?')}, M = {r0.get('members', '?')}, {spread}"
 
 
@@ -171,8 +204,17 @@ def _ood_paired_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> 
             if mu is not None:
                 pts.append((s, mu, sd))
         shift = (i - len(methods) / 2) * 0.08
-        ax.errorbar([x + shift for x, _, _ in pts], [mu for _, mu, _ in pts], yerr=[sd for _, _, sd in pts],
-                    color=_colour(m, methods), marker="o", markersize=5, capsize=3, linewidth=1.5, label=m)  # fmt: skip
+        ax.errorbar(
+            [x + shift for x, _, _ in pts],
+            [mu for _, mu, _ in pts],
+            yerr=[sd for _, _, sd in pts],
+            color=_colour(m, methods),
+            marker="o",
+            markersize=5,
+            capsize=3,
+            linewidth=1.5,
+            label=m,
+        )
     ax.set_xticks(xs, ["clean", *map(str, severities)])
     ax.set_xlabel("corruption severity")
     ax.set_ylabel(f"accuracy minus {base}'s (same seed)")
@@ -193,8 +235,12 @@ def _legend(fig: Any, methods: Sequence[str]) -> None:
     """One legend for the figure, above the panels (a legend inside a zoomed panel hides data)."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=_colour(m, methods), marker="o", markeredgecolor="black", markersize=7,
-                      linewidth=1.5, label=m) for m in methods]  # fmt: skip
+    handles = [
+        Line2D(
+            [], [], color=_colour(m, methods), marker="o", markeredgecolor="black", markersize=7, linewidth=1.5, label=m
+        )
+        for m in methods
+    ]
     fig.legend(handles=handles, loc="upper center", ncol=len(methods), bbox_to_anchor=(0.5, 0.955), frameon=False)
 
 
@@ -244,14 +290,25 @@ def _error_curves(ax: Any, methods: Sequence[str], runs: Sequence[dict], key: st
         ax.plot(epochs, mean, color=c, linewidth=2, label=m)
         means.append((epochs, mean))
         if len(errs) > 1:
-            ax.fill_between(epochs, [min(col) for col in zip(*errs, strict=True)],
-                            [max(col) for col in zip(*errs, strict=True)], color=c, alpha=0.15, linewidth=0)  # fmt: skip
+            ax.fill_between(
+                epochs,
+                [min(col) for col in zip(*errs, strict=True)],
+                [max(col) for col in zip(*errs, strict=True)],
+                color=c,
+                alpha=0.15,
+                linewidth=0,
+            )
         half = len(epochs) // 2
         late += [e for row in errs for e in row[half:]]
         td = rs[0].get("swap_epoch")
         if td is not None:
-            ax.axvline(td + 1, color=c, linestyle=":", linewidth=1.2,
-                       label=None if marked else "scoring at T_d + 1 (sharpbalance)")  # fmt: skip
+            ax.axvline(
+                td + 1,
+                color=c,
+                linestyle=":",
+                linewidth=1.2,
+                label=None if marked else "scoring at T_d + 1 (sharpbalance)",
+            )
             marked = True
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
@@ -287,15 +344,21 @@ def _draw_curves(methods: Sequence[str], seeds: Sequence[int], runs: Sequence[di
     _error_curves(a1, methods, runs, "ensemble_acc", "ensemble test error (lower is better)")
     _error_curves(a2, methods, runs, "member_acc", "mean member test error (lower is better)")
     shade = "; shaded: range over seeds" if len(seeds) > 1 else ""
-    forked = "\nsharpbalance's epochs 0..T_d are de_sam's (one shared phase 1)" if any(r.get("forked") for r in runs) else ""
-    fig.suptitle(f"learning curves: mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}{shade}; "
-                 f"zoomed to the second half of training{forked}", fontsize=11)  # fmt: skip
+    forked = (
+        "\nsharpbalance's epochs 0..T_d are de_sam's (one shared phase 1)" if any(r.get("forked") for r in runs) else ""
+    )
+    fig.suptitle(
+        f"learning curves: mean over {len(seeds)} seed{'s' if len(seeds) != 1 else ''}{shade}; "
+        f"zoomed to the second half of training{forked}",
+        fontsize=11,
+    )
     fig.tight_layout()
     return _save(fig, plt, path)
 
 
-def _draw_sharpness_diversity(methods: Sequence[str], seeds: Sequence[int], runs: Sequence[dict],
-                              path: str | Path) -> Path:  # fmt: skip
+def _draw_sharpness_diversity(
+    methods: Sequence[str], seeds: Sequence[int], runs: Sequence[dict], path: str | Path
+) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     drawn = False
@@ -309,12 +372,29 @@ def _draw_sharpness_diversity(methods: Sequence[str], seeds: Sequence[int], runs
         ax.scatter(xs, ys, color=c, s=22, alpha=0.45, linewidths=0)
         mx, sx = _mean_std(xs)
         my, sy = _mean_std(ys)
-        ax.errorbar([mx], [my], xerr=[sx], yerr=[sy], color=c, marker="D", markersize=8, capsize=4,
-                    markeredgecolor="black", linewidth=1.5, label=f"{m} (mean ± std)")  # fmt: skip
+        ax.errorbar(
+            [mx],
+            [my],
+            xerr=[sx],
+            yerr=[sy],
+            color=c,
+            marker="D",
+            markersize=8,
+            capsize=4,
+            markeredgecolor="black",
+            linewidth=1.5,
+            label=f"{m} (mean ± std)",
+        )
         drawn = True
     if not drawn:
-        ax.text(0.5, 0.5, "needs sharpness (sharpness_samples > 0)\nand DER (2 or more members)", ha="center",
-                va="center", transform=ax.transAxes)  # fmt: skip
+        ax.text(
+            0.5,
+            0.5,
+            "needs sharpness (sharpness_samples > 0)\nand DER (2 or more members)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xlabel("sharpness: mean Fisher score of the members (flatter: left)")
     ax.set_ylabel("diversity: DER (more diverse: up)")
     ax.set_title("sharpness-diversity trade-off (small dots: one ensemble per seed)", fontsize=10)
@@ -346,8 +426,15 @@ def _members_panel(ax: Any, runs: Sequence[dict]) -> None:
     for i, r in enumerate(runs):
         accs = [a for a in r.get("member_acc") or [] if a is not None]
         xs = [j + (i - (len(runs) - 1) / 2) * 0.12 for j in range(len(accs))]
-        ax.plot(xs, accs, "o", color=_colour(r["method"], methods), markeredgecolor="black", markersize=7,
-                label=f"{r['method']} seed {r['seed']}")  # fmt: skip
+        ax.plot(
+            xs,
+            accs,
+            "o",
+            color=_colour(r["method"], methods),
+            markeredgecolor="black",
+            markersize=7,
+            label=f"{r['method']} seed {r['seed']}",
+        )
     n = max((len(r.get("member_acc") or []) for r in runs), default=0)
     ax.set_xticks(range(n), [f"member {j}" for j in range(n)])
     ax.set_xlim(-0.5, n - 0.5)

@@ -66,13 +66,19 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
             seeds = member_seeds(config, j)
             transform = None
             if config.augment:
-                transform = RandomCropFlip(config.augment_pad, seeds["augment"], flip=config.augment_flip,
-                                           mean=data.train.mean, std=data.train.std)  # fmt: skip
+                transform = RandomCropFlip(
+                    config.augment_pad,
+                    seeds["augment"],
+                    flip=config.augment_flip,
+                    mean=data.train.mean,
+                    std=data.train.std,
+                )
             models.append(model)
             optimizers.append(opt)
             schedulers.append(make_lr_scheduler(opt, config))
-            loaders.append(make_loader(data.train.with_transform(transform), config.batch_size, shuffle=True,
-                                       seed=seeds["order"]))  # fmt: skip
+            loaders.append(
+                make_loader(data.train.with_transform(transform), config.batch_size, shuffle=True, seed=seeds["order"])
+            )
         cbs.call("on_train_start", config, models)
 
         scores = masks = None
@@ -84,10 +90,12 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
             score_time = None
             if config.method == "sharpbalance" and epoch == config.swap_epoch + 1:
                 t0 = time.perf_counter()
-                scores = torch.stack([
-                    reference_fisher(m, data.train, config=config, device=device, progress=False).float().cpu()
-                    for m in models
-                ])  # fmt: skip
+                scores = torch.stack(
+                    [
+                        reference_fisher(m, data.train, config=config, device=device, progress=False).float().cpu()
+                        for m in models
+                    ]
+                )
                 seeds_all = [member_seeds(config, j)["init"] for j in range(m_count)]
                 masks = select_sam_masks(scores, config.ratio, config.variant, seeds_all)
                 score_time = time.perf_counter() - t0
@@ -98,16 +106,25 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
             losses = []
             for j in range(m_count):
                 mask = masks[j] if masks is not None else None
-                losses.append(train_member_epoch(models[j], optimizers[j], loaders[j], phase, sam_mask=mask,
-                                                 device=device, dtype=dtype))  # fmt: skip
+                losses.append(
+                    train_member_epoch(
+                        models[j], optimizers[j], loaders[j], phase, sam_mask=mask, device=device, dtype=dtype
+                    )
+                )
                 schedulers[j].step()
             t2 = time.perf_counter()
             train_s += t2 - t1
             record: dict[str, Any] = {
-                "epoch": epoch, "phase": phase, "lr": lr, "train_loss": losses, "test_acc": None,
-                "ensemble_test_acc": None, "time_s": t2 - t1, "score_s": score_time,
+                "epoch": epoch,
+                "phase": phase,
+                "lr": lr,
+                "train_loss": losses,
+                "test_acc": None,
+                "ensemble_test_acc": None,
+                "time_s": t2 - t1,
+                "score_s": score_time,
                 "samples_per_s": m_count * n / max(t2 - t1, 1e-12),
-            }  # fmt: skip
+            }
             if (epoch + 1) % config.eval_every == 0 or epoch == config.epochs - 1:
                 probs = predict_probs(models, test_batches, dtype)
                 record["test_acc"], record["ensemble_test_acc"] = accuracies(probs, data.test.y)
@@ -117,17 +134,34 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
             cbs.call("on_epoch_end", epoch, record)
 
         ev = evaluate_ensemble(models, data, config, device, reference_fisher, test_batches=test_batches)
-    timing = {"total_s": time.perf_counter() - t_start, "train_s": train_s, "score_s": score_s,
-              "epoch_eval_s": eval_s, **ev["timing"]}  # fmt: skip
+    timing = {
+        "total_s": time.perf_counter() - t_start,
+        "train_s": train_s,
+        "score_s": score_s,
+        "epoch_eval_s": eval_s,
+        **ev["timing"],
+    }
     components = {
         "optimizer": "torch.optim.SGD" if config.method == "de" else "reference.SAM(torch.optim.SGD)",
-        "fisher": "reference.fisher_scores", "select": "reference.select_sam_masks",
-        "batching": "exact", "device": str(device), "trainer": "reference.train_ensemble",
-    }  # fmt: skip
+        "fisher": "reference.fisher_scores",
+        "select": "reference.select_sam_masks",
+        "batching": "exact",
+        "device": str(device),
+        "trainer": "reference.train_ensemble",
+    }
     result = EnsembleResult(
-        config=config, metrics=ev["metrics"], ood=ev["ood"], history=history, sharpness=ev["sharpness"],
-        scores=scores, masks=masks, timing=timing, components=components, models=models, probs=ev["probs"],
-    )  # fmt: skip
+        config=config,
+        metrics=ev["metrics"],
+        ood=ev["ood"],
+        history=history,
+        sharpness=ev["sharpness"],
+        scores=scores,
+        masks=masks,
+        timing=timing,
+        components=components,
+        models=models,
+        probs=ev["probs"],
+    )
     cbs.call("on_train_end", result)
     if config.output_dir:
         result.save(config.output_dir)

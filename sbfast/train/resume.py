@@ -31,19 +31,47 @@ from sbfast.train.data import TrainData
 # Every other field (model, seeds, schedule, rho, ratio, batching, dtype, compile, ...) is refused.
 RESUME_ROUNDING_FIELDS: tuple[str, ...] = ("num_threads", "backend")
 RESUME_SAFE_FIELDS: tuple[str, ...] = (
-    "progress", "checkpoint_every", "output_dir", "resume", "eval_every", "data_root", "corruption_root",
-    "placement", "dist_timeout", *RESUME_ROUNDING_FIELDS,
-)  # fmt: skip
+    "progress",
+    "checkpoint_every",
+    "output_dir",
+    "resume",
+    "eval_every",
+    "data_root",
+    "corruption_root",
+    "placement",
+    "dist_timeout",
+    *RESUME_ROUNDING_FIELDS,
+)
 
 # Fields that fix phase 1 (epochs 0..T_d): a run may start at T_d + 1 from another run's
 # phase1.pt only when these are equal. Epochs is one of them (the LR schedule spans them),
 # test_subset too (phase 1's history holds test accuracies). Free: method (de_sam or
 # sharpbalance), batching (phase 1 does not use it), ratio, variant, scoring and evaluation.
 PHASE1_FIELDS: tuple[str, ...] = (
-    "dataset", "train_subset", "test_subset", "model", "model_kwargs", "members", "dtype", "epochs",
-    "swap_epoch", "rho", "adaptive", "lr", "momentum", "weight_decay", "batch_size", "lr_schedule",
-    "augment", "augment_pad", "augment_flip", "seed", "backend", "compile", "cuda_graphs",
-)  # fmt: skip
+    "dataset",
+    "train_subset",
+    "test_subset",
+    "model",
+    "model_kwargs",
+    "members",
+    "dtype",
+    "epochs",
+    "swap_epoch",
+    "rho",
+    "adaptive",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "lr_schedule",
+    "augment",
+    "augment_pad",
+    "augment_flip",
+    "seed",
+    "backend",
+    "compile",
+    "cuda_graphs",
+)
 
 
 def _plain(v: Any) -> Any:
@@ -83,7 +111,9 @@ def requested_fields(config: TrainConfig | Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resumed_config(saved: TrainConfig, requested: Mapping[str, Any], run_dir: str | Path, saved_device: str) -> TrainConfig:
+def resumed_config(
+    saved: TrainConfig, requested: Mapping[str, Any], run_dir: str | Path, saved_device: str
+) -> TrainConfig:
     """The config a resume runs with: the saved one, with the requested changes that
     ``RESUME_SAFE_FIELDS`` allows, ``output_dir`` set to the resumed folder and ``resume`` None.
 

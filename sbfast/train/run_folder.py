@@ -31,8 +31,16 @@ from sbfast.train.config import TrainConfig
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
 LOG_COLUMNS: tuple[str, ...] = (
-    "epoch", "phase", "member", "train_loss", "test_acc", "lr", "sam_share", "epoch_s", "wall_s",
-)  # fmt: skip
+    "epoch",
+    "phase",
+    "member",
+    "train_loss",
+    "test_acc",
+    "lr",
+    "sam_share",
+    "epoch_s",
+    "wall_s",
+)
 # what marks a folder as a run's: another run must not write into it (unless resuming it)
 RUN_MARKERS: tuple[str, ...] = (CONFIG_FILE, LOG_FILE, CHECKPOINT_DIR)
 
@@ -134,15 +142,33 @@ def log_rows(record: Mapping[str, Any]) -> list[list[str]]:
     losses: Sequence[float] = record["train_loss"]
     shares: Sequence[float] = record.get("sam_share") or [float("nan")] * len(losses)
     accs = record.get("test_acc")
-    common = dict(epoch=str(record["epoch"]), phase=record["phase"], lr=_num(record["lr"]),
-                  epoch_s=_num(record.get("time_s")), wall_s=_num(record.get("wall_s")))  # fmt: skip
+    common = dict(
+        epoch=str(record["epoch"]),
+        phase=record["phase"],
+        lr=_num(record["lr"]),
+        epoch_s=_num(record.get("time_s")),
+        wall_s=_num(record.get("wall_s")),
+    )
     rows = []
     for j, loss in enumerate(losses):
-        rows.append({**common, "member": str(j), "train_loss": _num(loss), "sam_share": _num(shares[j]),
-                     "test_acc": _num(accs[j]) if accs is not None else ""})  # fmt: skip
-    rows.append({**common, "member": "ensemble", "train_loss": _num(sum(losses) / max(len(losses), 1)),
-                 "sam_share": _num(sum(shares) / max(len(shares), 1)),
-                 "test_acc": _num(record.get("ensemble_test_acc"))})  # fmt: skip
+        rows.append(
+            {
+                **common,
+                "member": str(j),
+                "train_loss": _num(loss),
+                "sam_share": _num(shares[j]),
+                "test_acc": _num(accs[j]) if accs is not None else "",
+            }
+        )
+    rows.append(
+        {
+            **common,
+            "member": "ensemble",
+            "train_loss": _num(sum(losses) / max(len(losses), 1)),
+            "sam_share": _num(sum(shares) / max(len(shares), 1)),
+            "test_acc": _num(record.get("ensemble_test_acc")),
+        }
+    )
     return [[r[c] for c in LOG_COLUMNS] for r in rows]
 
 

@@ -90,7 +90,9 @@ def evaluate_run(
         config = config.replace(**changes)
     data = load_data(config)
     if data_fingerprint(data) != payload["data"]["fingerprint"]:
-        raise ValueError(f"the data loaded for run {run_dir} is not the data it trained on: point data_root at the run's data")
+        raise ValueError(
+            f"the data loaded for run {run_dir} is not the data it trained on: point data_root at the run's data"
+        )
     dev = torch.device(device)
     models = _members(payload, dev, run_dir)
     with thread_limit(config.num_threads, dev):

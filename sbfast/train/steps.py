@@ -69,7 +69,9 @@ def mixed_step_static(
     return total
 
 
-def mixed_step_exact(forward: Forward, opt: Any, x: torch.Tensor, y: torch.Tensor, sam_mask: torch.Tensor) -> torch.Tensor:
+def mixed_step_exact(
+    forward: Forward, opt: Any, x: torch.Tensor, y: torch.Tensor, sam_mask: torch.Tensor
+) -> torch.Tensor:
     """Section 5 on a random batch with a per-sample mask (the release's batches): one host sync
     per boolean index, as ``reference.mixed_step``."""
     sam_mask = sam_mask.to(x.device)

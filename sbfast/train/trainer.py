@@ -75,8 +75,10 @@ class EnsembleTrainer(TrainerState):
         self.plan = plan
         self.device = plan.ctx.device if plan is not None else config.check_device()
         if plan is not None and config.cuda_graphs and any(plan.data_parallel(j) for j in plan.local):
-            raise ValueError("cuda_graphs with a data-parallel member: its gradient all-reduce is not captured; "
-                             "place whole members on ranks (placement='members') or turn cuda_graphs off")
+            raise ValueError(
+                "cuda_graphs with a data-parallel member: its gradient all-reduce is not captured; "
+                "place whole members on ranks (placement='members') or turn cuda_graphs off"
+            )
         if config.cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs needs a CUDA device, the run uses {self.device}")
         self.callbacks = CallbackList(callbacks)
@@ -132,9 +134,14 @@ class EnsembleTrainer(TrainerState):
         if c.augment:
             aug_gen = torch.Generator(device=self.device).manual_seed(seeds["augment"])
         return Member(
-            index=j, model=model, forward=forward, opt=opt, sched=sched,
-            order_gen=torch.Generator().manual_seed(seeds["order"]), aug_gen=aug_gen,
-        )  # fmt: skip
+            index=j,
+            model=model,
+            forward=forward,
+            opt=opt,
+            sched=sched,
+            order_gen=torch.Generator().manual_seed(seeds["order"]),
+            aug_gen=aug_gen,
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -197,9 +204,14 @@ class EnsembleTrainer(TrainerState):
             x, y = self._batch(m, torch.cat([nor_idx, sam_idx]))
             k_n = nor_idx.shape[0]
             return self._run(
-                m, "mixed", lambda a, b, s, t: mixed_step_static(fwd, opt, a, b, s, t),
-                x[:k_n], y[:k_n], x[k_n:], y[k_n:],
-            )  # fmt: skip
+                m,
+                "mixed",
+                lambda a, b, s, t: mixed_step_static(fwd, opt, a, b, s, t),
+                x[:k_n],
+                y[:k_n],
+                x[k_n:],
+                y[k_n:],
+            )
         x, y = self._batch(m, batch)
         if phase == "sgd":
             return self._run(m, "sgd", lambda a, b: sgd_step(fwd, opt, a, b), x, y)
@@ -207,7 +219,9 @@ class EnsembleTrainer(TrainerState):
             return self._run(m, "sam", lambda a, b: sam_step(fwd, opt, a, b), x, y)
         return mixed_step_exact(fwd, opt, x, y, m.mask[batch])  # type: ignore[index]
 
-    def train_epoch(self, j: int, phase: str, *, start_step: int = 0, loss_sum: torch.Tensor | None = None) -> torch.Tensor:
+    def train_epoch(
+        self, j: int, phase: str, *, start_step: int = 0, loss_sum: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One epoch of member j in ``phase`` ("sgd" | "sam" | "mixed"); returns the mean batch
         loss as a 0-d device tensor (no host sync here) and steps the LR scheduler.
 
@@ -245,11 +259,15 @@ class EnsembleTrainer(TrainerState):
             n = len(self.data.train)
             pieces = self.plan.score_pieces(n)
             rows = [
-                self.components.fisher(self.member(j).model, self.data.train if (s, e) == (0, n) else
-                                       self.data.train.subset(torch.arange(s, e)), config=c, device=self.device,
-                                       progress=progress and self.plan.is_main)
+                self.components.fisher(
+                    self.member(j).model,
+                    self.data.train if (s, e) == (0, n) else self.data.train.subset(torch.arange(s, e)),
+                    config=c,
+                    device=self.device,
+                    progress=progress and self.plan.is_main,
+                )
                 for j, s, e in pieces
-            ]  # fmt: skip
+            ]
             scores = self.plan.exchange_scores([r.float() for r in rows], n)
             masks = self.plan.select(scores, self.components.select, c.ratio, c.variant, seeds).bool()
         else:
@@ -267,7 +285,9 @@ class EnsembleTrainer(TrainerState):
         """Install SAM masks bool [M, N] (also used by the benchmark to skip scoring)."""
         c = self.config
         if masks.shape != (c.members, self.train_dev.n) or masks.dtype != torch.bool:
-            raise ValueError(f"masks must be bool [{c.members}, {self.train_dev.n}], got {masks.dtype} {tuple(masks.shape)}")
+            raise ValueError(
+                f"masks must be bool [{c.members}, {self.train_dev.n}], got {masks.dtype} {tuple(masks.shape)}"
+            )
         masks_dev = masks.to(self.device)
         for m in self.members:
             row = masks_dev[m.index]
@@ -296,7 +316,11 @@ class EnsembleTrainer(TrainerState):
         if self.plan is None:
             return accuracies(predict_probs(models, batches, self.config.torch_dtype), self.data.test.y)
         n = len(self.data.test)
-        local = predict_probs(models, batches, self.config.torch_dtype) if models else torch.zeros(0, n, self.data.num_classes)
+        local = (
+            predict_probs(models, batches, self.config.torch_dtype)
+            if models
+            else torch.zeros(0, n, self.data.num_classes)
+        )
         probs = self.plan.evaluation([m.index for m in self.evaluated_members()], self.data.num_classes).probs(local, n)
         acc = accuracies(probs, self.data.test.y) if probs is not None else None
         return self.plan.broadcast(acc, "the test accuracies")  # the same history on every rank
@@ -338,17 +362,19 @@ class EnsembleTrainer(TrainerState):
                 remove_stale_temporaries(self.run_dir / CHECKPOINT_DIR)
             p = self.position
             at_phase1_end = (
-                c.method in ("de_sam", "sharpbalance") and (p.epoch, p.member, p.step) == (c.swap_epoch + 1, 0, 0)
+                c.method in ("de_sam", "sharpbalance")
+                and (p.epoch, p.member, p.step) == (c.swap_epoch + 1, 0, 0)
                 and self.masks is None
-            )  # fmt: skip
+            )
             if at_phase1_end and self.forked_from is not None:
                 self.save(LAST, PHASE1)  # the state the scoring starts from, and the fork's own phase 1 (its config)
             elif at_phase1_end and not (self.run_dir / CHECKPOINT_DIR / PHASE1).exists():
                 self.save(PHASE1)  # a run stopped between writing last.pt and phase1.pt at T_d
         n = self.train_dev.n
         start = self.position.epoch
-        bar = progress_bar(range(start, c.epochs), c.progress and self.writes, f"{c.method} [{c.backend}/{c.batching}]",
-                           start=start)  # fmt: skip
+        bar = progress_bar(
+            range(start, c.epochs), c.progress and self.writes, f"{c.method} [{c.backend}/{c.batching}]", start=start
+        )
         for epoch in bar:
             phase = c.phase_of(epoch)
             p = self.position
@@ -379,23 +405,33 @@ class EnsembleTrainer(TrainerState):
                 p.train_s += time.perf_counter() - t1
                 self.clock["train_s"] += time.perf_counter() - t1
                 self.save(LAST)
-                raise self._interrupt(f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written") from None
+                raise self._interrupt(
+                    f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written"
+                ) from None
             if self.plan is None:
                 train_loss = torch.stack(p.losses).tolist()  # the epoch's one host sync
             t2 = time.perf_counter()
             self.clock["train_s"] += t2 - t1
             time_s = p.train_s + t2 - t1
             record: dict[str, Any] = {
-                "epoch": epoch, "phase": phase, "lr": p.lr, "train_loss": train_loss,
-                "test_acc": None, "ensemble_test_acc": None, "time_s": time_s,
-                "score_s": p.score_s, "samples_per_s": c.members * n / max(time_s, 1e-12),
+                "epoch": epoch,
+                "phase": phase,
+                "lr": p.lr,
+                "train_loss": train_loss,
+                "test_acc": None,
+                "ensemble_test_acc": None,
+                "time_s": time_s,
+                "score_s": p.score_s,
+                "samples_per_s": c.members * n / max(time_s, 1e-12),
                 "sam_share": self.sam_shares(phase),
-            }  # fmt: skip
+            }
             skipped = [m.opt.skipped_steps for m in self.members if hasattr(m.opt, "skipped_steps")]
             if skipped:  # the fused optimizer skips non-finite steps on the device and counts them
                 record["skipped_steps"] = [int(v) for v in skipped]
                 if self.plan is not None:
-                    record["skipped_steps"] = self.plan.member_counts({m.index: m.opt.skipped_steps for m in self.members})
+                    record["skipped_steps"] = self.plan.member_counts(
+                        {m.index: m.opt.skipped_steps for m in self.members}
+                    )
             if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
                 record["test_acc"], record["ensemble_test_acc"] = self.test_accuracy()
             record["eval_s"] = time.perf_counter() - t2
@@ -406,8 +442,11 @@ class EnsembleTrainer(TrainerState):
             if self.log is not None:
                 self.log.append(record)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(phase=phase, loss=f"{sum(train_loss) / len(train_loss):.3f}",
-                                acc=fmt_acc(record["ensemble_test_acc"]))  # fmt: skip
+                bar.set_postfix(
+                    phase=phase,
+                    loss=f"{sum(train_loss) / len(train_loss):.3f}",
+                    acc=fmt_acc(record["ensemble_test_acc"]),
+                )
             self.callbacks.call("on_epoch_end", epoch, record)
             if self.run_dir is not None:
                 self._epoch_checkpoints(epoch)
@@ -422,27 +461,46 @@ class EnsembleTrainer(TrainerState):
         self._stage, catcher.immediate = "the final evaluation", True
         evaluated = self.evaluated_members()
         ev = evaluate_ensemble(
-            [m.model for m in evaluated], self.data, c, self.device, self.components.fisher,
+            [m.model for m in evaluated],
+            self.data,
+            c,
+            self.device,
+            self.components.fisher,
             test_batches=lambda: (x for x, _ in self.test_dev.slices(c.eval_batch_size)),
             gather=self.plan.evaluation([m.index for m in evaluated], self.data.num_classes) if self.plan else None,
-        )  # fmt: skip
+        )
         if self.plan is not None:  # the metrics, computed on rank 0, in every rank's result
             ev["metrics"], ev["ood"] = self.plan.broadcast((ev["metrics"], ev["ood"]), "the final metrics")
         catcher.immediate = False
-        timing = {"total_s": self.elapsed(), "train_s": self.clock["train_s"], "score_s": self.clock["score_s"],
-                  "epoch_eval_s": self.clock["epoch_eval_s"], **ev["timing"]}  # fmt: skip
+        timing = {
+            "total_s": self.elapsed(),
+            "train_s": self.clock["train_s"],
+            "score_s": self.clock["score_s"],
+            "epoch_eval_s": self.clock["epoch_eval_s"],
+            **ev["timing"],
+        }
         components = dict(self.components.names, batching=c.batching, device=str(self.device))
         if self.forked_from is not None:
             components["from_phase1"] = self.forked_from
         if self.history and sum(self.history[-1].get("skipped_steps", [])):
-            warn_once(f"{c.method}: steps skipped for non-finite gradients per member: {self.history[-1]['skipped_steps']}")
+            warn_once(
+                f"{c.method}: steps skipped for non-finite gradients per member: {self.history[-1]['skipped_steps']}"
+            )
         if c.cuda_graphs:
             components["cuda_graph_captures"] = str(sum(g.captures for m in self.members for g in m.graphs.values()))
         result = EnsembleResult(
-            config=c, metrics=ev["metrics"], ood=ev["ood"], history=list(self.history), sharpness=ev["sharpness"],
-            scores=self.scores, masks=self.masks, timing=timing, components=components,
-            models=[m.model for m in self.members], probs=ev["probs"],
-        )  # fmt: skip
+            config=c,
+            metrics=ev["metrics"],
+            ood=ev["ood"],
+            history=list(self.history),
+            sharpness=ev["sharpness"],
+            scores=self.scores,
+            masks=self.masks,
+            timing=timing,
+            components=components,
+            models=[m.model for m in self.members],
+            probs=ev["probs"],
+        )
         self.callbacks.call("on_train_end", result)
         return result
 
@@ -535,17 +593,29 @@ def train_ensemble(
         run_dir = Path(config.output_dir) if config.output_dir else None
     device = config.check_device()
     # under torchrun: join the job, place the members (docs/distributed.md); None otherwise
-    plan = start_plan(config.members, config.resolved_device(), placement=config.placement,
-                      sam_grad_sync=config.sam_grad_sync, sync_batchnorm=config.sync_batchnorm,
-                      timeout_s=config.dist_timeout)  # fmt: skip
+    plan = start_plan(
+        config.members,
+        config.resolved_device(),
+        placement=config.placement,
+        sam_grad_sync=config.sam_grad_sync,
+        sync_batchnorm=config.sync_batchnorm,
+        timeout_s=config.dist_timeout,
+    )
     try:
         if plan is not None and resume is None:
             # rank 0's folder is the run's; a folder this rank's caller made for it (each rank of
             # a command line names one) is left empty, so it goes
             own = run_dir
-            run_dir = plan.on_rank0(lambda: check_output_dir(own) if own is not None else None, "the output folder check")
-            if own is not None and run_dir is not None and own.resolve() != run_dir.resolve() and own.is_dir() \
-                    and not any(own.iterdir()):  # fmt: skip
+            run_dir = plan.on_rank0(
+                lambda: check_output_dir(own) if own is not None else None, "the output folder check"
+            )
+            if (
+                own is not None
+                and run_dir is not None
+                and own.resolve() != run_dir.resolve()
+                and own.is_dir()
+                and not any(own.iterdir())
+            ):
                 own.rmdir()
             config = config.replace(output_dir=str(run_dir) if run_dir is not None else None)
         elif resume is None and run_dir is not None:

@@ -55,8 +55,16 @@ class Position:
     train_s: float = 0.0  # training seconds of this epoch so far
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "member": self.member, "step": self.step, "losses": list(self.losses),
-                "loss_sum": self.loss_sum, "lr": self.lr, "score_s": self.score_s, "train_s": self.train_s}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "member": self.member,
+            "step": self.step,
+            "losses": list(self.losses),
+            "loss_sum": self.loss_sum,
+            "lr": self.lr,
+            "score_s": self.score_s,
+            "train_s": self.train_s,
+        }
 
 
 def optimizer_state_for(opt: Any, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,13 +82,21 @@ def optimizer_state_for(opt: Any, state: Mapping[str, Any]) -> dict[str, Any]:
         ]
     if isinstance(opt, reference.SAM) and "base_optimizer" not in state:
         groups = state["param_groups"]
-        return {"state": {}, "param_groups": groups, "base_optimizer": {"state": state["state"], "param_groups": groups}}
+        return {
+            "state": {},
+            "param_groups": groups,
+            "base_optimizer": {"state": state["state"], "param_groups": groups},
+        }
     return state
 
 
 def describe_position(p: Position, c: TrainConfig) -> str:
     if p.member == 0 and p.step == 0:
-        return "the checkpoint at the end of training" if p.epoch >= c.epochs else f"the checkpoint at the end of epoch {p.epoch - 1}"
+        return (
+            "the checkpoint at the end of training"
+            if p.epoch >= c.epochs
+            else f"the checkpoint at the end of epoch {p.epoch - 1}"
+        )
     return f"the checkpoint in epoch {p.epoch} (member {p.member}, step {p.step})"
 
 
@@ -88,7 +104,9 @@ def check_same_tensors(expected: Mapping[str, torch.Tensor], saved: Mapping[str,
     missing = sorted(set(expected) - set(saved))
     extra = sorted(set(saved) - set(expected))
     if missing or extra:
-        raise ValueError(f"{where}: the checkpoint's parameters do not match the model (missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ValueError(
+            f"{where}: the checkpoint's parameters do not match the model (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
     for k, t in expected.items():
         s = saved[k]
         if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
@@ -114,23 +132,29 @@ class TrainerState:
         members = []
         for m in self.members:
             mid_epoch = p.step > 0 and m.index == p.member
-            members.append({
-                "model": m.model.state_dict(),
-                "optimizer": m.opt.state_dict(),
-                "scheduler": m.sched.state_dict(),
-                # a member stopped mid-epoch draws that epoch's order again on resume
-                "order_gen": m.order_start if mid_epoch else m.order_gen.get_state(),
-                "aug_gen": m.aug_gen.get_state() if m.aug_gen is not None else None,
-                "skipped_steps": getattr(m.opt, "skipped_steps", None),
-            })  # fmt: skip
+            members.append(
+                {
+                    "model": m.model.state_dict(),
+                    "optimizer": m.opt.state_dict(),
+                    "scheduler": m.sched.state_dict(),
+                    # a member stopped mid-epoch draws that epoch's order again on resume
+                    "order_gen": m.order_start if mid_epoch else m.order_gen.get_state(),
+                    "aug_gen": m.aug_gen.get_state() if m.aug_gen is not None else None,
+                    "skipped_steps": getattr(m.opt, "skipped_steps", None),
+                }
+            )
         placement = None
         if self.plan is not None:
             gathered = self.plan.gather_states({m.index: s for m, s in zip(self.members, members, strict=True)})
             if gathered is None:
                 return None
             members = gathered
-            placement = {"world_size": self.plan.ctx.world_size, "groups": [list(g) for g in self.plan.placement.groups],
-                         "sam_grad_sync": self.config.sam_grad_sync, "sync_batchnorm": self.config.sync_batchnorm}  # fmt: skip
+            placement = {
+                "world_size": self.plan.ctx.world_size,
+                "groups": [list(g) for g in self.plan.placement.groups],
+                "sam_grad_sync": self.config.sam_grad_sync,
+                "sync_batchnorm": self.config.sync_batchnorm,
+            }
         # the training device's CUDA generator only: a resume may see another number of GPUs
         cuda_rng = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
         return {
@@ -172,20 +196,31 @@ class TrainerState:
             )
         saved_dev = torch.device(state["device"])
         if saved_dev.type != self.device.type:
-            raise ValueError(f"the checkpoint was written on {saved_dev.type}, this run uses {self.device}: pass device={saved_dev.type!r}")
+            raise ValueError(
+                f"the checkpoint was written on {saved_dev.type}, this run uses {self.device}: pass device={saved_dev.type!r}"
+            )
         saved_members = state["members"]
         if len(saved_members) != c.members:
             raise ValueError(f"the checkpoint has {len(saved_members)} members, the config {c.members}")
-        self.placement_note = check_resume_placement(
-            state.get("placement"), self.plan.placement if self.plan is not None else None, c.members,
-            c.sam_grad_sync, c.sync_batchnorm, any(isinstance(x, nn.modules.batchnorm._BatchNorm)
-                                                   for m in self.members for x in m.model.modules()),
-        ) if not fork else None  # fmt: skip
+        self.placement_note = (
+            check_resume_placement(
+                state.get("placement"),
+                self.plan.placement if self.plan is not None else None,
+                c.members,
+                c.sam_grad_sync,
+                c.sync_batchnorm,
+                any(isinstance(x, nn.modules.batchnorm._BatchNorm) for m in self.members for x in m.model.modules()),
+            )
+            if not fork
+            else None
+        )
         mine = [(m, saved_members[m.index]) for m in self.members]
         for m, s in mine:
             check_same_tensors(m.model.state_dict(), s["model"], f"member {m.index}")
             if (s["aug_gen"] is None) != (m.aug_gen is None):
-                raise ValueError(f"member {m.index}: augmentation generator saved={s['aug_gen'] is not None}, config augment={c.augment}")
+                raise ValueError(
+                    f"member {m.index}: augmentation generator saved={s['aug_gen'] is not None}, config augment={c.augment}"
+                )
         cuda_rng = state["rng"]["cuda"]
 
         for m, s in mine:

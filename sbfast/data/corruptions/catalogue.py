@@ -15,16 +15,33 @@ from sbfast.data.corruptions.digital import contrast, elastic_transform, jpeg_co
 from sbfast.data.corruptions.noise import gaussian_noise, impulse_noise, shot_noise, speckle_noise
 from sbfast.data.corruptions.weather import brightness, fog, snow
 
-__all__ = ["CIFAR_C_BENCHMARK", "CORRUPTIONS", "CORRUPTION_FUNCS", "NOT_IMPLEMENTED", "SEVERITY_PARAMS",
-           "check_corruption"]
+__all__ = [
+    "CIFAR_C_BENCHMARK",
+    "CORRUPTIONS",
+    "CORRUPTION_FUNCS",
+    "NOT_IMPLEMENTED",
+    "SEVERITY_PARAMS",
+    "check_corruption",
+]
 
 # The 15 corruptions of the CIFAR-10-C / CIFAR-100-C benchmark, in the paper's order.
 CIFAR_C_BENCHMARK: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)  # fmt: skip
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+)
 
 # Severity parameters of make_cifar_c.py, index = severity - 1. Pixel-unit spatial parameters
 # (blur sigmas, radii) are for 32x32 images; ``spatial_scale`` rescales them.
