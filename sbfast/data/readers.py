@@ -2,7 +2,7 @@
 
 * CIFAR-10 / CIFAR-100, the standard python-pickle archives, extracted or as the ``.tar.gz``;
 * CIFAR-10-C / CIFAR-100-C, folders of ``<corruption>.npy`` plus ``labels.npy``;
-* image folders (Tiny-ImageNet style ``root/<class>/**/*.JPEG``).
+* image folders: :mod:`sbfast.data.image_folders` (re-exported here).
 
 All of them store raw uint8 pixels in an :class:`IndexedTensorDataset` with the release's
 per-channel mean/std, so a fetch gives normalised float32 and ``pixels()`` gives [0, 1].
@@ -24,11 +24,22 @@ from sbfast.data.datasets import (
     CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
-    TINY_IMAGENET_MEAN,
-    TINY_IMAGENET_STD,
     IndexedTensorDataset,
 )
-from sbfast.data.files import iter_tar_members, load_pickle, read_bytes, read_image, read_npy
+from sbfast.data.files import iter_tar_members, load_pickle, read_bytes, read_npy
+from sbfast.data.image_folders import load_image_folder, load_tiny_imagenet
+from sbfast.data.layouts import IMG_EXTENSIONS
+
+__all__ = [
+    "IMG_EXTENSIONS",
+    "LazyMapping",
+    "list_cifar_c",
+    "load_cifar10",
+    "load_cifar100",
+    "load_cifar_c",
+    "load_image_folder",
+    "load_tiny_imagenet",
+]
 
 PathLike = str | os.PathLike
 
@@ -355,100 +366,3 @@ def _cifar_c_images(path: Path) -> np.ndarray:
             path, f"expected uint8 [5 * n, H, W, C] with C 1 or 3, got a {arr.dtype} array of shape {arr.shape}"
         )
     return arr
-
-
-# --------------------------------------------------------------------------------------------
-# Image folders
-# --------------------------------------------------------------------------------------------
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def load_image_folder(
-    root: PathLike,
-    *,
-    classes: Sequence[str] | None = None,
-    size: int | tuple[int, int] | None = None,
-    mode: str = "RGB",
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    extensions: Sequence[str] = IMG_EXTENSIONS,
-) -> IndexedTensorDataset:
-    """Images laid out as ``root/<class_name>/**/<file>`` (torchvision ImageFolder's layout).
-
-    Classes are the sorted sub-folder names (or ``classes``, to share one label map between a
-    train and a val folder: a listed class may lack a folder, an unlisted folder is an error);
-    label = position in that list. Files are found recursively (so
-    Tiny-ImageNet's ``train/<wnid>/images/*.JPEG`` works) with a case-insensitive extension
-    match, and ordered by class, then by sorted path: the index is stable across runs.
-
-    Args:
-        root: the folder. classes: class names to use (each must be a sub-folder).
-        size: resize every image to (H, W) (int: square) with bilinear filtering; if None, every
-            image must already have the same size.
-        mode: PIL mode, "RGB" (3 channels) or "L" (1 channel).
-        mean, std: normalisation in [0, 1] pixel units (None: fetch gives pixels / 255).
-    Returns:
-        IndexedTensorDataset of uint8 storage [n, C, H, W], int64 labels, ``classes`` set.
-    Raises:
-        FileNotFoundError: no folder. ValueError: no class folders or no images.
-        DataError (a ValueError), naming the file: an image that is empty, truncated, corrupted
-            (every PNG chunk's CRC is checked; JPEG has no checksum, so a damaged JPEG that still
-            decodes is read as it decodes), not an image, or of another size when ``size`` is None.
-    """
-    from PIL import Image
-
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no image folder at {str(root)!r}; sbfast never downloads data")
-    if mode not in ("RGB", "L"):
-        raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    classes = found if classes is None else list(classes)
-    # A given class list is the label map: a class may have no folder here (no samples), but a
-    # folder whose class is not in the list cannot be labelled.
-    unknown = [c for c in found if c not in classes]
-    if unknown:
-        raise ValueError(f"{str(root)!r} has class folder(s) {unknown[:5]} missing from classes")
-    if not classes:
-        raise ValueError(f"{str(root)!r} has no class sub-folders")
-    exts = tuple(e.lower() for e in extensions)
-    hw = (size, size) if isinstance(size, int) else (tuple(size) if size is not None else None)
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    for label, cname in enumerate(classes):
-        cdir = root / cname
-        files = sorted(p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in exts) if cdir.is_dir() else []
-        for path in files:
-            img = read_image(path, mode)
-            if hw is not None and img.size != (hw[1], hw[0]):
-                img = img.resize((hw[1], hw[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-            arr = arr[:, :, None] if arr.ndim == 2 else arr
-            if xs and arr.shape != xs[0].shape:
-                raise DataError(
-                    path, f"size {arr.shape[:2]} differs from {xs[0].shape[:2]}; pass size=(H, W) to resize"
-                )
-            xs.append(arr)
-            ys.append(label)
-    if not xs:
-        raise ValueError(f"{str(root)!r}: no images with extensions {exts}")
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
-    return IndexedTensorDataset(x, torch.tensor(ys, dtype=torch.int64), mean=mean, std=std, classes=classes)
-
-
-def load_tiny_imagenet(root: PathLike, split: str = "train", **kw: Any) -> IndexedTensorDataset:
-    """Tiny-ImageNet (200 classes, 64x64) from ``root/<split>/<wnid>/...``, as the release reads it.
-
-    The release expects ``val`` reorganised into class folders like ``train``; the label map is
-    taken from ``root/train`` when present so that both splits agree. Normalised with
-    TINY_IMAGENET_MEAN/STD unless ``mean``/``std`` are given. Other keywords go to
-    :func:`load_image_folder`.
-    """
-    root = Path(root)
-    train_dir = root / "train"
-    if "classes" not in kw and train_dir.is_dir():
-        kw["classes"] = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    kw.setdefault("mean", TINY_IMAGENET_MEAN)
-    kw.setdefault("std", TINY_IMAGENET_STD)
-    return load_image_folder(root / split, **kw)
