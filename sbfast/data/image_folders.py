@@ -67,7 +67,7 @@ def load_image_folder(
             image must already have the same size.
         mode: PIL mode, "RGB" (3 channels) or "L" (1 channel).
         mean, std: normalisation in [0, 1] pixel units (None: fetch gives pixels / 255).
-        workers: decoding threads (None: up to 8).
+        workers: decoding threads (None: 1).
     Returns:
         IndexedTensorDataset of uint8 storage [n, C, H, W], int64 labels, ``classes`` set.
     Raises:

@@ -27,7 +27,16 @@ import torch
 
 from sbfast.data.corruptions import make_corrupted_sets
 from sbfast.data.datasets import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, IndexedTensorDataset
-from sbfast.data.images import ChannelStats, Size, as_size, check_mode, common_size, decode_images, probe_sizes
+from sbfast.data.images import (
+    ChannelStats,
+    Size,
+    as_size,
+    check_mode,
+    check_workers,
+    common_size,
+    decode_images,
+    probe_sizes,
+)
 from sbfast.data.layouts import (
     IMG_EXTENSIONS,
     ImageFiles,
@@ -146,7 +155,7 @@ def load_image_splits(
         storage: "memory", "stream", or "auto": memory when the uint8 pixels of both splits fit
             in ``budget`` bytes (default :func:`~sbfast.data.streaming.memory_budget` of
             ``device``: a quarter of its free memory and of the host's).
-        workers: decoding threads (None: up to 8).
+        workers: decoding threads (None: 1).
     Raises:
         ValueError / TypeError: a bad argument. FileNotFoundError: no root. DataError, naming
             the path, before anything is decoded: no ``train/``, no ``val/``/``test/``, a val
@@ -158,6 +167,7 @@ def load_image_splits(
     if dataset not in IMAGE_FOLDER_DATASETS:
         raise ValueError(f"dataset must be one of {IMAGE_FOLDER_DATASETS}, got {dataset!r}")
     c = check_mode(mode)
+    check_workers(workers)
     hw = as_size(image_size)
     if (mean is None) != (std is None):
         raise ValueError(f"give both mean and std, or neither (got mean={mean!r}, std={std!r})")
@@ -178,7 +188,7 @@ def load_image_splits(
     test_files = scan_eval_split(test_dir, train_files.classes, extensions=extensions, reference=str(train_dir))
 
     all_paths = [*train_files.paths, *test_files.paths]
-    sizes = probe_sizes(all_paths, workers)  # every header: a non-image is named before decoding
+    sizes = probe_sizes(all_paths)  # every header: a non-image is named before decoding
     if dataset == "tiny_imagenet":
         size = common_size(all_paths, sizes, TINY_IMAGENET_SIZE, "; Tiny-ImageNet images are 64x64")
         resize = False
@@ -267,7 +277,6 @@ def check_corruption_folder(
     severities: Sequence[int],
     *,
     extensions: Sequence[str] = IMG_EXTENSIONS,
-    workers: int | None = None,
 ) -> dict[tuple[str, int], ImageFiles]:
     """Check a Tiny-ImageNet-C style folder against ``test`` without decoding it: every
     ``<corruption>/<severity>/`` exists, holds exactly the test set's class folders, and every
@@ -284,7 +293,7 @@ def check_corruption_folder(
     found = scan_corruption_folder(root, test.classes, names, _check_severities(severities), extensions=extensions)
     want = tuple(test.image_shape[1:])
     for files in found.values():
-        sizes = probe_sizes(files.paths, workers)
+        sizes = probe_sizes(files.paths)
         common_size(files.paths, sizes, want, " (the test set's); expected the corrupted copies of its images")
     return found
 
@@ -305,7 +314,8 @@ def load_corruption_folder(
     (:func:`check_corruption_folder`); with ``lazy`` each set is decoded when it is looked up
     (Tiny-ImageNet-C is 75 sets of 10,000 images: 9.2 GB of uint8 at once).
     """
-    found = check_corruption_folder(root, test, names, severities, extensions=extensions, workers=workers)
+    check_workers(workers)
+    found = check_corruption_folder(root, test, names, severities, extensions=extensions)
     mode = "L" if test.image_shape[0] == 1 else "RGB"
     size = tuple(test.image_shape[1:])
 
