@@ -64,6 +64,7 @@ from sbfast.data.readers import (
 )
 from sbfast.data.streaming import (
     MEMORY_FRACTION,
+    STORAGES,
     StreamingDeviceData,
     StreamingImageDataset,
     choose_storage,
@@ -81,6 +82,7 @@ __all__ = [
     "DIGITS_SPLIT_SIZES",
     "IMAGE_FOLDER_DATASETS",
     "MEMORY_FRACTION",
+    "STORAGES",
     "TINY_IMAGENET_SIZE",
     "ChannelStats",
     "ImageFiles",
