@@ -82,9 +82,10 @@ def make_tiny(root: Path, *, val: str = "annotations", train: str = "official", 
             (cdir / f"{wnid}_boxes.txt").write_text("".join(f"{wnid}_{k}{ext}\t0\t0\t63\t63\n" for k in range(3)))
     lines = []
     k = 0
+    total = sum(VAL_COUNTS.values())
     for label, wnid in enumerate(CLASSES):
         for _ in range(VAL_COUNTS[wnid]):
-            name = f"val_{k}{ext}"
+            name = f"val_{total - 1 - k}{ext}"  # numbered against the class order: name order is not class order
             path = root / "val" / ("images" if val == "annotations" else wnid) / name
             _save(path, _image(1000 + k), fmt)
             out["val"].append((path, label))
