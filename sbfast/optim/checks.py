@@ -16,6 +16,7 @@ __all__ = [
     "GRAD_NORM",
     "NONFINITE",
     "check_group",
+    "check_groups_at_step",
     "check_lr",
     "is_capturing",
     "is_real",
@@ -93,3 +94,21 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
         [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for t in tensors]
     )
     return ~torch.isfinite(sums).all()
+
+
+def check_groups_at_step(groups: list[dict[str, Any]], update: bool = True) -> None:
+    """At a phase: the hyperparameters it reads, which may have been set after construction
+    (``opt.param_groups[0]["momentum"] = -1``); raises before the phase changes anything. The
+    update reads them all; ``update=False`` (first_step) checks rho and adaptive only."""
+    for gi, group in enumerate(groups):
+        try:
+            if update:
+                check_group(group, f"param group {gi}")
+                continue
+            rho = group["rho"]
+            if not is_real(rho) or not math.isfinite(rho) or rho < 0:
+                raise ValueError(f"param group {gi}: rho must be a finite float >= 0, got {rho!r}")
+            if not isinstance(group["adaptive"], bool):
+                raise ValueError(f"param group {gi}: adaptive must be a bool, got {group['adaptive']!r}")
+        except ValueError as exc:
+            raise ValueError(f"{exc} (nothing changed; the step is still pending)") from None

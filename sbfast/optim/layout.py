@@ -24,7 +24,7 @@ by :meth:`FlatLayout.collect_grads` (one copy per parameter; the fast path resum
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +68,7 @@ class Run:
 
     bucket: int
     group: int
-    key: tuple
+    key: Hashable  # what the phase does to these slots (equal keys: one launch)
     start: int
     end: int
     members: list[int] = field(default_factory=list)  # global param indices
@@ -227,7 +227,7 @@ class FlatLayout:
         self.buckets[b].ready[k] = 1
         return view
 
-    def runs(self, key_of: Callable[[int], tuple | None]) -> list[Run]:
+    def runs(self, key_of: Callable[[int], Hashable | None]) -> list[Run]:
         """Group the parameters into launches: consecutive slots of one bucket and one group
         with equal keys (None: not touched)."""
         runs: list[Run] = []
