@@ -30,6 +30,8 @@ GRAD_NORM = ("per_tensor", "global")
 
 def is_real(value: object) -> bool:
     """A real number that is not a bool (``True`` is an ``int`` to Python)."""
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check (per phase)
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

@@ -11,6 +11,9 @@ zero in every buffer and stays zero. Build the optimizer after ``model.to(device
 (momentum kept), but a capture or a compiled graph made before the move would be stale. A move
 in the middle of a SAM step (after ``first_step`` or ``normal_step``) puts w back into the moved
 parameters from the backup, drops the step, re-points them and raises RuntimeError.
+Saving: a parameter is a view of the flat buffer, and ``torch.save`` writes a view's whole
+storage, so ``torch.save(layer.state_dict())`` of one layer writes the model's whole buffer of
+that dtype; clone the tensors to save one layer compactly (docs/optimizer.md).
 Memory: five parameter-sized buffers per dtype (parameters, two gradient buffers, the backup of
 w, momentum), all allocated at construction so that no step allocates them while being traced
 or captured; the reference holds as many (p, p.grad, old_p, normal_g, momentum_buffer) and

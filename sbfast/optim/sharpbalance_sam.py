@@ -32,7 +32,7 @@ from sbfast.optim.checks import (
 from sbfast.optim.layout import FlatLayout, Run
 from sbfast.optim.scaler import ScalerReport, inverse_scale
 from sbfast.optim.state import StepState, check_loadable, complete_groups, sgd_layout
-from sbfast.optim.update import PERTURBED, RestoreArgs, UpdateKey, restore_args, update_key
+from sbfast.optim.update import PERTURBED, RestoreArgs, UpdateKey, restore_args, update_keys
 
 __all__ = ["SharpBalanceSAM"]
 
@@ -535,7 +535,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
 
     def _update(self, phase: str, zero_grad: bool, grad_scaler: Any) -> None:
         """The update pass of ``second_step`` and ``third_step``: one fused launch per run of
-        parameters treated alike (:func:`sbfast.optim.update.update_key`), then the phase's
+        parameters treated alike (:func:`sbfast.optim.update.update_keys`), then the phase's
         hand-over of ``.grad`` (the gradients the reference leaves there)."""
         check_groups_at_step(self.param_groups)
         layout = self._layout
@@ -546,10 +546,8 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         perturbed = self._st.perturbed or [False] * n
         cur, nb = self._st.cur, self._st.normal_buf
         device_side = self._device_side(grad_scaler)
-        started = self._st.ready_host
-        runs = self._runs(
-            lambda i: update_key(i, perturbed=perturbed, present=present, normal=normal, started=started, third=third)
-        )
+        keys = update_keys(perturbed, present, normal, self._st.ready_host, third)
+        runs = self._runs(keys.__getitem__)
         lrs = {run.group: self._lr(run.group) for run in runs}  # a bad lr raises before any change
         used = [self._slice(r, layout.buckets[r.bucket].grads[cur]) for r in runs if r.key.grad]
         used += [self._slice(r, layout.buckets[r.bucket].grads[nb]) for r in runs if r.key.normal]

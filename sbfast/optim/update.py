@@ -9,7 +9,7 @@ import torch
 
 from sbfast.optim.layout import FlatLayout, Run
 
-__all__ = ["PERTURBED", "RestoreArgs", "UpdateKey", "restore_args", "update_key"]
+__all__ = ["PERTURBED", "RestoreArgs", "UpdateKey", "restore_args", "update_keys"]
 
 # The launch key of first_step's and restore's runs: every parameter they touch is treated alike.
 PERTURBED = True
@@ -34,21 +34,29 @@ class RestoreArgs(NamedTuple):
     write_sum: bool  # store grad + g_n into ``grad``: the .grad the reference leaves
 
 
-def update_key(
-    i: int, *, perturbed: list[bool], present: list[bool], normal: list[bool], started: list[bool], third: bool
-) -> UpdateKey | None:
-    """Parameter ``i``'s key, or None when the pass does not touch it.
+def update_keys(
+    perturbed: list[bool], present: list[bool], normal: list[bool], started: list[bool], third: bool
+) -> list[UpdateKey | None]:
+    """Each parameter's key, or None where the pass does not touch it.
 
     ``second_step``: restore if perturbed; the update uses g' (present) and g_n (normal) as far as
     they exist. ``third_step``: nothing is perturbed, and a kept g_n replaces the current gradient
-    (the reference's ``p.grad = normal_g``)."""
-    if third:
-        if normal[i]:
-            return UpdateKey(False, False, True, started[i])
-        return UpdateKey(False, True, False, started[i]) if present[i] else None
-    if not (perturbed[i] or present[i] or normal[i]):
-        return None
-    return UpdateKey(perturbed[i], present[i], normal[i], started[i])
+    (the reference's ``p.grad = normal_g``). One key object per distinct key (a step has a handful),
+    so a step with many parameters builds few named tuples."""
+    made: dict[tuple[bool, bool, bool, bool], UpdateKey] = {}
+    out: list[UpdateKey | None] = []
+    for p, g, n, s in zip(perturbed, present, normal, started, strict=True):
+        if third:
+            p, g = False, g and not n
+        if not (p or g or n):
+            out.append(None)
+            continue
+        t = (p, g, n, s)
+        key = made.get(t)
+        if key is None:
+            key = made[t] = UpdateKey(*t)
+        out.append(key)
+    return out
 
 
 def restore_args(layout: FlatLayout, run: Run, cur: int, nb: int | None, zero_grad: bool) -> RestoreArgs:
