@@ -387,7 +387,7 @@ def _saved_bytes(obj) -> int:
 
 
 def test_saving_one_layer_writes_the_flat_buffer_unless_its_tensors_are_cloned():
-    # documented (docs/algorithm.md, "The optimizer's flat buffers"): a parameter is a view of
+    # documented (docs/optimizer.md, "Saving one layer"): a parameter is a view of
     # its dtype's flat buffer, and torch.save writes a view's whole storage
     small, big = nn.Linear(50, 100), nn.Linear(500, 500)  # 20 KB and 1 MB of float32
     model = nn.Sequential(small, nn.ReLU(), nn.Linear(100, 500), big)
