@@ -281,6 +281,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         gradients into the buffer). Kept normal gradients are never touched."""
         self._check_layout()
         layout = self._layout
+        between_steps = self._st.perturbed is None and not self._st.has_normal
+        if self._bn_guard and between_steps:
+            self._bn_guard.save()  # what a skipped step that follows puts back
         if set_to_none:
             for p in layout.params:
                 p.grad = None
@@ -295,8 +298,6 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         for i, p in enumerate(layout.params):
             if p.requires_grad and p.grad is not views[i]:
                 p.grad = views[i]
-        if self._bn_guard and self._st.perturbed is None and not self._st.has_normal:
-            self._bn_guard.save()  # between steps: what a skipped step that follows puts back
 
     def _grad_versions(self, which: int) -> tuple[int, ...]:
         """The version counters of gradient buffer ``which`` (one per dtype): in-place writes, a
