@@ -23,8 +23,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import torch
+
+# Imported here, not in the first timed case: an import is the slow part of a first call, and
+# it belongs to no case's cap.
+from torch.utils.benchmark import Timer
 
 RESULTS_DIR = Path(__file__).parent / "results"
 BENCH_MODULES = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
@@ -92,8 +97,6 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
         if once > min_run_time * 1000 / 8:
             return once
         return float(triton.testing.do_bench(fn, warmup=25, rep=int(min_run_time * 1000), return_mode="median"))
-    from torch.utils.benchmark import Timer
-
     fn()  # warm-up: first-call allocations and lazy initialisation
     return (
         Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -128,8 +131,24 @@ def run_case(case: BenchCase, device: torch.device, min_run_time: float) -> list
     return rows
 
 
-class CaseTimeout(Exception):
-    """A case ran past its cap (``run_all``'s ``case_cap_s``)."""
+class CaseTimeout(BaseException):
+    """A case ran past its cap (``run_all``'s ``case_cap_s``).
+
+    A BaseException, as KeyboardInterrupt is: code under the cap that catches ``Exception`` (an
+    optional import's ``try: import x / except Exception``) must not swallow the cut and go on
+    half set up."""
+
+
+IMPORT_RETRY_S = 0.01  # how soon a cap that fell inside an import is tried again
+
+
+def _in_import(frame: FrameType | None) -> bool:
+    """Whether ``frame`` or a caller of it is the import machinery (a module being executed)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextmanager
@@ -137,13 +156,20 @@ def time_cap(seconds: float | None) -> Iterator[None]:
     """Raise :class:`CaseTimeout` in the block once ``seconds`` of wall time have passed.
 
     A soft cap: the alarm is a signal, handled when control is next in Python (between timed
-    calls, never inside one kernel), so one slow case cannot hold up the cases after it. Only
-    the main thread receives signals; elsewhere, or with ``seconds`` None, there is no cap."""
+    calls, never inside one kernel), so one slow case cannot hold up the cases after it. An
+    alarm that falls inside an import waits until the import is done (it is tried again every
+    ``IMPORT_RETRY_S``): a module cut half-way would stay half-initialised in ``sys.modules``
+    (or a package that swallowed the cut would lack a part) and break every later case that
+    imports it. Only the main thread receives signals; elsewhere, or with ``seconds`` None,
+    there is no cap."""
     if seconds is None or threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_alarm(signum, frame):
+        if _in_import(frame):
+            signal.setitimer(signal.ITIMER_REAL, IMPORT_RETRY_S)
+            return
         raise CaseTimeout(f"ran past its cap of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 SAM_EPS = 1e-12  # the release's denominator guard, e = rho * g / (||g|| + 1e-12)
 
@@ -66,6 +68,53 @@ def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
     """Put back the flags saved by :func:`module_modes`."""
     for m, training in modes:
         m.training = training
+
+
+def functional_forward(model: nn.Module, tensors: dict[str, torch.Tensor] | tuple, args: tuple) -> Any:
+    """``torch.func.functional_call(model, tensors, args)`` that leaves every module's own
+    parameter and buffer objects in place afterwards, also on error.
+
+    torch's call swaps the tensors in name by name and back in reverse; a module reached by two
+    names (``nn.Sequential(l, act, l)``: ``0.weight`` and ``2.weight``) is swapped twice, and the
+    way back leaves the swapped-in tensor at the second name, a plain detached tensor where the
+    ``Parameter`` was. Here each module's ``_parameters`` and ``_buffers`` entries are put back as
+    they were, object for object."""
+    slots = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        return functional_call(model, tensors, args)
+    finally:
+        for m, params, buffers in slots:
+            m._parameters.update(params)
+            m._buffers.update(buffers)
+
+
+def check_scorable(model: nn.Module, device: torch.device | str | None, what: str, *, vmapped: bool) -> None:
+    """Refuse, in one line and before any work, a model that per-sample scoring cannot take:
+    tensors on the meta device (or ``device="meta"``), an ``nn.Embedding`` with ``max_norm``
+    (its forward renormalises the weight rows in place: scoring would write the model) and,
+    where ``vmapped`` (``torch.func.vmap`` runs the model sample by sample), a recurrent layer
+    (``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: vmap cannot batch their fused kernels)."""
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError(f"{what}: device='meta' holds no values to compute with; pass a real device")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{what}: {name} is on the meta device (a shape without values); materialise the model "
+                "first (e.g. model.to_empty(device=...) and initialise it)"
+            )
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            raise ValueError(
+                f"{what}: nn.Embedding '{name}' has max_norm={m.max_norm}: its forward "
+                "renormalises the weight rows it looks up in place, so scoring would write the model's "
+                "weights; score it with max_norm=None (renormalise the weight once beforehand if needed)"
+            )
+        if vmapped and isinstance(m, nn.RNNBase):
+            raise ValueError(
+                f"{what}: {type(m).__name__} '{name}' needs per-sample gradients by "
+                "torch.func.vmap, which cannot run recurrent layers sample by sample; score a model "
+                "without it, or freeze it (requires_grad=False) where every other layer has a per-layer rule"
+            )
 
 
 def split_params(

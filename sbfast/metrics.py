@@ -36,8 +36,17 @@ def _check_probs(probs: Any, shape_doc: str, dims: int) -> torch.Tensor:
     if probs.numel() == 0:
         raise ValueError(f"probs needs at least one member, sample and class, got shape {tuple(probs.shape)}")
     p = probs.detach().to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(p).all()):
-        raise ValueError("probs contains NaN or inf")
+    finite = torch.isfinite(p)
+    if not bool(finite.all()):
+        first = int((~finite).reshape(-1).nonzero()[0, 0])
+        c = p.shape[-1]
+        row, cls = divmod(first, c)
+        where = f"member {row // p.shape[1]}, sample {row % p.shape[1]}" if dims == 3 else f"sample {row}"
+        count = int((~finite).sum())
+        raise ValueError(
+            f"probs contains NaN or inf: {where}, class {cls} is {float(p.reshape(-1)[first])} "
+            f"({count} non-finite value{'s' if count > 1 else ''} in all)"
+        )
     dev = (p.sum(-1) - 1).abs()
     if bool((dev > PROB_SUM_TOL).any()):
         bad = int(dev.argmax())

@@ -83,6 +83,8 @@ def _check_seeds(seeds: Sequence[int] | None, m: int) -> list[int]:
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise SelectionTypeError(f"seeds must be ints, got {s!r} ({type(s).__name__})")
+        if not -(2**63) <= s < 2**64:
+            raise ValueError(f"seeds must lie in [-2**63, 2**64) (a torch.Generator seed), got {s}")
     return [int(s) for s in seeds]
 
 

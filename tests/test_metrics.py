@@ -243,3 +243,19 @@ def test_format_table():
     assert lines[2].index("0.9500") + 6 == lines[3].index("0.9612") + 6
     assert format_table(rows, columns=["method"], digits=2).splitlines()[2].strip() == "de"
     assert format_table([]) == ""
+
+
+def test_a_non_finite_probability_names_its_member_and_sample():
+    probs = PROBS.clone()
+    probs[1, 2, 0] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"probs contains NaN or inf: member 1, sample 2, class 0 is nan \(1 non-finite"
+    ):
+        ensemble_metrics(probs, TARGETS)
+    probs[0, 3, 1] = float("inf")  # the first in member-major order is named
+    with pytest.raises(ValueError, match=r"member 0, sample 3, class 1 is inf \(2 non-finite values in all\)"):
+        ensemble_metrics(probs, TARGETS)
+    with pytest.raises(ValueError, match=r"NaN or inf: sample 2, class 0 is nan"):
+        expected_calibration_error(probs[1], TARGETS)
+    with pytest.raises(ValueError, match=r"\('gauss', 3\): probs contains NaN or inf: member 0, sample 2"):
+        ood_metrics({("gauss", 3): (probs[1:], TARGETS)})

@@ -24,7 +24,9 @@ untouched. A refused call leaves both optimizers and the parameters exactly as t
 Where the fused optimizer's gradients are zero views and the reference's are None (its
 documented departure: ``zero_grad`` attaches zeroed views, as ``torch.optim.SGD`` with
 ``set_to_none=False`` would keep zeros), the machine checks the views are zero and gives the
-reference zero gradients too.
+reference zero gradients too. A ``first_step`` with no backward since the gradients were last
+zeroed is refused by the fused optimizer (where the reference, holding zeros, would take a zero
+perturbation); the machine tracks when that is so and leaves the reference unmoved too.
 
 Cost: ``EXAMPLES`` (150) examples of up to ``STEPS`` (30) rules, a ``training_step`` rule being up
 to eight calls: about 12 s of one core (22 s wall on a busy 2-core machine).
@@ -100,6 +102,9 @@ class SAMMachine(RuleBasedStateMachine):
         self.skipped = 0
         self.perturbed: set[int] = set()  # between first_step and second_step: ids of the perturbed params
         self.poisoned: list[torch.Tensor] | None = None  # skip mode: masks of a non-finite first norm
+        # the fused gradient buffer as the last zeroing left it, no backward since: True / False,
+        # None where a phase's hand-over of .grad may or may not have written into it
+        self.zeroed: bool | None = True
         for p in self.fast_p + self.ref_p:
             p.grad = None
 
@@ -188,6 +193,7 @@ class SAMMachine(RuleBasedStateMachine):
                     p.grad = v.clone()
                 else:
                     p.grad.add_(v)
+            self.zeroed = False
 
     @rule(
         data=st.data(),
@@ -222,6 +228,7 @@ class SAMMachine(RuleBasedStateMachine):
     def zero_grad(self, set_to_none):
         self.fast.zero_grad(set_to_none=set_to_none)
         self.ref.zero_grad(set_to_none=set_to_none)
+        self.zeroed = True
 
     @rule(zero_grad=st.booleans())
     def normal_step(self, zero_grad):
@@ -233,6 +240,8 @@ class SAMMachine(RuleBasedStateMachine):
             return
         self.fast.normal_step(zero_grad=zero_grad)
         self.ref.normal_step(zero_grad=zero_grad)
+        if zero_grad:
+            self.zeroed = True
 
     @rule(zero_grad=st.booleans())
     def first_step(self, zero_grad):
@@ -246,6 +255,14 @@ class SAMMachine(RuleBasedStateMachine):
             for opt in (self.fast, self.ref):
                 with pytest.raises(ValueError, match="no parameter has a gradient"):
                     opt.first_step(zero_grad=zero_grad)
+            self._assert_unchanged(before)
+            return
+        if self.zeroed is None:  # the hand-over may have written: ask, and check what it says
+            self.zeroed = not self.fast._grads_written()
+        if self.zeroed:
+            assert all(p.grad is None or not bool(p.grad.any()) for p in self.fast_p)
+            with pytest.raises(ValueError, match="no backward since the last zero_grad"):
+                self.fast.first_step(zero_grad=zero_grad)
             self._assert_unchanged(before)
             return
         finite = all(_finite(p.grad) for p in self.ref_p)
@@ -268,6 +285,8 @@ class SAMMachine(RuleBasedStateMachine):
             self.fast.first_step(zero_grad=zero_grad)
             self.ref.first_step(zero_grad=zero_grad)
         self.perturbed = perturbed
+        if zero_grad:
+            self.zeroed = True
 
     @rule(zero_grad=st.booleans())
     def second_step(self, zero_grad):
@@ -279,6 +298,7 @@ class SAMMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError, match="restored"):
                 self.fast.second_step(zero_grad=zero_grad)
             self._ref_drop_step(leave_normal_grads=False)
+            zero_grad = False  # raised before zeroing anything
         else:
             self.fast.second_step(zero_grad=zero_grad)
             self._ref_drop_step(leave_normal_grads=not zero_grad)
@@ -287,6 +307,7 @@ class SAMMachine(RuleBasedStateMachine):
             self.skipped += 1
         self.perturbed = set()
         self.poisoned = None
+        self.zeroed = True if zero_grad else None
 
     @rule(zero_grad=st.booleans())
     def third_step(self, zero_grad):
@@ -303,6 +324,7 @@ class SAMMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError, match="no update"):
                 self.fast.third_step(zero_grad=zero_grad)
             self._ref_drop_step(leave_normal_grads=False)
+            zero_grad = False  # raised before zeroing anything
         else:
             self.fast.third_step(zero_grad=zero_grad)
             # the reference's hand-over of g_n to .grad, without its SGD step
@@ -315,6 +337,7 @@ class SAMMachine(RuleBasedStateMachine):
             if zero_grad:
                 self.ref.zero_grad()
             self.skipped += 1
+        self.zeroed = True if zero_grad else None
 
     @rule(zero_grad=st.booleans())
     def restore(self, zero_grad):
@@ -330,6 +353,7 @@ class SAMMachine(RuleBasedStateMachine):
                     p.copy_(old)
         if zero_grad:
             self.ref.zero_grad()
+            self.zeroed = True
         self.perturbed = set()
         self.poisoned = None
 

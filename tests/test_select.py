@@ -502,3 +502,15 @@ def test_cuda_ksmallest_mask_row_past_2_31_scores():
     out = ops.ksmallest_mask(scores, 6)
     assert out.sum().item() == 6
     assert out[0, zeros].all().item() and out[0, :2].all().item() and not out[0, 2].item()
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 10**30])
+def test_a_seed_outside_the_generators_range_is_refused_in_one_line(seed):
+    scores = torch.rand(2, 9, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(
+        ValueError, match=rf"seeds must lie in \[-2\*\*63, 2\*\*64\) \(a torch.Generator seed\), got {seed}"
+    ):
+        select.select_sam_masks(scores, 0.5, variant="random", seeds=[0, seed])
+    # the edges of the range are seeds like any other
+    out = select.select_sam_masks(scores, 0.5, variant="random", seeds=[2**64 - 1, -(2**63)])
+    assert torch.equal(out, reference.select_sam_masks(scores, 0.5, variant="random", seeds=[2**64 - 1, -(2**63)]))

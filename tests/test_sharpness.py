@@ -817,14 +817,14 @@ def test_sam_loss_gap_out_of_memory_keeps_the_batch_perturbation(monkeypatch):
     model, x = MODELS["cnn"]()
     y = torch.randint(0, 3, (len(x),))
     expected = sam_loss_gap_scores(model, batches(x, y, 7), 0.1, progress=False)
-    real = loss_gap.functional_call
+    real = loss_gap.functional_forward
 
     def flaky(module, params, args):
         if args[0].shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(module, params, args)
 
-    monkeypatch.setattr(loss_gap, "functional_call", flaky)
+    monkeypatch.setattr(loss_gap, "functional_forward", flaky)
     torch.testing.assert_close(
         sam_loss_gap_scores(model, batches(x, y, 7), 0.1, progress=False), expected, rtol=1e-4, atol=1e-6
     )

@@ -155,6 +155,7 @@ class DataParallelOptimizer:
             return
         if self._flat:
             self._reduce([b["grad"] for b in self.optimizer.flat_buffers()], what)
+            self._fill_missing_grads()  # the average is meant, even on a rank that took no backward
             return
         self._fill_missing_grads()
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -177,8 +178,10 @@ class DataParallelOptimizer:
 
     def _fill_missing_grads(self) -> None:
         """Zero gradients for parameters that have none (``.grad`` optimizers only): a rank whose
-        slice was empty took no backward, yet it must reduce the same tensors as its partners."""
+        slice was empty took no backward, yet it must reduce the same tensors as its partners.
+        A flat-buffer optimizer already has zeros there: it is told that they are meant."""
         if self._flat:
+            getattr(self.optimizer, "mark_gradients_ready", lambda: None)()
             return
         for group in self.optimizer.param_groups:
             for p in group["params"]:

@@ -16,7 +16,10 @@ the model: :mod:`sbfast.optim.layout`), so that each phase is one pass over one 
 Gradients
 ---------
 ``zero_grad()`` zeroes the flat gradient buffer in place (``set_to_none=False`` is the default
-here): the ``.grad`` views survive. ``zero_grad(set_to_none=True)`` and ``model.zero_grad()``
+here): the ``.grad`` views survive. ``first_step`` (and so ``step(closure)``) refuses gradients
+that nothing wrote since they were last zeroed (no backward: the buffer's version counters,
+which any in-place write bumps, are as zeroing left them; a host-side read, no device access);
+``mark_gradients_ready()`` accepts zeros on purpose. ``zero_grad(set_to_none=True)`` and ``model.zero_grad()``
 are allowed: a parameter whose ``.grad`` is then None counts as having no gradient (skipped, as
 in the reference), and a fresh ``.grad`` that backward creates is copied into the buffer at the
 next phase. A parameter that took part in no backward while its view was attached has a zero
@@ -56,7 +59,13 @@ Mixed precision: see :mod:`sbfast.optim.scaler` (fp16 with a GradScaler across b
 
 BatchNorm (``bn_freeze=model``): the running statistics of the model's BatchNorm layers are
 saved by ``first_step`` and put back by ``second_step`` (device copies), so the forward at
-w + e does not update them. Off by default, as in the release.
+w + e does not update them. Off by default, as in the release. ``bn_guard=model`` (implied by
+``bn_freeze``): a step skipped or refused for a non-finite value puts the statistics back as they
+were when it began (:mod:`sbfast.optim.batchnorm`), device-side in skip mode.
+
+Hyperparameters set in ``param_groups`` after construction are checked by the next phase that
+reads them, before it changes anything; ``load_state_dict`` checks the whole state dict first.
+What each refusal says: docs/optimizer.md.
 
 torch.compile: a training step that calls the phases compiles (the phases trace without host
 syncs in ``"skip"`` mode); each phase ends its graph (a graph break at its end), and
@@ -78,8 +87,11 @@ Gradient accumulation: accumulate each pass over micro-batches before its phase:
     opt.second_step(zero_grad=True)
 
 Files: :mod:`sbfast.optim.sharpbalance_sam` (the optimizer and its phases),
-:mod:`sbfast.optim.layout` (flat buffers, re-pointing, launches), :mod:`sbfast.optim.scaler`
-(the GradScaler protocol), :mod:`sbfast.optim.state` (host-side step state, state dict layout),
+:mod:`sbfast.optim.layout` (flat buffers, re-pointing, launches), :mod:`sbfast.optim.update`
+(the update pass's launch keys and arguments, shared by second_step and third_step),
+:mod:`sbfast.optim.scaler` (the GradScaler protocol, public API only),
+:mod:`sbfast.optim.batchnorm` (the BatchNorm statistics saved and put back),
+:mod:`sbfast.optim.state` (host-side step state, state dict layout and checks),
 :mod:`sbfast.optim.checks` (argument checks, the device-side non-finite test).
 """
 

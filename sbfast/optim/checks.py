@@ -16,6 +16,7 @@ __all__ = [
     "GRAD_NORM",
     "NONFINITE",
     "check_group",
+    "check_groups_at_step",
     "check_lr",
     "is_capturing",
     "is_real",
@@ -29,6 +30,8 @@ GRAD_NORM = ("per_tensor", "global")
 
 def is_real(value: object) -> bool:
     """A real number that is not a bool (``True`` is an ``int`` to Python)."""
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check (per phase)
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -93,3 +96,21 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
         [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for t in tensors]
     )
     return ~torch.isfinite(sums).all()
+
+
+def check_groups_at_step(groups: list[dict[str, Any]], update: bool = True) -> None:
+    """At a phase: the hyperparameters it reads, which may have been set after construction
+    (``opt.param_groups[0]["momentum"] = -1``); raises before the phase changes anything. The
+    update reads them all; ``update=False`` (first_step) checks rho and adaptive only."""
+    for gi, group in enumerate(groups):
+        try:
+            if update:
+                check_group(group, f"param group {gi}")
+                continue
+            rho = group["rho"]
+            if not is_real(rho) or not math.isfinite(rho) or rho < 0:
+                raise ValueError(f"param group {gi}: rho must be a finite float >= 0, got {rho!r}")
+            if not isinstance(group["adaptive"], bool):
+                raise ValueError(f"param group {gi}: adaptive must be a bool, got {group['adaptive']!r}")
+        except ValueError as exc:
+            raise ValueError(f"{exc} (nothing changed; the step is still pending)") from None

@@ -11,6 +11,9 @@ zero in every buffer and stays zero. Build the optimizer after ``model.to(device
 (momentum kept), but a capture or a compiled graph made before the move would be stale. A move
 in the middle of a SAM step (after ``first_step`` or ``normal_step``) puts w back into the moved
 parameters from the backup, drops the step, re-points them and raises RuntimeError.
+Saving: a parameter is a view of the flat buffer, and ``torch.save`` writes a view's whole
+storage, so ``torch.save(layer.state_dict())`` of one layer writes the model's whole buffer of
+that dtype; clone the tensors to save one layer compactly (docs/optimizer.md).
 Memory: five parameter-sized buffers per dtype (parameters, two gradient buffers, the backup of
 w, momentum), all allocated at construction so that no step allocates them while being traced
 or captured; the reference holds as many (p, p.grad, old_p, normal_g, momentum_buffer) and
@@ -24,7 +27,7 @@ by :meth:`FlatLayout.collect_grads` (one copy per parameter; the fast path resum
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +71,7 @@ class Run:
 
     bucket: int
     group: int
-    key: tuple
+    key: Hashable  # what the phase does to these slots (equal keys: one launch)
     start: int
     end: int
     members: list[int] = field(default_factory=list)  # global param indices
@@ -227,7 +230,7 @@ class FlatLayout:
         self.buckets[b].ready[k] = 1
         return view
 
-    def runs(self, key_of: Callable[[int], tuple | None]) -> list[Run]:
+    def runs(self, key_of: Callable[[int], Hashable | None]) -> list[Run]:
         """Group the parameters into launches: consecutive slots of one bucket and one group
         with equal keys (None: not touched)."""
         runs: list[Run] = []

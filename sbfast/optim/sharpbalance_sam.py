@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from sbfast import ops, registry
+from sbfast import ops
 from sbfast.common import SAM_EPS
-from sbfast.optim.checks import GRAD_NORM, NONFINITE, check_group, is_capturing, is_real, nonfinite_flag, unique_params
+from sbfast.optim.batchnorm import BatchNormStats
+from sbfast.optim.checks import (
+    GRAD_NORM,
+    NONFINITE,
+    check_group,
+    check_groups_at_step,
+    is_capturing,
+    is_real,
+    nonfinite_flag,
+    unique_params,
+)
 from sbfast.optim.layout import FlatLayout, Run
-from sbfast.optim.scaler import inverse_scale, report_found_inf
-from sbfast.optim.state import StepState, complete_groups, sgd_layout
+from sbfast.optim.scaler import ScalerReport, inverse_scale
+from sbfast.optim.state import StepState, check_loadable, complete_groups, sgd_layout
+from sbfast.optim.update import PERTURBED, RestoreArgs, UpdateKey, restore_args, update_keys
 
 __all__ = ["SharpBalanceSAM"]
 
@@ -50,7 +61,10 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             two-stage reduction, float64 totals; ASAM forms |w| g in a temporary).
         bn_freeze: a module whose BatchNorm running statistics the forward at w + e must not
             change (saved in ``first_step``, restored in ``second_step``); None: the release's
-            behaviour.
+            behaviour. Its statistics are also guarded as ``bn_guard``'s.
+        bn_guard: a module whose BatchNorm running statistics a step skipped or refused for a
+            non-finite value puts back as they were when the step began (device-side in skip
+            mode; see :mod:`sbfast.optim.batchnorm`); None: ``bn_freeze``'s module, if any.
 
     Attributes:
         skipped_steps: int64 0-d tensor on the parameters' device, steps skipped for
@@ -72,13 +86,15 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         nonfinite: str = "error",
         grad_norm: str = "per_tensor",
         bn_freeze: nn.Module | None = None,
+        bn_guard: nn.Module | None = None,
     ) -> None:
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if grad_norm not in GRAD_NORM:
             raise ValueError(f"grad_norm must be one of {GRAD_NORM}, got {grad_norm!r}")
-        if bn_freeze is not None and not isinstance(bn_freeze, nn.Module):
-            raise TypeError(f"bn_freeze must be an nn.Module or None, got {type(bn_freeze).__name__}")
+        for name, module in (("bn_freeze", bn_freeze), ("bn_guard", bn_guard)):
+            if module is not None and not isinstance(module, nn.Module):
+                raise TypeError(f"{name} must be an nn.Module or None, got {type(module).__name__}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -94,6 +110,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.grad_norm = grad_norm
         self._bn_module = bn_freeze
+        self._bn_guard_module = bn_guard if bn_guard is not None else bn_freeze
         super().__init__(params, defaults)
         self._build()
 
@@ -131,14 +148,17 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         group_of = [gi for gi, group in enumerate(self.param_groups) for _ in group["params"]]
         previous = self._layout if self._built else None
         old = self._snapshot() if self._built else None
+        had_grads = previous is not None or any(p.grad is not None for p in params)
         layout = FlatLayout(params, group_of, previous)
         self._layout = layout
         self._device = device = layout.device
         if any(float(g["momentum"]) != 0 for g in self.param_groups):
             layout.ensure_momentum()
         self._st = StepState(len(params), len(self.param_groups))
-        bn = self._bn_buffers()
-        self._st.bn_saved = [t.clone() for t in bn] if bn else None
+        self._st.zeroed_at = [None if had_grads else self._grad_versions(0), self._grad_versions(1)]
+        self._bn_frozen = BatchNormStats(self._bn_module) if self._bn_module is not None else None
+        self._bn_guard = BatchNormStats(self._bn_guard_module) if self._bn_guard_module is not None else None
+        self._report = ScalerReport(device)
         # [1], not 0-d: torch 2.11's dynamo drops in-place writes to a 0-d float64 CPU tensor in a
         # compiled step (it takes it for a Python float), and the lr fill_ would be lost there.
         self._lr_dev = [torch.zeros(1, dtype=torch.float64, device=device) for _ in self.param_groups]
@@ -247,7 +267,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             for b in self._layout.buckets
         ]
 
-    def _runs(self, key_of: Callable[[int], tuple | None]) -> list[Run]:
+    def _runs(self, key_of: Callable[[int], Hashable | None]) -> list[Run]:
         return self._layout.runs(key_of)
 
     def _slice(self, run: Run, flat: torch.Tensor) -> torch.Tensor:
@@ -261,6 +281,9 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         gradients into the buffer). Kept normal gradients are never touched."""
         self._check_layout()
         layout = self._layout
+        between_steps = self._st.perturbed is None and not self._st.has_normal
+        if self._bn_guard and between_steps:
+            self._bn_guard.save()  # what a skipped step that follows puts back
         if set_to_none:
             for p in layout.params:
                 p.grad = None
@@ -270,10 +293,27 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         for bucket in layout.buckets:
             bucket.grads[target].zero_()
         self._st.cur = target
+        self._st.zeroed_at[target] = self._grad_versions(target)
         views = layout.grad_views[target]
         for i, p in enumerate(layout.params):
             if p.requires_grad and p.grad is not views[i]:
                 p.grad = views[i]
+
+    def _grad_versions(self, which: int) -> tuple[int, ...]:
+        """The version counters of gradient buffer ``which`` (one per dtype): in-place writes, a
+        backward's accumulation among them, bump them; reading them is no device access."""
+        return tuple(bucket.grads[which]._version for bucket in self._layout.buckets)
+
+    def _grads_written(self) -> bool:
+        """Whether something wrote into the current gradient buffer since it was last zeroed."""
+        zeroed = self._st.zeroed_at[self._st.cur]
+        return zeroed is None or zeroed != self._grad_versions(self._st.cur)
+
+    def mark_gradients_ready(self) -> None:
+        """Declare the current gradients the ones to use although no backward wrote them since
+        the last ``zero_grad`` (e.g. the zeros of a data-parallel rank whose slice of the batch
+        was empty), so that ``first_step`` does not refuse them."""
+        self._st.zeroed_at[self._st.cur] = None
 
     # ------------------------------------------------------------------------------------
     # Device scalars
@@ -311,21 +351,22 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             or is_capturing(self._device)
         )
 
-    def _bn_buffers(self) -> list[torch.Tensor]:
-        if self._bn_module is None:
-            return []
-        out = []
-        for m in self._bn_module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                out += [t for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None]
-        return out
-
     def _finish(self, device_side: bool, grad_scaler: Any) -> None:
         if device_side:
             self.skipped_steps.add_((self._found > 0).long())
-            report_found_inf(grad_scaler, self, self._device, self._found)
+            self._report(grad_scaler, self._found)
+            if self._bn_guard:
+                self._bn_guard.restore_where(self._found)
             self._found.zero_()
+        if self._bn_guard:
+            self._bn_guard.save()  # the step's end: where the next one begins
         self._st.opt_called = True  # LR schedulers check that the optimizer stepped
+
+    def _refuse_step(self) -> None:
+        """A step refused for a non-finite value (``nonfinite="error"``): the statistics the
+        step's forwards changed are put back before the error is raised."""
+        if self._bn_guard:
+            self._bn_guard.restore()
 
     # ------------------------------------------------------------------------------------
     # The phases
@@ -350,10 +391,13 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             for bucket in layout.buckets:
                 bucket.grads[new].zero_()
             self._st.cur = new
+            self._st.zeroed_at[new] = self._grad_versions(new)
+            self._st.zeroed_at[old] = None  # holds g_n
             layout.attach(new, [i for i, has in enumerate(present) if has])
         else:
             for bucket in layout.buckets:
                 bucket.grads[new].copy_(bucket.grads[old])
+            self._st.zeroed_at[new] = None
         self._st.normal_buf = old if zero_grad else new
         self._st.normal_present = present
         self._st.has_normal = True
@@ -370,11 +414,17 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         self._check_layout()
         if self._st.perturbed is not None:
             raise ValueError("first_step called twice without second_step")
+        check_groups_at_step(self.param_groups, update=False)
         layout = self._layout
         present = layout.collect_grads(self._st.cur)
         members = [i for i, has in enumerate(present) if has]
         if not members:
             raise ValueError("SharpBalanceSAM.first_step: no parameter has a gradient; call backward() first")
+        if not torch.compiler.is_compiling() and not self._grads_written():
+            raise ValueError(
+                "SharpBalanceSAM.first_step: no backward since the last zero_grad (every gradient is the zero "
+                "it left); call loss.backward() first, or mark_gradients_ready() if zero gradients are meant"
+            )
         views = layout.grad_views[self._st.cur]
         norm = self._grad_norm(members, views)
         device_side = self._device_side(grad_scaler)
@@ -382,16 +432,17 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             bad = ~torch.isfinite(norm)
             self._found.add_(bad.float())
         elif not bool(torch.isfinite(norm)):
+            self._refuse_step()
             raise ValueError(
                 f"SharpBalanceSAM.first_step: the gradient norm is not finite ({norm.item()}); "
                 "parameters left unperturbed"
             )
         inv = (norm + SAM_EPS).reciprocal()  # rho / x is x.reciprocal() * rho in torch
         layout.ensure_backup()
-        if self._st.bn_saved is not None:
-            torch._foreach_copy_(self._st.bn_saved, self._bn_buffers())
+        if self._bn_frozen:
+            self._bn_frozen.save()
         scales: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        for run in self._runs(lambda i: (True,) if present[i] else None):
+        for run in self._runs(lambda i: PERTURBED if present[i] else None):
             bucket = layout.buckets[run.bucket]
             group = self.param_groups[run.group]
             key = (run.group, bucket.dtype)
@@ -402,7 +453,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
                 if device_side:
                     s = torch.where(bad, torch.zeros_like(s), s)
                 scales[key] = s
-            registry.op_for("sam_perturb_", self._device)(
+            ops.sam_perturb_(
                 self._slice(run, bucket.param),
                 self._slice(run, bucket.backup),
                 self._slice(run, bucket.grads[self._st.cur]),
@@ -428,7 +479,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         self._check_layout()
         perturbed = self._st.perturbed
         if perturbed is not None:
-            self._restore_only(self._runs(lambda i: (True,) if perturbed[i] else None))
+            self._restore_only(self._runs(lambda i: PERTURBED if perturbed[i] else None))
             self._st.perturbed = None
             self._found.zero_()
         if zero_grad:
@@ -455,7 +506,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             return torch.norm(torch.stack(norms), p=2)
         pieces = []
         present = set(members)
-        for run in self._runs(lambda i: (True,) if i in present else None):
+        for run in self._runs(lambda i: PERTURBED if i in present else None):
             bucket = layout.buckets[run.bucket]
             g = self._slice(run, bucket.grads[self._st.cur])
             if self.param_groups[run.group]["adaptive"]:
@@ -470,23 +521,37 @@ class SharpBalanceSAM(torch.optim.Optimizer):
         Without a preceding first_step it is SGD on g' + g_n (as the reference). Non-finite
         gradients: see ``nonfinite`` (an error restores w and raises; nothing else changes)."""
         self._check_layout()
+        self._update("second_step", zero_grad, grad_scaler)
+
+    @torch.no_grad()
+    def third_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
+        """A batch with no SAM part: the SGD step on g_n alone (the grads kept by normal_step),
+        or on the current gradients when normal_step was not called."""
+        self._check_layout()
+        if self._st.perturbed is not None:
+            raise ValueError(
+                "third_step after first_step: the parameters are at w + e; finish the SAM step with second_step"
+            )
+        self._update("third_step", zero_grad, grad_scaler)
+
+    def _update(self, phase: str, zero_grad: bool, grad_scaler: Any) -> None:
+        """The update pass of ``second_step`` and ``third_step``: one fused launch per run of
+        parameters treated alike (:func:`sbfast.optim.update.update_keys`), then the phase's
+        hand-over of ``.grad`` (the gradients the reference leaves there)."""
+        check_groups_at_step(self.param_groups)
         layout = self._layout
+        third = phase == "third_step"
         present = layout.collect_grads(self._st.cur)
         n = len(layout.params)
         normal = self._st.normal_present if self._st.has_normal else [False] * n
         perturbed = self._st.perturbed or [False] * n
         cur, nb = self._st.cur, self._st.normal_buf
         device_side = self._device_side(grad_scaler)
-
-        def key(i: int) -> tuple | None:
-            if not (perturbed[i] or present[i] or normal[i]):
-                return None
-            return (perturbed[i], present[i], normal[i], self._st.ready_host[i])
-
-        runs = self._runs(key)
+        keys = update_keys(perturbed, present, normal, self._st.ready_host, third)
+        runs = self._runs(keys.__getitem__)
         lrs = {run.group: self._lr(run.group) for run in runs}  # a bad lr raises before any change
-        used = [self._slice(r, layout.buckets[r.bucket].grads[cur]) for r in runs if r.key[1]]
-        used += [self._slice(r, layout.buckets[r.bucket].grads[nb]) for r in runs if r.key[2]]
+        used = [self._slice(r, layout.buckets[r.bucket].grads[cur]) for r in runs if r.key.grad]
+        used += [self._slice(r, layout.buckets[r.bucket].grads[nb]) for r in runs if r.key.normal]
         if used:
             bad = nonfinite_flag(used)
             if device_side:
@@ -494,13 +559,22 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             elif bool(bad):
                 self._restore_only(runs)
                 self._end_step()
-                raise ValueError(
-                    "SharpBalanceSAM.second_step: a gradient is not finite; parameters restored to w, no update taken"
-                )
-        self._sgd(runs, grad_scaler, lambda r: self._restore_args(r, cur, nb, zero_grad), lrs)
-        if not zero_grad:
+                self._refuse_step()
+                restored = "parameters restored to w, " if not third else ""
+                raise ValueError(f"SharpBalanceSAM.{phase}: a gradient is not finite; {restored}no update taken")
+        self._sgd(runs, grad_scaler, lambda r: restore_args(layout, r, cur, nb, zero_grad), lrs)
+        if third:
+            if nb is not None and not zero_grad:
+                # reference: p.grad = g_n afterwards; g_n's buffer becomes the current one (no copy)
+                movers = [i for r in runs if r.key.grad for i in r.members]
+                for i in movers:
+                    layout.grad_views[nb][i].copy_(layout.grad_views[cur][i])
+                self._st.cur = nb
+                self._st.zeroed_at[nb] = None
+                layout.attach(nb, [i for r in runs for i in r.members])
+        elif not zero_grad:
             # reference: a parameter with only g_n gets p.grad = g_n; keep .grad views in one buffer
-            only_normal = [i for r in runs if not r.key[1] and r.key[2] for i in r.members]
+            only_normal = [i for r in runs if not r.key.grad and r.key.normal for i in r.members]
             for i in only_normal:
                 layout.grad_views[cur][i].copy_(layout.grad_views[nb][i])
             layout.attach(cur, only_normal)
@@ -511,44 +585,31 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             self.zero_grad()
         _phase_boundary()
 
-    def _restore_args(self, run: Run, cur: int, nb: int | None, zero_grad: bool) -> dict[str, Any]:
-        bucket = self._layout.buckets[run.bucket]
-        perturbed, has_g, has_n, _ = run.key
-        if has_g:
-            grad = self._slice(run, bucket.grads[cur])
-            normal = self._slice(run, bucket.grads[nb]) if has_n else None
-        else:
-            grad = self._slice(run, bucket.grads[nb]) if has_n else None
-            normal = None
-        return dict(
-            backup=self._slice(run, bucket.backup) if perturbed else None,
-            grad=grad,
-            normal=normal,
-            write_sum=normal is not None and not zero_grad,
-        )
-
     def _sgd(
-        self, runs: list[Run], grad_scaler: Any, args_of: Callable[[Run], dict[str, Any]], lrs: dict[int, torch.Tensor]
+        self,
+        runs: list[Run],
+        grad_scaler: Any,
+        args_of: Callable[[Run], RestoreArgs],
+        lrs: dict[int, torch.Tensor],
     ) -> None:
-        inv_scale = inverse_scale(grad_scaler, self._device, self._ones)
-        op = registry.op_for("sam_restore_sgd_", self._device)
+        inv_scale = inverse_scale(grad_scaler, self._ones)
         layout = self._layout
         for run in runs:
             a = args_of(run)
             bucket = layout.buckets[run.bucket]
             param = self._slice(run, bucket.param)
-            if a["grad"] is None:  # perturbed, but no gradient at all: restore only
-                param.copy_(a["backup"])
+            if a.grad is None:  # perturbed, but no gradient at all: restore only
+                param.copy_(a.backup)
                 continue
             group = self.param_groups[run.group]
             momentum = float(group["momentum"])
             if momentum != 0:
                 layout.ensure_momentum()
-            op(
+            ops.sam_restore_sgd_(
                 param,
-                a["backup"],
-                a["grad"],
-                a["normal"],
+                a.backup,
+                a.grad,
+                a.normal,
                 self._slice(run, bucket.momentum) if momentum != 0 else None,
                 bucket.ready[run.start : run.end] if momentum != 0 else None,
                 lrs[run.group],
@@ -558,7 +619,7 @@ class SharpBalanceSAM(torch.optim.Optimizer):
                 momentum,
                 float(group["dampening"]),
                 bool(group["nesterov"]),
-                a["write_sum"],
+                a.write_sum,
             )
             if momentum != 0:
                 for i in run.members:
@@ -592,79 +653,21 @@ class SharpBalanceSAM(torch.optim.Optimizer):
 
     def _restore_only(self, runs: list[Run]) -> None:
         for run in runs:
-            if run.key[0]:
+            if run.key is PERTURBED or (isinstance(run.key, UpdateKey) and run.key.perturbed):
                 bucket = self._layout.buckets[run.bucket]
                 self._slice(run, bucket.param).copy_(self._slice(run, bucket.backup))
         self._restore_bn()
 
     def _restore_bn(self) -> None:
-        if self._st.perturbed is not None and self._st.bn_saved is not None:
-            current = self._bn_buffers()
-            if current:
-                torch._foreach_copy_(current, self._st.bn_saved)
+        """``bn_freeze``: the statistics as first_step saved them (the forward at w + e's undone)."""
+        if self._st.perturbed is not None and self._bn_frozen:
+            self._bn_frozen.restore()
 
     def _end_step(self) -> None:
         self._st.perturbed = None
         self._st.has_normal = False
         self._st.normal_present = None
         self._st.normal_buf = None
-
-    @torch.no_grad()
-    def third_step(self, zero_grad: bool = False, grad_scaler: Any = None) -> None:
-        """A batch with no SAM part: the SGD step on g_n alone (the grads kept by normal_step),
-        or on the current gradients when normal_step was not called."""
-        self._check_layout()
-        if self._st.perturbed is not None:
-            raise ValueError(
-                "third_step after first_step: the parameters are at w + e; finish the SAM step with second_step"
-            )
-        layout = self._layout
-        present = layout.collect_grads(self._st.cur)
-        n = len(layout.params)
-        normal = self._st.normal_present if self._st.has_normal else [False] * n
-        cur, nb = self._st.cur, self._st.normal_buf
-        device_side = self._device_side(grad_scaler)
-
-        def key(i: int) -> tuple | None:
-            if normal[i]:
-                return (False, False, True, self._st.ready_host[i])
-            if present[i]:
-                return (False, True, False, self._st.ready_host[i])
-            return None
-
-        runs = self._runs(key)
-        lrs = {run.group: self._lr(run.group) for run in runs}  # a bad lr raises before any change
-        used = [self._slice(r, layout.buckets[r.bucket].grads[nb if r.key[2] else cur]) for r in runs]
-        if used:
-            bad = nonfinite_flag(used)
-            if device_side:
-                self._found.add_(bad.float())
-            elif bool(bad):
-                self._end_step()
-                raise ValueError("SharpBalanceSAM.third_step: a gradient is not finite; no update taken")
-        self._sgd(
-            runs,
-            grad_scaler,
-            lambda r: dict(
-                backup=None,
-                grad=self._slice(r, layout.buckets[r.bucket].grads[nb if r.key[2] else cur]),
-                normal=None,
-                write_sum=False,
-            ),
-            lrs,
-        )
-        if nb is not None and not zero_grad:
-            # reference: p.grad = g_n afterwards; g_n's buffer becomes the current one (no copy)
-            movers = [i for r in runs if r.key[1] for i in r.members]
-            for i in movers:
-                layout.grad_views[nb][i].copy_(layout.grad_views[cur][i])
-            self._st.cur = nb
-            layout.attach(nb, [i for r in runs for i in r.members])
-        self._end_step()
-        self._finish(device_side, grad_scaler)
-        if zero_grad:
-            self.zero_grad()
-        _phase_boundary()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -692,10 +695,15 @@ class SharpBalanceSAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load our own state, a ``sbfast.reference.SAM``'s (momentum buffers from its
         ``base_optimizer`` entry), a ``torch.optim.SGD``'s, or the release NSAM's (which has
-        no momentum). Momentum buffers are copied into the flat buffer."""
+        no momentum). Momentum buffers are copied into the flat buffer.
+
+        Everything is checked before anything changes (the groups' count, sizes and
+        hyperparameters, every momentum buffer's type and shape): a state dict that does not fit
+        raises ValueError and leaves the optimizer as it was."""
         if self._st.perturbed is not None or self._st.has_normal:
             raise ValueError("load_state_dict in the middle of a SAM step (after normal_step or first_step)")
         sd = sgd_layout(state_dict, self.defaults)
+        check_loadable(sd, self.param_groups)
         lr_tensors = [g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in self.param_groups]
         super().load_state_dict(sd)
         complete_groups(self.param_groups, self.defaults, lr_tensors)
@@ -710,3 +718,5 @@ class SharpBalanceSAM(torch.optim.Optimizer):
             if value is not None:
                 self._set_momentum(i, value)
         self._st.lr_host = [None] * len(self.param_groups)
+        if self._bn_guard:
+            self._bn_guard.save()

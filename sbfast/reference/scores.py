@@ -6,14 +6,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-from sbfast.common import check_rho, module_modes, perturbed_params, restore_modes, split_params
+from sbfast.common import (
+    check_rho,
+    check_scorable,
+    functional_forward,
+    module_modes,
+    perturbed_params,
+    restore_modes,
+    split_params,
+)
 
 
 def _check_batch(
@@ -45,10 +53,18 @@ def _score_samples(
     trials: int,
     device: torch.device | str | None,
     num_samples: int | None,
+    what: str,
+    vmapped: bool,
 ) -> torch.Tensor:
     """Shared loop: eval mode, batches to the compute device, scores averaged per index."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be an int >= 1, got {trials!r}")
+    if trials > 1 and isinstance(loader, Iterator):
+        raise ValueError(
+            f"{what}: the loader is a one-shot iterator ({type(loader).__name__}), but trials={trials} needs "
+            f"{trials} passes over it; pass a list, a DataLoader or a data set"
+        )
+    check_scorable(model, device, what, vmapped=vmapped)
     if num_samples is not None and (
         isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0
     ):
@@ -57,7 +73,7 @@ def _score_samples(
 
     def n_classes_of(x: torch.Tensor) -> int:
         with torch.no_grad():
-            out = functional_call(model, (params, fixed), (x[:1],))
+            out = functional_forward(model, (params, fixed), (x[:1],))
         if out.dim() != 2 or out.shape[0] != 1:
             raise ValueError(f"model must map [b, ...] to logits [b, C], got {tuple(out.shape)}")
         return out.shape[1]
@@ -120,7 +136,7 @@ def fisher_scores(
 
     def sample_loss(p: dict, fixed: dict, x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         # batch of one, so layers that need a batch dimension (BatchNorm in eval) work
-        out = functional_call(model, (p, fixed), (x1.unsqueeze(0),))
+        out = functional_forward(model, (p, fixed), (x1.unsqueeze(0),))
         return F.cross_entropy(out, y1.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, None, 0, 0))
@@ -129,7 +145,16 @@ def fisher_scores(
         grads = per_sample_grad(params, fixed, x, y)
         return sum(g.pow(2).flatten(1).sum(1) for g in grads.values())
 
-    return _score_samples(model, loader, per_batch, trials=trials, device=device, num_samples=num_samples)
+    return _score_samples(
+        model,
+        loader,
+        per_batch,
+        trials=trials,
+        device=device,
+        num_samples=num_samples,
+        what="reference.fisher_scores",
+        vmapped=True,
+    )
 
 
 def sam_loss_gap_scores(
@@ -156,14 +181,23 @@ def sam_loss_gap_scores(
     def per_batch(params: dict, fixed: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         w = {n: p.detach().requires_grad_() for n, p in params.items()}
         with torch.enable_grad():
-            loss = F.cross_entropy(functional_call(model, (w, fixed), (x,)), y, reduction="none")
+            loss = F.cross_entropy(functional_forward(model, (w, fixed), (x,)), y, reduction="none")
             grads = torch.autograd.grad(loss.mean(), list(w.values()), allow_unused=True)
         g = {n: gi for n, gi in zip(w, grads, strict=True) if gi is not None}
         if not g:
             raise ValueError("the loss does not depend on any trainable parameter")
         w_e = perturbed_params(params, g, rho, adaptive)
         with torch.no_grad():
-            loss_e = F.cross_entropy(functional_call(model, (w_e, fixed), (x,)), y, reduction="none")
+            loss_e = F.cross_entropy(functional_forward(model, (w_e, fixed), (x,)), y, reduction="none")
         return loss_e - loss.detach()
 
-    return _score_samples(model, loader, per_batch, trials=1, device=device, num_samples=num_samples)
+    return _score_samples(
+        model,
+        loader,
+        per_batch,
+        trials=1,
+        device=device,
+        num_samples=num_samples,
+        what="reference.sam_loss_gap_scores",
+        vmapped=False,
+    )

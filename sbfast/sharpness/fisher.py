@@ -3,7 +3,7 @@ of one batch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,6 +68,11 @@ def fisher_scores(
     if num_samples is not None:
         check_positive_int(num_samples, "num_samples", 0)
     loader = as_loader(data, batch_size)
+    if trials > 1 and isinstance(loader, Iterator):
+        raise ValueError(
+            f"fisher_scores: data is a one-shot iterator ({type(loader).__name__}), but trials={trials} needs "
+            f"{trials} passes over it; pass a list, a DataLoader or a data set"
+        )
     scorer = Scorer(model, device, form)
     table = ScoreTable("fisher_scores", scorer.device)
     modes = eval_mode(model)

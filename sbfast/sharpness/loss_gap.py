@@ -7,10 +7,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import Dataset
 
-from sbfast.common import check_rho, perturbed_params, restore_modes, split_params
+from sbfast.common import check_rho, check_scorable, functional_forward, perturbed_params, restore_modes, split_params
 from sbfast.sharpness.inputs import (
     Batch,
     ScoreTable,
@@ -56,11 +55,12 @@ def sam_loss_gap_scores(
     if num_samples is not None:
         check_positive_int(num_samples, "num_samples", 0)
     loader = as_loader(data, batch_size)
+    check_scorable(model, device, "sam_loss_gap_scores", vmapped=False)
     params, fixed, dev, param_dtype = split_params(model, device)
     chunk: list[int | None] = [None]
 
     def forward(w: dict, x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (w, fixed), (x,))
+        out = functional_forward(model, (w, fixed), (x,))
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
             raise ValueError(f"model must map [b, ...] to logits [b, C], got {getattr(out, 'shape', out)}")
         return out

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from sbfast.common import check_scorable, functional_forward
 from sbfast.sharpness.inputs import check_targets
 from sbfast.sharpness.layer_rule import Rule, sq
 from sbfast.sharpness.linear_conv import FORMS
@@ -69,6 +70,7 @@ class Scorer:
         if not trainable:
             raise ValueError("model has no trainable parameters (requires_grad=True); nothing to score")
         first = next(iter(trainable.values()))
+        check_scorable(model, device, "fisher_scores", vmapped=False)
         self.device = torch.device(device) if device is not None else first.device
         self.dtype = first.dtype
         self.acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -111,6 +113,8 @@ class Scorer:
         self.handles: list[Any] = []
         self.max_chunk: int | None = None
         self._warned: set[str] = set()
+        if self.fallback:  # these parameters' gradients may need vmap over the whole model
+            check_scorable(model, device, "fisher_scores", vmapped=True)
         self._warn_fallback(list(self.fallback))
 
     # ---- hooks --------------------------------------------------------------------------
@@ -211,7 +215,7 @@ class Scorer:
         self._warn_fallback(moved)
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out = functional_call(self.model, (params, self.fixed), (x,))
+        out = functional_forward(self.model, (params, self.fixed), (x,))
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model must map [b, ...] to logits [b, C], got {shape}")
@@ -283,10 +287,20 @@ class Scorer:
 
         def sample_loss(fb_params: dict, x1: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
             # a batch of one, so layers that need a batch dimension work
-            out = functional_call(self.model, ({**rest, **fb_params}, self.fixed), (x1.unsqueeze(0),))
+            out = functional_forward(self.model, ({**rest, **fb_params}, self.fixed), (x1.unsqueeze(0),))
             return F.cross_entropy(out, y1.unsqueeze(0))
 
-        grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(fb, x, y)
+        try:
+            grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(fb, x, y)
+        except RuntimeError as exc:
+            if is_oom(exc):
+                raise
+            kinds = sorted({type(m).__name__ for m, ns in self.fallback.items() if set(ns) & names})
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"fisher_scores: torch.func.vmap cannot run this model sample by sample, which the "
+                f"parameters of {', '.join(kinds)} (no per-layer rule) need: {first_line}"
+            ) from exc
         return {n: sq(gr).to(self.acc_dtype) for n, gr in grads.items()}
 
     def score(self, x: torch.Tensor, y: torch.Tensor, y_host: torch.Tensor) -> torch.Tensor:
