@@ -26,10 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sbfast import registry
+from sbfast import ops
 from sbfast.common import VARIANTS, floor_count
-
-_MASK_VARIANTS = {"balance": 0, "boost": 1}  # variant codes of sbfast::sharpbalance_masks
 
 
 class SelectionTypeError(TypeError, ValueError):
@@ -129,8 +127,7 @@ def select_sam_masks(
         return mask.to(scores.device)
 
     k = floor_count(n, ratio)
-    flat = registry.op_for("ksmallest_mask", scores.device)(scores, k)
-    return registry.op_for("sharpbalance_masks", scores.device)(flat, _MASK_VARIANTS[variant])
+    return ops.sharpbalance_masks(ops.ksmallest_mask(scores, k), variant)
 
 
 def sam_index_split(mask_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
