@@ -236,7 +236,7 @@ def test_checkpoint_every_thins_last(data, tmp_path):
         writes.append((name, C.decode(payload)["position"]["epoch"]))
         return real(run_dir, payload, name)
 
-    import sbfast.train.trainer as TR  # where save() writes its checkpoints
+    import sbfast.train.run_folder as TR  # where the run folder writes its checkpoints
 
     TR.save_checkpoint, saved = spy, TR.save_checkpoint
     try:

@@ -32,10 +32,13 @@ from sbfast.train.checkpoint import (
     CHECKPOINT_DIR,
     LAST,
     PREVIOUS,
+    encode,
     has_checkpoint,
     load_checkpoint,
     load_latest,
     phase1_path,
+    remove_stale_temporaries,
+    save_checkpoint,
     write_atomic,
 )
 from sbfast.train.config import TrainConfig, as_config
@@ -392,6 +395,36 @@ def data_fingerprint(data: TrainData) -> str:
         h.update(repr((split.mean, split.std)).encode())
     h.update(str(data.num_classes).encode())
     return h.hexdigest()
+
+
+class RunFolder:
+    """What a run writes into its folder, on the one process that writes it: ``config.json``,
+    ``log.csv`` and the checkpoints (``checkpoints/<name>``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.log = RunLog(self.path)
+
+    def begin(self, config: TrainConfig, device: torch.device | str, history: Sequence[Mapping[str, Any]]) -> None:
+        """As a run (or a resumed one) starts: temporaries a killed write left go, config.json
+        holds the config the run goes on with, log.csv the history so far."""
+        remove_stale_temporaries(self.path / CHECKPOINT_DIR)
+        write_config(self.path, config, device)
+        self.log.rewrite(history)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """An epoch's rows in log.csv (flushed and fsync'ed)."""
+        self.log.append(record)
+
+    def save(self, payload: dict[str, Any], names: Sequence[str]) -> None:
+        """``payload`` as ``checkpoints/<name>`` for each name, serialised once."""
+        data = encode(payload)
+        for name in names:
+            save_checkpoint(self.path, data, name)
+
+    def has(self, name: str) -> bool:
+        """Whether ``checkpoints/<name>`` exists."""
+        return (self.path / CHECKPOINT_DIR / name).exists()
 
 
 @dataclass(frozen=True)

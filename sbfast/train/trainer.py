@@ -31,9 +31,6 @@ from sbfast.train.checkpoint import (
     LAST,
     PAYLOAD_FORMAT,
     PHASE1,
-    encode,
-    remove_stale_temporaries,
-    save_checkpoint,
 )
 from sbfast.train.config import TrainConfig, as_config, thread_limit
 from sbfast.train.data import DeviceData, StaticBatcher, TrainData, augment_fill, load_data, member_seeds, release_order
@@ -42,12 +39,11 @@ from sbfast.train.events import Callback, CallbackList, RunInterrupted, SignalCa
 from sbfast.train.results import EnsembleResult
 from sbfast.train.run_folder import (
     PreparedRun,
-    RunLog,
+    RunFolder,
     claim_folder,
     data_fingerprint,
     prepare_run,
     versions,
-    write_config,
 )
 from sbfast.train.run_state import RUN_STATE_KEYS, Member, RunState, model_spec
 from sbfast.train.steps import (
@@ -125,7 +121,7 @@ class EnsembleTrainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # only one rank writes the run folder: rank 0 (every rank checkpoints through it)
         self.writes = self.plan.is_main
-        self.log = RunLog(self.run_dir) if self.run_dir is not None and self.writes else None
+        self.folder = RunFolder(self.run_dir) if self.run_dir is not None and self.writes else None
         self.state = RunState()
         self._fingerprint: str | None = None
         self._catcher: SignalCatcher | None = None
@@ -428,10 +424,8 @@ class EnsembleTrainer:
         if self.run_dir is None:
             raise ValueError("this trainer has no run folder to checkpoint into (run_dir=None)")
         payload = self.state_dict()  # under torchrun: gathered on rank 0, which alone writes
-        if payload is not None:
-            data = encode(payload)
-            for name in names:
-                save_checkpoint(self.run_dir, data, name)
+        if payload is not None and self.folder is not None:
+            self.folder.save(payload, names)
         if LAST in names:
             self.state.mark_saved(self.config)
 
@@ -488,19 +482,17 @@ class EnsembleTrainer:
                 self._catcher = None
 
     def _start(self) -> None:
-        """The run's first moments: hooks, log.csv from the history, and at the end of phase 1
-        the phase-1 checkpoint a fork or a stop between two writes left to write."""
+        """The run's first moments: its folder (config.json, log.csv from the history), the
+        hooks, and at the end of phase 1 the phase-1 checkpoint that a fork or a stop between
+        two writes left to write."""
         c, s = self.config, self.state
+        if self.folder is not None:
+            self.folder.begin(c, self.device, s.history)
         self.callbacks.call("on_train_start", c, [m.model for m in self.members])
-        if self.log is not None:
-            self.log.rewrite(s.history)
-        if self.run_dir is None:
-            return
-        if self.writes:
-            remove_stale_temporaries(self.run_dir / CHECKPOINT_DIR)
         p = s.position
         at_phase1_end = (
-            c.method in ("de_sam", "sharpbalance")
+            self.run_dir is not None
+            and c.method in ("de_sam", "sharpbalance")
             and (p.epoch, p.member, p.step) == (c.swap_epoch + 1, 0, 0)
             and s.masks is None
         )
@@ -552,8 +544,8 @@ class EnsembleTrainer:
             ) from None
         record = self._record(epoch, phase, train_loss, t1)
         s.finish_epoch(record)
-        if self.log is not None:
-            self.log.append(record)
+        if self.folder is not None:
+            self.folder.append(record)
         self.callbacks.call("on_epoch_end", epoch, record)
         if self.run_dir is not None:
             self._epoch_checkpoints(epoch)
@@ -655,7 +647,7 @@ def _run_prepared(
     data: TrainData | None,
     callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None,
 ) -> EnsembleResult:
-    """Build the trainer on ``plan``, load the starting checkpoint, write config.json, run."""
+    """Build the trainer on ``plan``, load the starting checkpoint, run (the run writes its folder)."""
     prepared = claim_folder(plan, prepared)
     config, run_dir = prepared.config, prepared.run_dir
     plan.announce()
@@ -668,8 +660,6 @@ def _run_prepared(
             plan.barrier("reading the checkpoint")  # every process has read it before rank 0 writes
         if prepared.bad_last is not None and trainer.writes:  # kept for inspection, out of the rotation
             prepared.bad_last.replace(prepared.bad_last.with_name(LAST + ".bad"))
-        if run_dir is not None and trainer.writes:
-            write_config(run_dir, config, trainer.device)
         try:
             result = trainer.run()
         except RunInterrupted as e:
