@@ -12,8 +12,8 @@ round trip between them:
 
 ``random`` and ``same`` stay in Python: they must reproduce the reference's draws exactly,
 which are ``torch.randperm`` on a CPU generator seeded per member (seed 0 for all in ``same``),
-so they are computed on the CPU and moved to the scores' device (N log N per member, a few ms
-at N = 1.28M).
+so they are computed on the CPU and moved to the scores' device (N log N per member; once per
+run, beside the scoring).
 
 Validation (finite scores) synchronises once with the host: selection runs once per training
 run, not in a step. The ops themselves never synchronise (see :mod:`sbfast.ops`).
