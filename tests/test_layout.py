@@ -124,13 +124,14 @@ TRAIN_ORDER = (
     "events",
     "reference_trainer",
     "trainer",
+    "run",
     "compare",
 )
 
 
 def test_train_modules_import_only_down_the_trainer_order():
     """sbfast.train reads top to bottom: config, data, step, evaluate, plots, results, the disk
-    (checkpoint, run folder, run state, saved runs), events, the trainers, compare; no cycle."""
+    (checkpoint, run folder, run state, saved runs), events, the trainers, the run, compare; no cycle."""
     folder = PACKAGE / "train"
     found = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
     assert found == sorted(TRAIN_ORDER), f"sbfast/train modules not in TRAIN_ORDER (or gone): {found}"

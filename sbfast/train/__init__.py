@@ -54,7 +54,8 @@ The modules, bottom to top (each imports only the ones above it in this table;
 | ``saved`` | ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
 | ``events`` | ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, the progress bar |
 | ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
-| ``trainer`` | ``EnsembleTrainer`` (one member loop, for one process and torchrun alike), ``train_ensemble`` |
+| ``trainer`` | ``EnsembleTrainer`` (one member loop, for one process and torchrun alike) |
+| ``run`` | ``train_ensemble``: prepare the run, join its world, run the trainer |
 | ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
 """
 
@@ -89,11 +90,12 @@ from sbfast.train.events import Callback, RunInterrupted
 from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_sharpness_diversity
 from sbfast.train.reference_trainer import train_ensemble_reference
 from sbfast.train.results import EnsembleResult, plot_results
+from sbfast.train.run import train_ensemble
 from sbfast.train.run_folder import PHASE1_FIELDS, RESUME_SAFE_FIELDS, check_output_dir, default_run_dir
 from sbfast.train.run_state import build_member, make_lr_scheduler
 from sbfast.train.saved import evaluate_run, load_ensemble
 from sbfast.train.steps import Components, get_components, mixed_step_exact, mixed_step_static, sam_step, sgd_step
-from sbfast.train.trainer import EnsembleTrainer, train_ensemble
+from sbfast.train.trainer import EnsembleTrainer
 
 __all__ = [
     "BACKENDS",
