@@ -92,8 +92,8 @@ def _trainer(device: torch.device, run_dir: Path) -> T.EnsembleTrainer:
         "skipped_steps": [0] * MEMBERS,
         "wall_s": 1.0,
     }
-    trainer.history = [dict(record, epoch=e) for e in range(EPOCHS)]
-    trainer.position = T.trainer_state.Position(epoch=EPOCHS)
+    trainer.state.history = [dict(record, epoch=e) for e in range(EPOCHS)]
+    trainer.state.position = T.run_state.Position(epoch=EPOCHS)
     return trainer
 
 

@@ -19,7 +19,7 @@ def cases(device: torch.device) -> list[BenchCase]:
         faces = {"dispatched": lambda t=tensors: ops.global_sq_norm(t)}
         if device.type == "cuda":
             faces["cuda-c++"] = lambda t=tensors: torch.ops.sbfast.global_sq_norm.default(t)
-            if "global_sq_norm" in registry._TRITON_OPS:
+            if registry.has_triton("global_sq_norm"):
                 faces["triton"] = lambda t=tensors: registry.triton_op("global_sq_norm")(t)
         out.append(
             BenchCase(

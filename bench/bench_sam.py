@@ -89,7 +89,7 @@ def cases(device: torch.device) -> list[BenchCase]:
         faces = {"fused (dispatched)": _sam_step(fused), "fused, global norm, skip": _sam_step(fused_global)}
         if device.type == "cuda":
             faces["fused cuda-c++"] = _with_backend("cuda", _sam_step(fused))
-            if "sam_perturb_" in registry._TRITON_OPS:
+            if registry.has_triton("sam_perturb_"):
                 faces["fused triton"] = _with_backend("triton", _sam_step(fused))
         n = sum(torch.Size(s).numel() for s in shapes)
         out.append(

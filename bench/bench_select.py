@@ -28,7 +28,7 @@ def _scores(m: int, n: int, device: torch.device) -> torch.Tensor:
 def cases(device: torch.device) -> list[BenchCase]:
     out = []
     cuda_ks, cuda_alg = torch.ops.sbfast.ksmallest_mask.default, torch.ops.sbfast.sharpbalance_masks.default
-    has_triton = "ksmallest_mask" in registry._TRITON_OPS
+    has_triton = registry.has_triton("ksmallest_mask")
     if has_triton:
         tri_ks, tri_alg = registry.triton_op("ksmallest_mask"), registry.triton_op("sharpbalance_masks")
     for m, n in SHAPES:

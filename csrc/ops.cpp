@@ -1,6 +1,6 @@
 // The extension module sbfast._C. It exposes no Python functions: importing it runs the
 // static TORCH_LIBRARY_IMPL registrations that live beside each kernel (csrc/cpu, csrc/cuda).
-// The op schemas themselves are defined in Python (sbfast/_ops.py) so that the ops exist
+// The op schemas themselves are defined in Python (sbfast/registry.py) so that the ops exist
 // even where this module failed to build.
 #include <Python.h>
 

@@ -19,8 +19,10 @@ from torch.func import functional_call
 
 SAM_EPS = 1e-12  # the release's denominator guard, e = rho * g / (||g|| + 1e-12)
 
-# Subset selection variants (docs/algorithm.md, selection).
+# Subset selection variants (docs/algorithm.md, selection): the first two are computed by the
+# sbfast::sharpbalance_masks op, whose variant code is the index here; the other two are draws.
 VARIANTS = ("balance", "boost", "random", "same")
+MASK_OP_VARIANTS = VARIANTS[:2]  # code 0 and 1 of sbfast::sharpbalance_masks
 
 
 def check_rho(rho: object, where: str = "rho") -> None:
@@ -136,8 +138,6 @@ def split_params(
 # decimal ratio hits exactly (100 * 0.29 = 28.999999999999996), and the release's int() would
 # then give 28. The guard is far below any real fractional part for N up to ~1e6.
 COUNT_EPS = 1e-9
-
-VARIANTS = ("balance", "boost", "random", "same")
 
 
 def floor_count(n: int, fraction: float) -> int:

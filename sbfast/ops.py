@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from sbfast import op_checks, registry
+from sbfast.common import MASK_OP_VARIANTS
 
 
 def global_sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -81,7 +82,7 @@ def per_sample_conv_grad_sq_norm(
 
 # ---- top-k subset selection --------------------------------------------------------------
 
-SHARPBALANCE_VARIANTS = ("balance", "boost")  # code 0 and 1 of sbfast::sharpbalance_masks
+SHARPBALANCE_VARIANTS = MASK_OP_VARIANTS  # code 0 and 1 of sbfast::sharpbalance_masks
 
 
 def ksmallest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

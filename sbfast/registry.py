@@ -338,6 +338,12 @@ def op_for(name: str, device: torch.device) -> Callable:
     return getattr(torch.ops.sbfast, name).default
 
 
+def has_triton(name: str) -> bool:
+    """Whether op ``name`` has a Triton face in this install (Triton importable and the op has a
+    kernel in ``kernels/``)."""
+    return name in _TRITON_OPS
+
+
 def triton_op(name: str) -> Callable:
     """The Triton face of op ``name`` (any device; CPU tensors need ``TRITON_INTERPRET=1``)."""
     if name not in _TRITON_OPS:

@@ -12,8 +12,8 @@ round trip between them:
 
 ``random`` and ``same`` stay in Python: they must reproduce the reference's draws exactly,
 which are ``torch.randperm`` on a CPU generator seeded per member (seed 0 for all in ``same``),
-so they are computed on the CPU and moved to the scores' device (N log N per member, a few ms
-at N = 1.28M).
+so they are computed on the CPU and moved to the scores' device (N log N per member; once per
+run, beside the scoring).
 
 Validation (finite scores) synchronises once with the host: selection runs once per training
 run, not in a step. The ops themselves never synchronise (see :mod:`sbfast.ops`).
@@ -26,10 +26,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sbfast import registry
+from sbfast import ops
 from sbfast.common import VARIANTS, floor_count
-
-_MASK_VARIANTS = {"balance": 0, "boost": 1}  # variant codes of sbfast::sharpbalance_masks
 
 
 class SelectionTypeError(TypeError, ValueError):
@@ -131,8 +129,7 @@ def select_sam_masks(
         return mask.to(scores.device)
 
     k = floor_count(n, ratio)
-    flat = registry.op_for("ksmallest_mask", scores.device)(scores, k)
-    return registry.op_for("sharpbalance_masks", scores.device)(flat, _MASK_VARIANTS[variant])
+    return ops.sharpbalance_masks(ops.ksmallest_mask(scores, k), variant)
 
 
 def sam_index_split(mask_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

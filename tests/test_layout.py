@@ -108,6 +108,73 @@ def test_reference_and_common_import_nothing_above_them():
     assert not bad, "\n".join(bad)
 
 
+# The trainer's modules, bottom to top: each imports only modules before it in this list (and
+# any package below sbfast.train). reference_trainer is the slow twin, beside the trainer.
+TRAIN_ORDER = (
+    "config",
+    "data",
+    "steps",
+    "evaluate",
+    "plots",
+    "results",
+    "checkpoint",
+    "run_folder",
+    "run_state",
+    "saved",
+    "events",
+    "reference_trainer",
+    "trainer",
+    "run",
+    "compare",
+)
+
+
+def test_train_modules_import_only_down_the_trainer_order():
+    """sbfast.train reads top to bottom: config, data, step, evaluate, plots, results, the disk
+    (checkpoint, run folder, run state, saved runs), events, the trainers, the run, compare; no cycle."""
+    folder = PACKAGE / "train"
+    found = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    assert found == sorted(TRAIN_ORDER), f"sbfast/train modules not in TRAIN_ORDER (or gone): {found}"
+    bad = []
+    for i, name in enumerate(TRAIN_ORDER):
+        path = folder / f"{name}.py"
+        below = set(TRAIN_ORDER[:i])
+        for module, names, line in _imports(path):
+            targets = [f"{module}.{n}" for n in names] if module == "sbfast.train" else [module]
+            for t in targets:
+                if t == "sbfast.train" or (t.startswith("sbfast.train.") and t.split(".")[2] not in below):
+                    bad.append(f"sbfast/train/{name}.py:{line} imports {t} (not below {name} in TRAIN_ORDER)")
+    assert not bad, "\n".join(bad)
+
+
+# Packages above the op layer, top first: a package imports none above it. measure/ (the paper's
+# measures) sits below train (train and compare may call it); theory/ stands apart on torch alone.
+UPPER_PACKAGES = ("sbfast.cli", "sbfast.train", "sbfast.measure")
+APART = ("sbfast.theory",)
+
+
+def test_upper_packages_are_imported_only_from_above():
+    bad = []
+    for path in _sources():
+        me = _module_name(path)
+        if me == "sbfast.__main__":
+            continue  # the entry point runs the command line
+        mine = [i for i, pkg in enumerate(UPPER_PACKAGES) if me == pkg or me.startswith(pkg + ".")]
+        allowed = set(UPPER_PACKAGES[mine[0] :]) if mine else set()
+        apart = next((pkg for pkg in APART if me == pkg or me.startswith(pkg + ".")), None)
+        for module, names, line in _imports(path):
+            targets = [module] + [f"{module}.{n}" for n in names] if module == "sbfast" else [module]
+            for t in targets:
+                above = [pkg for pkg in UPPER_PACKAGES if (t == pkg or t.startswith(pkg + ".")) and pkg not in allowed]
+                if above:
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {t}, which is above it")
+                if apart is not None and t.startswith("sbfast") and not (t == apart or t.startswith(apart + ".")):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {t} ({apart} stands apart: torch only)")
+                if apart is None and any(t == pkg or t.startswith(pkg + ".") for pkg in APART):
+                    bad.append(f"{path.relative_to(ROOT)}:{line} imports {t} ({t.split('.')[1]} stands apart)")
+    assert not bad, "\n".join(bad)
+
+
 def _sbfast_module_aliases(tree: ast.AST) -> dict[str, str]:
     aliases = {}
     for node in ast.walk(tree):
@@ -217,6 +284,9 @@ def test_readme_layout_matches_the_tree():
             named.append(path)
     missing = [p for p in named if not (ROOT / p).exists()]
     assert not missing, f"the README's layout names paths that do not exist: {missing}"
-    packages = {p.parent.relative_to(ROOT).as_posix() + "/" for p in PACKAGE.glob("*/__init__.py")}
+    # sbfast/kernels is kernels/ (installed under that name; a link to it in a development tree)
+    packages = {
+        p.parent.relative_to(ROOT).as_posix() + "/" for p in PACKAGE.glob("*/__init__.py") if not p.parent.is_symlink()
+    }
     unnamed = sorted(p for p in packages if p not in named)
     assert not unnamed, f"packages the README's layout does not name: {unnamed}"

@@ -75,7 +75,7 @@ def test_triton_kernels_ship_inside_the_package():
     import sbfast.kernels.global_sq_norm as module
 
     assert module.__name__ == "sbfast.kernels.global_sq_norm"
-    assert "global_sq_norm" in registry._TRITON_OPS
+    assert registry.has_triton("global_sq_norm")
 
 
 def test_bad_cuda_backend_setting_names_the_choices(monkeypatch):
@@ -86,7 +86,7 @@ def test_bad_cuda_backend_setting_names_the_choices(monkeypatch):
 
 def test_cuda_backend_setting_selects_triton(monkeypatch):
     monkeypatch.setenv("SBFAST_CUDA_BACKEND", "triton")
-    assert all(choice["cuda"] == "triton" for name, choice in sbfast.backends().items() if name in registry._TRITON_OPS)
+    assert all(choice["cuda"] == "triton" for name, choice in sbfast.backends().items() if registry.has_triton(name))
     assert registry.op_for("global_sq_norm", torch.device("cuda")) is registry.triton_op("global_sq_norm")
     assert registry.op_for("global_sq_norm", torch.device("cpu")) is torch.ops.sbfast.global_sq_norm.default
 

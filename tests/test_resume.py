@@ -28,8 +28,7 @@ import torch
 
 from sbfast import train as T
 from sbfast.train import checkpoint as C
-from sbfast.train.resume import check_phase1_compatible, requested_fields, resumed_config
-from sbfast.train.run_folder import RunLog
+from sbfast.train.run_folder import RunLog, check_phase1_compatible, requested_fields, resumed_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -237,7 +236,7 @@ def test_checkpoint_every_thins_last(data, tmp_path):
         writes.append((name, C.decode(payload)["position"]["epoch"]))
         return real(run_dir, payload, name)
 
-    import sbfast.train.trainer_state as TR  # where save() writes its checkpoints
+    import sbfast.train.run_folder as TR  # where the run folder writes its checkpoints
 
     TR.save_checkpoint, saved = spy, TR.save_checkpoint
     try:

@@ -11,6 +11,7 @@ before any training starts and reported as one line ``sbfast: error: ...`` with 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -30,10 +31,15 @@ sbfast: SharpBalance ensembles (de, de_sam, sharpbalance), fast.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from sbfast.cli.tools import add_tool_parsers
-    from sbfast.cli.training import add_compare_parser, add_train_parser
+# The modules that register subcommands, in the order --help lists them: each has
+# ``add_parsers(sub, parents)``. A new subcommand module is one more line here.
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "sbfast.cli.training",
+    "sbfast.cli.tools",
+)
 
+
+def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--debug",
@@ -44,9 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="sbfast", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    add_compare_parser(sub, [common])
-    add_train_parser(sub, [common])
-    add_tool_parsers(sub, [common])
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parsers(sub, [common])
     return p
 
 
@@ -90,4 +95,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"{type(e).__name__}: {e} (run again with --debug for the traceback)", 1)
 
 
-__all__ = ["CliError", "build_parser", "main"]
+__all__ = ["SUBCOMMAND_MODULES", "CliError", "build_parser", "main"]

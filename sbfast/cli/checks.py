@@ -54,7 +54,7 @@ def check_device(config: TrainConfig) -> torch.device:
 def check_model(config: TrainConfig, data: Any) -> None:
     """Build one member on the meta device (no memory, no initialisation cost) so that a bad
     model name or keyword (``{"width": 0}``) fails here and not in the first epoch."""
-    from sbfast.train.members import build_member
+    from sbfast.train.run_state import build_member
 
     try:
         with torch.device("meta"):

@@ -4,6 +4,7 @@ a finished run, the benchmark table, and what this installation is."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import sys
 import warnings
@@ -12,6 +13,12 @@ from typing import Any
 
 from sbfast.cli import checks
 from sbfast.cli.errors import CliError
+
+
+def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Register ``eval``, ``score``, ``bench`` and ``info`` (the CLI lists this module in
+    ``sbfast.cli.SUBCOMMAND_MODULES``)."""
+    add_tool_parsers(sub, parents)
 
 
 def add_tool_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -54,8 +61,8 @@ def add_tool_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         description="Runs the bench package of a source checkout: every op against the reference. "
         "Arguments are passed on; see 'sbfast bench --help'.",
     )
+    # listed for --help only: main() hands every argument after "bench" to the bench package
     b.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m bench")
-    b.set_defaults(handler=cmd_bench)
 
     i = sub.add_parser("info", parents=parents, help="versions, op backends, devices, trainer components")
     i.set_defaults(handler=cmd_info)
@@ -179,8 +186,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def find_bench_main() -> Any:
-    """The bench package's entry point: importable from a source checkout (the working folder or
-    the checkout this sbfast was installed from in editable mode)."""
+    """The bench package's entry point: importable as it is (run from a source checkout), or
+    loaded as the package ``bench`` from the checkout this sbfast was installed from in editable
+    mode (by its path, without putting the checkout on ``sys.path``)."""
     try:
         from bench.__main__ import main as bench_main
 
@@ -189,18 +197,19 @@ def find_bench_main() -> Any:
         pass
     import sbfast
 
-    root = Path(sbfast.__file__).resolve().parent.parent
-    if (root / "bench" / "__main__.py").is_file():
-        sys.path.insert(0, str(root))
-        from bench.__main__ import main as bench_main
+    package = Path(sbfast.__file__).resolve().parent.parent / "bench"
+    if not (package / "__main__.py").is_file():
+        raise CliError("sbfast bench needs a source checkout of sbfast (its bench/ folder); run it from the checkout")
+    spec = importlib.util.spec_from_file_location(
+        "bench", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module
+    spec.loader.exec_module(module)
+    from bench.__main__ import main as bench_main
 
-        return bench_main
-    raise CliError("sbfast bench needs a source checkout of sbfast (its bench/ folder); run it from the checkout")
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    bench_main = find_bench_main()
-    return int(bench_main(list(args.bench_args)) or 0)
+    return bench_main
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -244,4 +253,4 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_tool_parsers", "find_bench_main"]
+__all__ = ["add_parsers", "add_tool_parsers", "find_bench_main"]

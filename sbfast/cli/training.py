@@ -71,6 +71,13 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Register ``compare`` (and its old name ``run``) and ``train`` (the CLI lists this module
+    in ``sbfast.cli.SUBCOMMAND_MODULES``)."""
+    add_compare_parser(sub, parents)
+    add_train_parser(sub, parents)
+
+
 def add_compare_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "compare",
@@ -322,4 +329,4 @@ def _print_result(result: Any, out: Path) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["OLD_NAMES", "add_compare_parser", "add_train_parser"]
+__all__ = ["OLD_NAMES", "add_compare_parser", "add_parsers", "add_train_parser"]

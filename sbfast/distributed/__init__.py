@@ -1,7 +1,7 @@
 """Training an ensemble over several processes with torch.distributed (docs/distributed.md).
 
 ``torchrun --nproc-per-node K -m sbfast train ...`` runs the same command on K ranks (gloo on the
-CPU, NCCL on GPUs); without torchrun everything here is a no-op and the run is one process.
+CPU, NCCL on GPUs); without torchrun the run is one process, a world of size one (``LocalPlan``).
 
 | module | what |
 |---|---|
@@ -10,6 +10,8 @@ CPU, NCCL on GPUs); without torchrun everything here is a no-op and the run is o
 | ``collectives`` | ``exchange_scores`` (all_gather), ``select_on_rank0`` (broadcast), ``gather_probs`` (gather); ``CollectiveError``; ``traffic`` |
 | ``data_parallel`` | ``DataParallelOptimizer`` (gradient all-reduce on the fused optimizer's flat buffers), ``dp_*_step``, ``shard`` |
 | ``sync_batchnorm`` | ``convert_sync_batchnorm``: BatchNorm statistics over a data-parallel member's group (CPU and CUDA) |
+| ``ensemble`` | ``RankPlan``: what one rank of a run trains and exchanges (the trainer's side); ``start_plan``, ``check_resume_placement`` |
+| ``local_plan`` | ``LocalPlan``: a one-process run as a world of size one, with ``RankPlan``'s interface |
 """
 
 from sbfast.distributed.collectives import (

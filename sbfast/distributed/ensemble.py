@@ -86,9 +86,16 @@ class RankPlan:
 
     # -- who does what ---------------------------------------------------------------------
 
+    stops_inside_epoch = False  # ranks stop together, at an epoch's end (one all-reduce says so)
+
     @property
     def is_main(self) -> bool:
         return self.ctx.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        """This rank's training device."""
+        return self.ctx.device
 
     def data_parallel(self, j: int) -> bool:
         return self.placement.data_parallel(j)
@@ -102,6 +109,20 @@ class RankPlan:
         if any(len(g) > 1 for g in self.placement.groups):
             line += f"; sam_grad_sync={self.sam_grad_sync}, batchnorm={'synchronised' if self.sync_batchnorm else 'per rank'}"
         return line
+
+    def announce(self) -> None:
+        """Print the placement once, on rank 0, as the run starts."""
+        if self.is_main:
+            print(self.describe(), flush=True)
+
+    def saved_placement(self) -> dict[str, Any]:
+        """What a checkpoint records of the placement (``check_resume_placement`` reads it)."""
+        return {
+            "world_size": self.ctx.world_size,
+            "groups": [list(g) for g in self.placement.groups],
+            "sam_grad_sync": self.sam_grad_sync,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
 
     # -- building a member -----------------------------------------------------------------
 

@@ -37,36 +37,30 @@ Seeds: member j uses ``seed + j`` for its initialisation (``torch.manual_seed`` 
 RNG, so the caller's global RNG is left alone), its batch order (a CPU generator, consumed as the
 release's ``RandomSampler`` does) and, offset by ``AUG_SEED_OFFSET``, its augmentation generator.
 
+The modules, bottom to top (each imports only the ones above it in this table;
+``tests/test_layout.py`` holds them to it):
+
 | module | what |
 |---|---|
-| ``config`` | ``TrainConfig``, presets, accepted names |
-| ``data`` | ``load_data``, ``TrainData``, ``DeviceData`` (tensors on the training device) |
-| ``members`` | seeds, initialisation, batch order, LR schedule of each member |
-| ``batching`` | ``static_batch_plan``, ``StaticBatcher`` (static shapes in the mixed phase) |
-| ``steps`` | ``sgd_step``, ``sam_step``, ``mixed_step_static``, ``mixed_step_exact`` |
-| ``graphs`` | CUDA graph capture of a step |
-| ``components`` | fast or reference optimizer, scorer, selector |
+| ``config`` | ``TrainConfig`` (each field's help, accepted names and checks in its metadata), presets, accepted names, the thread limit |
+| ``data`` | ``load_data``, ``TrainData``, ``DeviceData`` (tensors on the training device); member seeds and batch order; ``static_batch_plan``, ``StaticBatcher`` (static shapes in the mixed phase) |
+| ``steps`` | ``sgd_step``, ``sam_step``, ``mixed_step_static``, ``mixed_step_exact``; the CUDA graph of a step; the fast or reference optimizer, scorer, selector (``get_components``) |
 | ``evaluate`` | ``predict_probs``, ``evaluate_ensemble`` |
-| ``callbacks`` | ``Callback`` |
-| ``results`` | ``EnsembleResult`` |
-| ``plots`` | ``plot_results``, ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity`` |
-| ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
-| ``trainer`` | ``EnsembleTrainer``, ``train_ensemble`` |
-| ``trainer_state`` | what a trainer saves and loads (members, position, checkpoint payload) |
-| ``runtime`` | threads, progress bars, device syncs, one-time warnings |
+| ``plots`` | ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity``, ``plot_run_records``: figures from plain run records |
+| ``results`` | ``EnsembleResult``, run records, strict JSON, ``plot_results`` |
 | ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |
-| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv |
-| ``resume`` | ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS``: what a resume or fork may change |
-| ``interrupt`` | ``RunInterrupted``, SIGINT/SIGTERM handling |
+| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change); ``prepare_run`` |
+| ``run_state`` | ``Member`` (built from the config), ``build_member``, ``make_lr_scheduler``; ``RunState`` (position, history, clocks, scores, masks) |
 | ``saved`` | ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
+| ``events`` | ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, the progress bar |
 | ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
+| ``trainer`` | ``EnsembleTrainer`` (one member loop, for one process and torchrun alike) |
+| ``run`` | ``train_ensemble``: prepare the run, join its world, run the trainer |
+| ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
 """
 
-from sbfast.train.batching import StaticBatcher, StaticPlan, static_batch_plan
-from sbfast.train.callbacks import Callback
 from sbfast.train.checkpoint import CheckpointError, load_checkpoint
 from sbfast.train.compare import Comparison, run_comparison
-from sbfast.train.components import Components, get_components
 from sbfast.train.config import (
     BACKENDS,
     BATCHINGS,
@@ -80,18 +74,28 @@ from sbfast.train.config import (
     TrainConfig,
     as_config,
 )
-from sbfast.train.data import DeviceBatches, DeviceData, TrainData, load_data
+from sbfast.train.data import (
+    DeviceBatches,
+    DeviceData,
+    StaticBatcher,
+    StaticPlan,
+    TrainData,
+    load_data,
+    member_seeds,
+    release_order,
+    static_batch_plan,
+)
 from sbfast.train.evaluate import evaluate_ensemble, predict_probs
-from sbfast.train.interrupt import RunInterrupted
-from sbfast.train.members import build_member, make_lr_scheduler, member_seeds, release_order
-from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_results, plot_sharpness_diversity
+from sbfast.train.events import Callback, RunInterrupted
+from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_sharpness_diversity
 from sbfast.train.reference_trainer import train_ensemble_reference
-from sbfast.train.results import EnsembleResult
-from sbfast.train.resume import PHASE1_FIELDS, RESUME_SAFE_FIELDS
-from sbfast.train.run_folder import check_output_dir, default_run_dir
+from sbfast.train.results import EnsembleResult, plot_results
+from sbfast.train.run import train_ensemble
+from sbfast.train.run_folder import PHASE1_FIELDS, RESUME_SAFE_FIELDS, check_output_dir, default_run_dir
+from sbfast.train.run_state import build_member, make_lr_scheduler
 from sbfast.train.saved import evaluate_run, load_ensemble
-from sbfast.train.steps import mixed_step_exact, mixed_step_static, sam_step, sgd_step
-from sbfast.train.trainer import EnsembleTrainer, train_ensemble
+from sbfast.train.steps import Components, get_components, mixed_step_exact, mixed_step_static, sam_step, sgd_step
+from sbfast.train.trainer import EnsembleTrainer
 
 __all__ = [
     "BACKENDS",

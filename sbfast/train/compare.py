@@ -312,7 +312,7 @@ def run_comparison(
         the Comparison (also saved).
     """
     from sbfast.train.data import load_data
-    from sbfast.train.trainer import train_ensemble
+    from sbfast.train.run import train_ensemble
 
     order = run_order(methods)
     seeds = list(seeds)

@@ -19,6 +19,7 @@ from sbfast.data import (
 from sbfast.distributed.data_parallel import SAM_GRAD_SYNC
 from sbfast.distributed.placement import check_spec as check_placement
 from sbfast.models import MODEL_NAMES
+from sbfast.optim.checks import is_real
 
 METHODS: tuple[str, ...] = ("de", "de_sam", "sharpbalance")
 DATASETS: tuple[str, ...] = ("digits", "synthetic", "cifar10", "cifar100")
@@ -36,8 +37,8 @@ DEFAULT_CORRUPTIONS: tuple[str, ...] = tuple(c for c in CIFAR_C_BENCHMARK if c i
 
 
 # Per-data-set values of every TrainConfig field left as None. "cifar*" are the public release's
-# (docs/algorithm.md, section 1); "digits" is sized so that the three methods run in ~2-4 minutes on 2
-# CPU cores and still learn (ensemble accuracy > 90%; measured ~1.5-2 min, 99% ensemble accuracy).
+# (docs/algorithm.md, section 1); "digits" is sized so that the three methods run in a few minutes on 2
+# CPU cores and still learn (the measurements: docs/design.md, "Measured choices of the presets").
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(
         model="cnn",
@@ -101,25 +102,47 @@ def is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
 def option(
     default: Any = dataclasses.MISSING,
     doc: str = "",
     *,
     choices: Sequence[str] | None = None,
     factory: Any = dataclasses.MISSING,
+    check: tuple[Any, ...] | None = None,
 ) -> Any:
-    """A TrainConfig field with its help text (and, for names, the accepted values) in its metadata:
-    the one place the command line's flags and their help are generated from."""
+    """A TrainConfig field with its help text, for names the accepted values, and what a valid value
+    is (``check``: ("int", lo, optional), ("real", lo, hi), ("bool",), or ("bool_or_backend",) for
+    a bool or one of ``choices``) in its metadata: the one place the command line's flags and their
+    help are generated from, and the one place each field's own validation is read from."""
     meta: dict[str, Any] = {"help": doc}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if check is not None:
+        meta["check"] = check
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def check_field(name: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Raise ValueError (TypeError for a bool field) unless ``value`` is what the field's metadata
+    accepts: one of its ``choices``, or its ``check``."""
+    kind, *bounds = meta.get("check", ("choice",) if "choices" in meta else (None,))
+    if kind == "choice" and value not in meta["choices"]:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {meta['choices']}")
+    if kind == "bool_or_backend" and not isinstance(value, bool) and value not in meta["choices"]:
+        raise ValueError(f"{name} must be a bool or a torch.compile backend in {meta['choices']}, got {value!r}")
+    if kind == "bool" and not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    if kind == "int":
+        lo, optional = bounds
+        if not (optional and value is None) and (not is_int(value) or value < lo):
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if kind == "real":
+        lo, hi = bounds
+        if not is_real(value) or not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+            span = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+            raise ValueError(f"{name} must be a finite real number {span}, got {value!r}")
 
 
 @dataclass
@@ -138,10 +161,10 @@ class TrainConfig:
       noise on the digits CNN), crop padding 1 (one pixel of 8 is the shift of 4 of 32) and no
       flip (a mirrored 2, 3, 4, 5, 7 or 9 is not that digit), variant balance;
     * compile: static batching gives torch.compile a handful of fixed shapes (compiled once
-      each), exact batching compiles with dynamic shapes; on CPU the digits CNN compiles in
-      ~70 s and then runs no faster than eager;
-    * num_threads, digits preset 1: on 8x8 inputs threading costs more than it gains (measured
-      0.16 s vs 0.45-4.3 s per SGD epoch of the digits CNN on a busy 2-core box).
+      each), exact batching compiles with dynamic shapes; meant for GPUs (on the CPU it costs
+      more than it gains: docs/design.md, "Measured choices of the presets");
+    * num_threads, digits preset 1: on 8x8 inputs threading costs more than it gains (same
+      section of docs/design.md).
 
     Raises:
         ValueError (or TypeError for a wrong type) naming the field, the value and what was
@@ -173,27 +196,32 @@ class TrainConfig:
     train_subset: int | None = option(
         None,
         "train on this many samples only (a fixed draw, the same for every method and seed); default: all",
+        check=("int", 1, True),
     )
-    test_subset: int | None = option(None, "evaluate on this many test samples only (a fixed draw); default: all")
+    test_subset: int | None = option(
+        None, "evaluate on this many test samples only (a fixed draw); default: all", check=("int", 1, True)
+    )
     model: str | None = option(None, "architecture, a sbfast.models.create_model name", choices=MODEL_NAMES)
     model_kwargs: dict[str, Any] = option(
         factory=dict,
         doc="keyword arguments of the model, a JSON object such as '{\"width\": 8}' on the command line; in_channels "
         "(and image_size for mlp / vit_tiny) are filled from the data when absent",
     )
-    members: int = option(3, "ensemble size M (>= 1; DER needs 2)")
+    members: int = option(3, "ensemble size M (>= 1; DER needs 2)", check=("int", 1, False))
     dtype: str = option("float32", "dtype of the parameters and inputs", choices=tuple(DTYPES))
-    epochs: int | None = option(None, "training epochs E (>= 1)")
+    epochs: int | None = option(None, "training epochs E (>= 1)", check=("int", 1, False))
     swap_epoch: int | None = option(
         None,
         "T_d (sharpbalance): phase 1, SAM on every sample, is epochs 0..T_d; the members score and select at "
         "the start of epoch T_d + 1, so 0 <= T_d <= E - 2; default min(E // 2, E - 2)",
+        check=("int", 0, False),
     )
-    rho: float | None = option(None, "SAM radius (>= 0)")
-    adaptive: bool = option(False, "adaptive SAM (ASAM): the perturbation is scaled by |w|")
+    rho: float | None = option(None, "SAM radius (>= 0)", check=("real", 0.0, None))
+    adaptive: bool = option(False, "adaptive SAM (ASAM): the perturbation is scaled by |w|", check=("bool",))
     ratio: float = option(
         0.5,
         "flat ratio r in [0, 1]: each member's floor(N r) flattest samples become SAM samples of the other members",
+        check=("real", 0.0, 1.0),
     )
     variant: str | None = option(
         None,
@@ -201,10 +229,10 @@ class TrainConfig:
         " ablations",
         choices=reference.VARIANTS,
     )
-    lr: float = option(0.1, "SGD learning rate")
-    momentum: float = option(0.9, "SGD momentum in [0, 1] (no Nesterov, no dampening)")
-    weight_decay: float = option(5e-4, "SGD weight decay (L2 added to the gradient)")
-    batch_size: int | None = option(None, "training batch size")
+    lr: float = option(0.1, "SGD learning rate", check=("real", 0.0, None))
+    momentum: float = option(0.9, "SGD momentum in [0, 1] (no Nesterov, no dampening)", check=("real", 0.0, 1.0))
+    weight_decay: float = option(5e-4, "SGD weight decay (L2 added to the gradient)", check=("real", 0.0, None))
+    batch_size: int | None = option(None, "training batch size", check=("int", 1, False))
     lr_schedule: str = option(
         "step",
         "learning-rate schedule: step (x0.1 at 50% and 75% of the epochs) or cosine (CosineAnnealingLR over "
@@ -214,22 +242,30 @@ class TrainConfig:
     augment: bool | None = option(
         None,
         "random-crop augmentation of the training images (plus a flip with augment_flip)",
+        check=("bool",),
     )
     augment_pad: int | None = option(
         None,
         "padding of the random crop in pixels (digits 1: one pixel of 8 is the shift of 4 of 32)",
+        check=("int", 0, False),
     )
     augment_flip: bool | None = option(
         None,
         "random horizontal flip (off for digits: a mirrored 2, 3, 4, 5, 7 or 9 is not that digit)",
+        check=("bool",),
     )
-    seed: int = option(0, "member j uses seed + j for its initialisation, batch order and augmentation")
-    fisher_trials: int = option(1, "passes averaged per Fisher score (>= 1; more only helps with augmentation)")
-    scoring_batch_size: int = option(256, "batch size of the Fisher scoring")
+    seed: int = option(
+        0, "member j uses seed + j for its initialisation, batch order and augmentation", check=("int", 0, False)
+    )
+    fisher_trials: int = option(
+        1, "passes averaged per Fisher score (>= 1; more only helps with augmentation)", check=("int", 1, False)
+    )
+    scoring_batch_size: int = option(256, "batch size of the Fisher scoring", check=("int", 1, False))
     sharpness_samples: int = option(
         512,
         "training samples (a fixed draw) on which each member's mean Fisher score, its sharpness, is "
         "reported; 0 skips it",
+        check=("int", 0, False),
     )
     device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu")
     backend: str = option(
@@ -249,24 +285,31 @@ class TrainConfig:
         "torch.compile the model: true = inductor, or a backend name (eager / aot_eager check the tracing "
         "cheaply); meant for GPUs",
         choices=COMPILE_BACKENDS,
+        check=("bool_or_backend",),
     )
     cuda_graphs: bool = option(
         False,
         "capture each full-size step as a CUDA graph (CUDA, backend fast, batching static)",
+        check=("bool",),
     )
-    num_threads: int | None = option(None, "torch CPU threads during the run, restored after (0 = leave as they are)")
+    num_threads: int | None = option(
+        None, "torch CPU threads during the run, restored after (0 = leave as they are)", check=("int", 0, True)
+    )
     eval_corruptions: tuple[str, ...] | None = option(
         None,
         "corruptions of the out-of-distribution evaluation (none: no OOD evaluation)",
     )
     eval_severities: tuple[int, ...] | None = option(None, "corruption severities, a subset of 1..5")
-    eval_every: int = option(1, "test accuracy every this many epochs (and always after the last)")
-    eval_batch_size: int = option(1024, "batch size of the evaluation")
+    eval_every: int = option(
+        1, "test accuracy every this many epochs (and always after the last)", check=("int", 1, False)
+    )
+    eval_batch_size: int = option(1024, "batch size of the evaluation", check=("int", 1, False))
     output_dir: str | None = option(None, "folder the run writes its results to")
-    progress: bool = option(True, "progress bars")
+    progress: bool = option(True, "progress bars", check=("bool",))
     checkpoint_every: int = option(
         1,
         "write checkpoints/last.pt every this many epochs (0: only at T_d, at the end and when stopped by a signal)",
+        check=("int", 0, False),
     )
     resume: str | None = option(None, "run folder to continue from its last good checkpoint (docs/runs.md)")
     from_phase1: str | None = option(
@@ -287,10 +330,14 @@ class TrainConfig:
         choices=SAM_GRAD_SYNC,
     )
     sync_batchnorm: bool = option(
-        False, "a data-parallel member's BatchNorm normalises with the whole batch's statistics across its ranks"
+        False,
+        "a data-parallel member's BatchNorm normalises with the whole batch's statistics across its ranks",
+        check=("bool",),
     )
     dist_timeout: float = option(
-        600.0, "seconds a distributed exchange waits for a missing rank before the run stops with an error"
+        600.0,
+        "seconds a distributed exchange waits for a missing rank before the run stops with an error",
+        check=("real", 0.0, None),
     )
 
     def __post_init__(self) -> None:
@@ -310,70 +357,24 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
-        def choice(name: str, options: Sequence[str]) -> None:
-            v = getattr(self, name)
-            if v not in options:
-                raise ValueError(f"unknown {name} {v!r}; expected one of {tuple(options)}")
-
-        def integer(name: str, lo: int, optional: bool = False) -> None:
-            v = getattr(self, name)
-            if optional and v is None:
-                return
-            if not is_int(v) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-
-        def real(name: str, lo: float, hi: float | None = None) -> None:
-            v = getattr(self, name)
-            if not is_real(v) or v < lo or (hi is not None and v > hi):
-                rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-                raise ValueError(f"{name} must be a finite real number {rng}, got {v!r}")
-
-        def boolean(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-        choice("method", METHODS)
-        choice("model", MODEL_NAMES)
-        choice("dtype", tuple(DTYPES))
-        choice("variant", reference.VARIANTS)
-        choice("lr_schedule", LR_SCHEDULES)
-        choice("backend", BACKENDS)
-        choice("batching", BATCHINGS)
         if not isinstance(self.model_kwargs, Mapping):
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
         self.model_kwargs = dict(self.model_kwargs)
-        integer("members", 1)
-        integer("epochs", 1)
-        integer("swap_epoch", 0)
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name), f.metadata)
+        # what a field's own metadata cannot say: relations between fields, and structured values
         if self.method == "sharpbalance" and self.swap_epoch > self.epochs - 2:
             raise ValueError(
                 f"swap_epoch (T_d) must be <= epochs - 2 for sharpbalance: phase 1 is epochs 0..T_d and the "
                 f"members score and select at the start of epoch T_d + 1, which must exist; got swap_epoch="
                 f"{self.swap_epoch}, epochs={self.epochs}"
             )
-        real("rho", 0.0)
-        real("ratio", 0.0, 1.0)
-        real("lr", 0.0)
-        real("momentum", 0.0, 1.0)
-        real("weight_decay", 0.0)
-        integer("batch_size", 1)
-        integer("augment_pad", 0)
-        integer("seed", 0)
         top = self.seed + (self.members - 1) + AUG_SEED_OFFSET
         if top >= 2**63:
             raise ValueError(
                 f"seed must be <= {2**63 - 1 - AUG_SEED_OFFSET - (self.members - 1)} (member j seeds its "
                 f"augmentation with seed + j + {AUG_SEED_OFFSET}, which must stay below 2**63), got {self.seed}"
             )
-        integer("fisher_trials", 1)
-        integer("scoring_batch_size", 1)
-        integer("sharpness_samples", 0)
-        integer("train_subset", 1, optional=True)
-        integer("test_subset", 1, optional=True)
-        integer("num_threads", 0, optional=True)
-        integer("eval_every", 1)
-        integer("eval_batch_size", 1)
-        integer("checkpoint_every", 0)
         for name in ("resume", "from_phase1"):  # folders (or a phase1.pt file): paths become str for JSON
             v = getattr(self, name)
             if hasattr(v, "__fspath__"):
@@ -390,17 +391,9 @@ class TrainConfig:
             raise ValueError(
                 f"from_phase1 needs a method with a SAM phase 1 (de_sam, sharpbalance), got {self.method!r}"
             )
-        for name in ("adaptive", "augment", "augment_flip", "cuda_graphs", "progress", "sync_batchnorm"):
-            boolean(name)
         check_placement(self.placement, self.members)
-        choice("sam_grad_sync", SAM_GRAD_SYNC)
-        real("dist_timeout", 0.0)
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
-        if not isinstance(self.compile, bool) and self.compile not in COMPILE_BACKENDS:
-            raise ValueError(
-                f"compile must be a bool or a torch.compile backend in {COMPILE_BACKENDS}, got {self.compile!r}"
-            )
         if self.dataset in ("cifar10", "cifar100") and not self.data_root:
             raise ValueError(f"dataset {self.dataset!r} needs data_root (sbfast never downloads data)")
         if self.dataset in ("digits", "synthetic") and self.data_root is not None:
@@ -492,3 +485,19 @@ def as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     if isinstance(config, Mapping):
         return TrainConfig.from_dict(config)
     raise TypeError(f"config must be a TrainConfig or a dict of its fields, got {type(config).__name__}")
+
+
+class thread_limit:
+    """Set torch's intra-op threads for a block (CPU runs), restoring them after."""
+
+    def __init__(self, n: int | None, device: torch.device) -> None:
+        self.n = n if (n and device.type == "cpu") else None
+        self.before = torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n is not None:
+            torch.set_num_threads(self.before)

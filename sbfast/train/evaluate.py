@@ -52,6 +52,23 @@ class Gather(Protocol):
         ...
 
 
+def ensemble_probs(
+    models: Sequence[nn.Module],
+    batches: Callable[[], Iterator[torch.Tensor]],
+    dtype: torch.dtype,
+    n: int,
+    num_classes: int,
+    gather: Gather | None = None,
+) -> torch.Tensor | None:
+    """Every member's softmax outputs float32 [M, n, C]: ``predict_probs`` of ``models``, or with
+    ``gather`` (a distributed run) this rank's members' completed where ``gather.probs`` returns
+    them (None on the other ranks)."""
+    if gather is None:
+        return predict_probs(models, batches, dtype)
+    local = predict_probs(models, batches, dtype) if models else torch.zeros(0, n, num_classes)
+    return gather.probs(local, n)
+
+
 def accuracies(probs: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], float]:
     t = targets.cpu()
     member = [float((p.argmax(1) == t).double().mean()) for p in probs]
@@ -81,10 +98,7 @@ def evaluate_ensemble(
     classes = data.num_classes
 
     def probs_of(batches: Callable[[], Iterator[torch.Tensor]], n: int) -> torch.Tensor | None:
-        if gather is None:
-            return predict_probs(models, batches, dtype)
-        local = predict_probs(models, batches, dtype) if models else torch.zeros(0, n, classes)
-        return gather.probs(local, n)
+        return ensemble_probs(models, batches, dtype, n, classes, gather)
 
     t0 = time.perf_counter()
     if test_batches is None:

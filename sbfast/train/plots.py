@@ -1,4 +1,5 @@
-"""Figures of runs and comparisons, drawn from run records (``results.run_record``).
+"""Figures of runs and comparisons, drawn from plain run records (dicts, as
+``results.run_record`` makes them); this module knows no result or trainer type.
 
 * ``plot_comparison``: one panel per family of metrics, each on its own scale: in-distribution
   accuracies; NLL and ECE; DER and EIR; OOD accuracy per severity, absolute and as the gain over
@@ -9,7 +10,8 @@
   seeds' range shaded, the scoring epoch T_d + 1 of sharpbalance marked.
 * ``plot_sharpness_diversity``: the paper's picture: sharpness (mean Fisher score of the
   members) against diversity (DER), one point per run and each method's mean with ± 1 std.
-* ``plot_results``: the figure of one run (or a few), ``plot.png`` in a run's folder.
+* ``plot_run_records``: the figure of one run (or a few), ``plot.png`` in a run's folder
+  (``results.plot_results`` draws it from results).
 """
 
 from __future__ import annotations
@@ -18,10 +20,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from sbfast.train.results import EnsembleResult
+from typing import Any
 
 # One colour per method in every figure.
 METHOD_COLOURS = {"de": "#1f77b4", "de_sam": "#ff7f0e", "sharpbalance": "#2ca02c"}
@@ -443,13 +442,10 @@ def _members_panel(ax: Any, runs: Sequence[dict]) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def plot_results(results: Sequence[EnsembleResult], path: str | Path) -> Path:
-    """PNG of one run (or a few, e.g. one per method): the learning curve (ensemble test error,
-    log scale, T_d + 1 marked), each member's accuracy, and the comparison's panels, each family
-    of metrics on its own axis."""
-    from sbfast.train.results import run_record
-
-    runs = [run_record(r) for r in results]
+def plot_run_records(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """PNG of one run (or a few, e.g. one per method) from their run records: the learning curve
+    (ensemble test error, log scale, T_d + 1 marked), each member's accuracy, and the
+    comparison's panels, each family of metrics on its own axis."""
     methods = list(dict.fromkeys(r["method"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
     plt = _pyplot()

@@ -17,14 +17,13 @@ import torch
 
 from sbfast.data import RandomCropFlip, make_loader
 from sbfast.reference import select_sam_masks, train_member_epoch
-from sbfast.train.callbacks import CallbackList
-from sbfast.train.components import reference_fisher, reference_optimizer
-from sbfast.train.config import as_config
-from sbfast.train.data import load_data
+from sbfast.train.config import as_config, thread_limit
+from sbfast.train.data import load_data, member_seeds
 from sbfast.train.evaluate import accuracies, evaluate_ensemble, predict_probs
-from sbfast.train.members import build_member, make_lr_scheduler, member_seeds
+from sbfast.train.events import CallbackList, progress_bar
 from sbfast.train.results import EnsembleResult
-from sbfast.train.runtime import progress_bar, thread_limit
+from sbfast.train.run_state import build_member, make_lr_scheduler
+from sbfast.train.steps import reference_fisher, reference_optimizer
 
 
 def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None, *, data: Any = None) -> Any:

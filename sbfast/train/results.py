@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from torch import nn
 
 from sbfast import metrics as metrics_mod
 from sbfast.train.config import TrainConfig
-from sbfast.train.plots import plot_results
+from sbfast.train.plots import plot_run_records
 
 UNDEFINED = "-"  # how a table shows a number that does not exist (DER of one member, sam_share of de)
 
@@ -106,10 +106,6 @@ class EnsembleResult:
             "sharpness": sum(self.sharpness) / len(self.sharpness) if self.sharpness else math.nan,
             "wall_s": self.timing.get("total_s", math.nan),
         }
-
-    def record(self) -> dict[str, Any]:
-        """The compact record of this run that comparisons and figures use (see ``run_record``)."""
-        return run_record(self)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: tensors as nested lists, undefined numbers (NaN) as None."""
@@ -216,3 +212,9 @@ def run_record(result: EnsembleResult) -> dict[str, Any]:
         "n_test": result.metrics.get("num_samples"),
         "forked": bool(getattr(c, "from_phase1", None)),
     }
+
+
+def plot_results(results: Sequence[EnsembleResult], path: str | Path) -> Path:
+    """PNG of one run (or a few, e.g. one per method): ``plots.plot_run_records`` of their run
+    records (the learning curve, each member's accuracy, the comparison's panels)."""
+    return plot_run_records([run_record(r) for r in results], path)

@@ -13,13 +13,12 @@ from torch import nn
 
 from sbfast.models import create_model
 from sbfast.train.checkpoint import load_latest
-from sbfast.train.components import get_components
-from sbfast.train.config import TrainConfig
+from sbfast.train.config import TrainConfig, thread_limit
 from sbfast.train.data import load_data
 from sbfast.train.evaluate import evaluate_ensemble
 from sbfast.train.results import EnsembleResult
-from sbfast.train.resume import data_fingerprint
-from sbfast.train.runtime import thread_limit
+from sbfast.train.run_folder import data_fingerprint
+from sbfast.train.steps import get_components
 
 METRIC_KEYS: tuple[str, ...] = ("metrics", "ood", "sharpness")
 

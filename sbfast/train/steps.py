@@ -1,12 +1,25 @@
-"""One optimizer step of each kind (SGD, SAM, mixed) as functions of a forward and a batch."""
+"""One training step of each kind (SGD, SAM, mixed) as functions of a forward and a batch, the CUDA graph that replays a step, and which optimizer, scorer and selector the steps use (the fast ones or the plain-PyTorch reference: ``get_components``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from sbfast import reference
+from sbfast.data import (
+    IndexedTensorDataset,
+    make_loader,
+)
+from sbfast.optim import SharpBalanceSAM
+from sbfast.select import select_sam_masks
+from sbfast.sharpness import fisher_scores
+from sbfast.train.config import BACKENDS, TrainConfig
+from sbfast.train.data import DeviceBatches, DeviceData
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,3 +89,154 @@ def mixed_step_exact(
     per boolean index, as ``reference.mixed_step``."""
     sam_mask = sam_mask.to(x.device)
     return mixed_step_static(forward, opt, x[~sam_mask], y[~sam_mask], x[sam_mask], y[sam_mask])
+
+
+class GraphedStep:
+    """One CUDA graph per input shape for a step function whose inputs are tensors.
+
+    Warm-up steps run eagerly on a side stream (they are real training steps), then the step is
+    captured once per shape and replayed; inputs are copied into static buffers first. The graph
+    is dropped when ``key`` (the learning rates, which an optimizer may bake in) changes.
+
+    ``pool``: a memory pool (``torch.cuda.graph_pool_handle()``) shared by every graph of a run,
+    members and step kinds alike. Sharing is safe here because the graphs replay one at a time on
+    one stream, and a replay's output is cloned before any other graph runs; without it each
+    graph keeps a private pool of its peak temporaries (M members x 2-3 step kinds of them).
+    """
+
+    WARMUP = 3
+
+    def __init__(self, fn: Callable[..., torch.Tensor], pool: Any = None) -> None:
+        self.fn = fn
+        self.pool = pool
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+        self.warm: dict[tuple, int] = {}
+        self.key: Any = None
+        self.captures = 0
+
+    def __call__(self, key: Any, *inputs: torch.Tensor) -> torch.Tensor:
+        if key != self.key:
+            self.graphs.clear()
+            self.key = key
+        shape = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        entry = self.graphs.get(shape)
+        if entry is None:
+            if self.warm.get(shape, 0) < self.WARMUP:
+                self.warm[shape] = self.warm.get(shape, 0) + 1
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    out = self.fn(*inputs)
+                torch.cuda.current_stream().wait_stream(stream)
+                return out
+            static_in = [t.clone() for t in inputs]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self.fn(*static_in)
+            self.graphs[shape] = entry = (graph, static_in, static_out)
+            self.captures += 1
+            # capture records but does not run: replay below does this step's work
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, inputs, strict=True):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return static_out.clone()
+
+
+@dataclass(frozen=True)
+class Components:
+    """The optimizer, scorer and selector a run uses, and their names for the record."""
+
+    make_optimizer: Callable[[nn.Module, TrainConfig], Any]
+    fisher: Callable[..., torch.Tensor]
+    select: Callable[..., torch.Tensor]
+    names: dict[str, str]
+
+
+def reference_optimizer(model: nn.Module, config: TrainConfig) -> reference.SAM:
+    return reference.SAM(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=config.rho,
+        adaptive=config.adaptive,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
+def reference_fisher(
+    model: nn.Module, ds: IndexedTensorDataset, *, config: TrainConfig, device: torch.device, progress: bool
+) -> torch.Tensor:
+    loader = make_loader(ds, config.scoring_batch_size, shuffle=False)
+    return reference.fisher_scores(model, loader, trials=config.fisher_trials, device=device, num_samples=len(ds))
+
+
+def fast_optimizer(model: nn.Module, config: TrainConfig) -> SharpBalanceSAM:
+    """The fused optimizer for one member.
+
+    ``nonfinite="skip"``: no host sync in a step (a non-finite step is skipped on the device and
+    counted; the trainer reports the count per epoch). Under CUDA graphs lr is a device tensor
+    that the LR scheduler fills in place, so replays see it.
+    """
+    lr: float | torch.Tensor = config.lr
+    if config.cuda_graphs:
+        dev = next(model.parameters()).device
+        lr = torch.tensor(config.lr, dtype=torch.float32, device=dev)
+    return SharpBalanceSAM(
+        model.parameters(),
+        lr=lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        rho=config.rho,
+        adaptive=config.adaptive,
+        nonfinite="skip",
+    )
+
+
+def fast_fisher(
+    model: nn.Module, ds: IndexedTensorDataset, *, config: TrainConfig, device: torch.device, progress: bool
+) -> torch.Tensor:
+    """Fisher scores [N] of ``ds`` under ``model``, batches gathered on the scoring device (no
+    per-sample collation, no host copies)."""
+    batches = DeviceBatches(DeviceData(ds, device), config.scoring_batch_size)
+    return fisher_scores(
+        model,
+        batches,
+        batch_size=config.scoring_batch_size,
+        device=device,
+        trials=config.fisher_trials,
+        progress=progress,
+        num_samples=len(ds),
+    )
+
+
+FAST = Components(
+    fast_optimizer,
+    fast_fisher,
+    select_sam_masks,
+    {
+        "optimizer": "sbfast.optim.SharpBalanceSAM",
+        "fisher": "sbfast.sharpness.fisher_scores",
+        "select": "sbfast.select.select_sam_masks",
+    },
+)
+REFERENCE = Components(
+    reference_optimizer,
+    reference_fisher,
+    reference.select_sam_masks,
+    {
+        "optimizer": "reference.SAM(torch.optim.SGD)",
+        "fisher": "reference.fisher_scores",
+        "select": "reference.select_sam_masks",
+    },
+)
+
+
+def get_components(backend: str) -> Components:
+    """The implementations behind ``backend``: "fast" (sbfast's fused optimizer, scorer and
+    selector) or "reference" (the plain-PyTorch twins). There is no silent substitution: a fast
+    module that fails to import fails the import of this one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return FAST if backend == "fast" else REFERENCE

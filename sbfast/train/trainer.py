@@ -1,50 +1,64 @@
 """The fast ensemble trainer: the schedule of de, de_sam and SharpBalance end to end, with
-checkpoints, exact resume and the phase-1 fork (docs/runs.md)."""
+checkpoints, exact resume and the phase-1 fork (docs/runs.md).
+
+One loop serves a single process and torchrun alike: the trainer runs on a plan
+(:class:`~sbfast.distributed.ensemble.RankPlan` under torchrun, else a world of size one,
+:class:`~sbfast.distributed.local_plan.LocalPlan`) that says which members this process trains
+and does every exchange. Read top to bottom: the members, a batch, a step, an epoch of one
+member, scoring and selection, evaluation, the checkpoint, then the schedule (start, one epoch,
+its record, the finish). ``sbfast.train.run.train_ensemble`` prepares a run and runs it here.
+"""
 
 from __future__ import annotations
 
 import signal
-import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from sbfast.data import augment_batch
-from sbfast.distributed.ensemble import RankPlan, start_plan
+from sbfast.distributed.ensemble import check_resume_placement
+from sbfast.distributed.local_plan import LocalPlan, Plan
 from sbfast.select import sam_index_split
-from sbfast.train.batching import StaticBatcher
-from sbfast.train.callbacks import Callback, CallbackList
 from sbfast.train.checkpoint import (
     CHECKPOINT_DIR,
     LAST,
+    PAYLOAD_FORMAT,
     PHASE1,
-    PREVIOUS,
-    load_checkpoint,
-    load_latest,
-    phase1_path,
-    remove_stale_temporaries,
 )
-from sbfast.train.components import get_components
 from sbfast.train.config import TrainConfig, as_config
-from sbfast.train.data import DeviceData, TrainData, augment_fill, load_data
-from sbfast.train.evaluate import accuracies, evaluate_ensemble, predict_probs
-from sbfast.train.graphs import GraphedStep
-from sbfast.train.interrupt import RunInterrupted, SignalCatcher
-from sbfast.train.members import build_member, make_lr_scheduler, member_seeds, release_order
+from sbfast.train.data import DeviceData, StaticBatcher, TrainData, augment_fill, load_data, member_seeds, release_order
+from sbfast.train.evaluate import accuracies, ensemble_probs, evaluate_ensemble
+from sbfast.train.events import Callback, CallbackList, RunInterrupted, SignalCatcher, fmt_acc, progress_bar
 from sbfast.train.results import EnsembleResult
-from sbfast.train.resume import (
-    check_phase1_compatible,
+from sbfast.train.run_folder import (
+    RunFolder,
     data_fingerprint,
-    requested_fields,
-    resumed_config,
+    versions,
 )
-from sbfast.train.run_folder import RunLog, check_output_dir, write_config
-from sbfast.train.runtime import fmt_acc, progress_bar, sync_device, thread_limit, warn_once
-from sbfast.train.steps import Forward, mixed_step_exact, mixed_step_static, sam_step, sgd_step
-from sbfast.train.trainer_state import Member, Position, TrainerState
+from sbfast.train.run_state import RUN_STATE_KEYS, Member, RunState, model_spec
+from sbfast.train.steps import (
+    GraphedStep,
+    get_components,
+    mixed_step_exact,
+    mixed_step_static,
+    sam_step,
+    sgd_step,
+)
+
+_WARNED: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    """Warn with ``msg`` once per process."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 class _StopAt(Exception):  # noqa: N818 - control flow inside the trainer, never escapes it
@@ -52,13 +66,15 @@ class _StopAt(Exception):  # noqa: N818 - control flow inside the trainer, never
         self.step, self.total = step, total
 
 
-class EnsembleTrainer(TrainerState):
+class EnsembleTrainer:
     """The fast trainer behind :func:`train_ensemble`, exposed so that single epochs can be run
     and timed (``bench/bench_train.py``). ``run()`` does the whole schedule.
 
     With ``run_dir`` (a folder checked by ``check_output_dir``) the run writes ``log.csv`` and
     its checkpoints there and stops cleanly on SIGINT / SIGTERM (see docs/runs.md);
-    ``state_dict()`` / ``load_state_dict()`` are the checkpoint's contents.
+    ``state_dict()`` / ``load_state_dict()`` are the checkpoint's contents. ``plan``: this
+    process's share of a torchrun job (``sbfast.distributed.ensemble.start_plan``); by default
+    the process is a world of size one that trains every member.
     """
 
     def __init__(
@@ -68,13 +84,12 @@ class EnsembleTrainer(TrainerState):
         callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None = None,
         *,
         run_dir: str | Path | None = None,
-        plan: RankPlan | None = None,
+        plan: Plan | None = None,
     ) -> None:
         self.config = config = as_config(config)
-        # under torchrun (``plan``) this rank trains only its members, on its own device
-        self.plan = plan
-        self.device = plan.ctx.device if plan is not None else config.check_device()
-        if plan is not None and config.cuda_graphs and any(plan.data_parallel(j) for j in plan.local):
+        self.plan: Plan = plan if plan is not None else LocalPlan(config.members, config.check_device())
+        self.device = self.plan.device
+        if config.cuda_graphs and any(self.plan.data_parallel(j) for j in self.plan.local):
             raise ValueError(
                 "cuda_graphs with a data-parallel member: its gradient all-reduce is not captured; "
                 "place whole members on ranks (placement='members') or turn cuda_graphs off"
@@ -92,56 +107,30 @@ class EnsembleTrainer(TrainerState):
         self.train_dev = DeviceData(self.data.train, self.device)
         self.test_dev = DeviceData(self.data.test, self.device)
         self.fill = augment_fill(self.data.train)
-        self.scores: torch.Tensor | None = None
-        self.masks: torch.Tensor | None = None
         # one memory pool for every captured step of the run (see GraphedStep)
         self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
-        self.members = [self._make_member(j) for j in (plan.local if plan is not None else range(config.members))]
+        self.members = [
+            Member.build(config, self.data, j, self.device, self.plan, self.components.make_optimizer)
+            for j in self.plan.local
+        ]
         self._member_at = {m.index: m for m in self.members}
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # only one rank writes the run folder: rank 0 (every rank checkpoints through it)
-        self.writes = plan is None or plan.is_main
-        self.log = RunLog(self.run_dir) if self.run_dir is not None and self.writes else None
-        self.history: list[dict[str, Any]] = []
-        self.position = Position()
-        self.clock = {"train_s": 0.0, "score_s": 0.0, "epoch_eval_s": 0.0, "elapsed_s": 0.0}
-        self.forked_from: str | None = None  # the phase1.pt this run started from
+        self.writes = self.plan.is_main
+        self.folder = RunFolder(self.run_dir) if self.run_dir is not None and self.writes else None
+        self.state = RunState()
         self._fingerprint: str | None = None
         self._catcher: SignalCatcher | None = None
-        self._session_start = time.perf_counter()
-        self._saved = "no checkpoint yet"  # what last.pt holds, for the interrupt message
-        self._saved_at: tuple[int, int, int] | None = None  # last.pt's position (epoch, member, step)
         self._stage = "training"
         self.placement_note: str | None = None  # set by a resume whose placement changed
 
-    # -- setup -----------------------------------------------------------------------------
+    # -- members -----------------------------------------------------------------------------
 
-    def _make_member(self, j: int) -> Member:
-        c = self.config
-        model = build_member(c, self.data, j, self.device)
-        if self.plan is not None:
-            model = self.plan.prepare_model(j, model)  # synchronised BatchNorm, before the optimizer
-        opt = self.components.make_optimizer(model, c)  # before compile: a fused optimizer may re-home params
-        sched = make_lr_scheduler(opt, c)
-        if self.plan is not None:
-            opt = self.plan.wrap_optimizer(j, opt)  # a data-parallel member averages its gradients
-        forward: Forward = model
-        if c.compile:
-            backend = "inductor" if c.compile is True else c.compile
-            forward = torch.compile(model, backend=backend, dynamic=True if c.batching == "exact" else False)
-        seeds = member_seeds(c, j)
-        aug_gen = None
-        if c.augment:
-            aug_gen = torch.Generator(device=self.device).manual_seed(seeds["augment"])
-        return Member(
-            index=j,
-            model=model,
-            forward=forward,
-            opt=opt,
-            sched=sched,
-            order_gen=torch.Generator().manual_seed(seeds["order"]),
-            aug_gen=aug_gen,
-        )
+    def member(self, j: int) -> Member:
+        """Member j (under torchrun: one of this rank's members)."""
+        if j not in self._member_at:
+            raise ValueError(f"member {j} is not trained here (this rank trains members {sorted(self._member_at)})")
+        return self._member_at[j]
 
     @property
     def fingerprint(self) -> str:
@@ -149,7 +138,7 @@ class EnsembleTrainer(TrainerState):
             self._fingerprint = data_fingerprint(self.data)
         return self._fingerprint
 
-    # -- data ------------------------------------------------------------------------------
+    # -- data --------------------------------------------------------------------------------
 
     def _batch(self, member: Member, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.train_dev.fetch(idx)
@@ -163,14 +152,14 @@ class EnsembleTrainer(TrainerState):
         that a resumed epoch draws the same order from the same generator state."""
         c = self.config
         if phase == "mixed":
-            if (m.batcher if c.batching == "static" else m.mask) is None:
+            if m.mask is None:
                 raise RuntimeError("mixed phase before selection: call score_and_select() first")
-            if c.batching == "static":
-                return list(m.batcher.epoch())  # type: ignore[union-attr]
+            if m.batcher is not None:
+                return list(m.batcher.epoch())
         order = release_order(self.train_dev.n, m.order_gen).to(self.device, non_blocking=True)
         return [order[s : s + c.batch_size] for s in range(0, self.train_dev.n, c.batch_size)]
 
-    # -- steps -----------------------------------------------------------------------------
+    # -- steps -------------------------------------------------------------------------------
 
     def _lr_key(self, member: Member) -> tuple[float, ...] | None:
         # a float lr may be baked into a capture: re-capture when it changes; a tensor lr is read
@@ -189,17 +178,11 @@ class EnsembleTrainer(TrainerState):
             g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
         return g(self._lr_key(member), *inputs)
 
-    def member(self, j: int) -> Member:
-        """Member j (under torchrun: one of this rank's members)."""
-        if j not in self._member_at:
-            raise ValueError(f"member {j} is not trained here (this rank trains members {sorted(self._member_at)})")
-        return self._member_at[j]
-
     def _step(self, m: Member, phase: str, batch: Any) -> torch.Tensor:
         fwd, opt = m.forward, m.opt
-        if self.plan is not None and self.plan.data_parallel(m.index):
+        if self.plan.data_parallel(m.index):
             return self.plan.step(m.index, fwd, opt, phase, batch, lambda idx: self._batch(m, idx), m.mask)
-        if phase == "mixed" and self.config.batching == "static":
+        if isinstance(batch, tuple):  # the static mixed phase: (sam, normal) index parts
             sam_idx, nor_idx = batch
             x, y = self._batch(m, torch.cat([nor_idx, sam_idx]))
             k_n = nor_idx.shape[0]
@@ -217,7 +200,8 @@ class EnsembleTrainer(TrainerState):
             return self._run(m, "sgd", lambda a, b: sgd_step(fwd, opt, a, b), x, y)
         if phase == "sam":
             return self._run(m, "sam", lambda a, b: sam_step(fwd, opt, a, b), x, y)
-        return mixed_step_exact(fwd, opt, x, y, m.mask[batch])  # type: ignore[index]
+        assert m.mask is not None  # _epoch_batches refused the mixed phase without one
+        return mixed_step_exact(fwd, opt, x, y, m.mask[batch])
 
     def train_epoch(
         self, j: int, phase: str, *, start_step: int = 0, loss_sum: torch.Tensor | None = None
@@ -234,15 +218,42 @@ class EnsembleTrainer(TrainerState):
         m.order_start = m.order_gen.get_state()
         batches = self._epoch_batches(m, phase)
         total = torch.zeros((), device=self.device, dtype=torch.float64) if loss_sum is None else loss_sum
-        stop = self._catcher if self.plan is None else None  # ranks stop together, at an epoch's end
+        stop = self._catcher if self.plan.stops_inside_epoch else None
         for k in range(start_step, len(batches)):
             total += self._step(m, phase, batches[k])
             if stop is not None and stop.requested is not None:
                 raise _StopAt(k + 1, total)  # the step is done: a resume continues with step k + 1
         m.sched.step()
-        if self.plan is not None:
-            self.plan.sync_buffers(j, m.model)  # per-rank BatchNorm statistics: the leader's
+        self.plan.sync_buffers(j, m.model)  # a data-parallel member's BatchNorm statistics: the leader's
         return total / max(len(batches), 1)
+
+    def _train_members(self, phase: str) -> tuple[list[float], bool]:
+        """One epoch of this process's members from the current position; every member's mean
+        loss and whether any process was signalled. Members before the position's member are
+        done (their losses are in the position); the position's member continues from its step.
+        Where a signal may stop the run inside an epoch, the position follows each member."""
+        p = self.state.position
+        local: dict[int, torch.Tensor] = {}
+        for m in self.members:
+            j = m.index
+            if j < p.member:  # done before the checkpoint: its loss is in the position, counted once
+                if self.plan.leads(j):
+                    local[j] = p.losses[j]
+                continue
+            resume_here = j == p.member and p.step > 0
+            start_sum = None
+            if resume_here:
+                # a data-parallel member's running sum is the whole member's: its leader carries it
+                lead_sum = p.loss_sum if self.plan.leads(j) else None
+                start_sum = (
+                    lead_sum if lead_sum is not None else torch.zeros((), device=self.device, dtype=torch.float64)
+                )
+            local[j] = self.train_epoch(j, phase, start_step=p.step if resume_here else 0, loss_sum=start_sum)
+            if self.plan.stops_inside_epoch:
+                p.losses.append(local[j])
+                p.member, p.step, p.loss_sum = j + 1, 0, None
+        assert self._catcher is not None
+        return self.plan.epoch_end(local, self._catcher.requested is not None)
 
     # -- scoring and selection ---------------------------------------------------------------
 
@@ -252,34 +263,25 @@ class EnsembleTrainer(TrainerState):
         Returns (scores float32 [M, N], masks bool [M, N]), both on the CPU."""
         c = self.config
         # a bar per member only where scoring takes a while (it would interleave with the epoch bar)
-        progress = c.progress and len(self.data.train) >= 5000
+        progress = c.progress and len(self.data.train) >= 5000 and self.plan.is_main
         seeds = [member_seeds(c, j)["init"] for j in range(c.members)]
-        if self.plan is not None:
-            # this rank's rows (a data-parallel member's slice of the samples), then every rank's
-            n = len(self.data.train)
-            pieces = self.plan.score_pieces(n)
-            rows = [
-                self.components.fisher(
-                    self.member(j).model,
-                    self.data.train if (s, e) == (0, n) else self.data.train.subset(torch.arange(s, e)),
-                    config=c,
-                    device=self.device,
-                    progress=progress and self.plan.is_main,
-                )
-                for j, s, e in pieces
-            ]
-            scores = self.plan.exchange_scores([r.float() for r in rows], n)
-            masks = self.plan.select(scores, self.components.select, c.ratio, c.variant, seeds).bool()
-        else:
-            rows = [
-                self.components.fisher(m.model, self.data.train, config=c, device=self.device, progress=progress)
-                for m in self.members
-            ]
-            scores = torch.stack([r.float().to(self.device) for r in rows])
-            masks = self.components.select(scores, c.ratio, c.variant, seeds).bool()
+        n = len(self.data.train)
+        # this process's rows (a data-parallel member's slice of the samples), then every process's
+        rows = [
+            self.components.fisher(
+                self.member(j).model,
+                self.data.train if (s, e) == (0, n) else self.data.train.subset(torch.arange(s, e)),
+                config=c,
+                device=self.device,
+                progress=progress,
+            )
+            for j, s, e in self.plan.score_pieces(n)
+        ]
+        scores = self.plan.exchange_scores([r.float() for r in rows], n)
+        masks = self.plan.select(scores, self.components.select, c.ratio, c.variant, seeds).bool()
         self.set_masks(masks)
-        self.scores = scores.cpu()
-        return self.scores, self.masks  # type: ignore[return-value]
+        self.state.scores = scores.cpu()
+        return self.state.scores, self.state.masks
 
     def set_masks(self, masks: torch.Tensor) -> None:
         """Install SAM masks bool [M, N] (also used by the benchmark to skip scoring)."""
@@ -296,235 +298,132 @@ class EnsembleTrainer(TrainerState):
                 sam_idx, nor_idx = sam_index_split(row)
                 # the batcher shuffles with the member's own order generator, continuing its stream
                 m.batcher = StaticBatcher(sam_idx, nor_idx, c.batch_size, m.order_gen, self.device)
-        self.masks = masks.cpu()
+        self.state.masks = masks.cpu()
 
     def sam_shares(self, phase: str) -> list[float]:
         """Each member's share of SAM samples in an epoch of ``phase``."""
-        if phase == "mixed" and self.masks is not None:
-            return self.masks.double().mean(1).tolist()
+        if phase == "mixed" and self.state.masks is not None:
+            return self.state.masks.double().mean(1).tolist()
         return [1.0 if phase == "sam" else 0.0] * self.config.members
 
     # -- evaluation --------------------------------------------------------------------------
 
     def evaluated_members(self) -> list[Member]:
-        """The members this rank evaluates: all of them, or under torchrun those it leads."""
-        return [m for m in self.members if self.plan is None or self.plan.leads(m.index)]
+        """The members this process evaluates: those it leads (under torchrun; else all)."""
+        return [m for m in self.members if self.plan.leads(m.index)]
+
+    def _test_batches(self) -> Any:
+        return (x for x, _ in self.test_dev.slices(self.config.eval_batch_size))
 
     def test_accuracy(self) -> tuple[list[float], float]:
-        models = [m.model for m in self.evaluated_members()]
-        batches = lambda: (x for x, _ in self.test_dev.slices(self.config.eval_batch_size))  # noqa: E731
-        if self.plan is None:
-            return accuracies(predict_probs(models, batches, self.config.torch_dtype), self.data.test.y)
-        n = len(self.data.test)
-        local = (
-            predict_probs(models, batches, self.config.torch_dtype)
-            if models
-            else torch.zeros(0, n, self.data.num_classes)
+        """Member and ensemble accuracies on the test split (the same on every process)."""
+        evaluated = self.evaluated_members()
+        gather = self.plan.evaluation([m.index for m in evaluated], self.data.num_classes)
+        probs = ensemble_probs(
+            [m.model for m in evaluated],
+            self._test_batches,
+            self.config.torch_dtype,
+            len(self.data.test),
+            self.data.num_classes,
+            gather,
         )
-        probs = self.plan.evaluation([m.index for m in self.evaluated_members()], self.data.num_classes).probs(local, n)
         acc = accuracies(probs, self.data.test.y) if probs is not None else None
-        return self.plan.broadcast(acc, "the test accuracies")  # the same history on every rank
+        return self.plan.broadcast(acc, "the test accuracies")
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def elapsed(self) -> float:
-        """Wall seconds of the run, over every session (a resumed run carries the earlier ones)."""
-        return self.clock["elapsed_s"] + time.perf_counter() - self._session_start
+    def state_dict(self) -> dict[str, Any] | None:
+        """Everything the rest of the run depends on (the checkpoint's payload): members'
+        parameters and buffers, optimizer states (torch.optim.SGD's layout), LR schedulers, every
+        generator (torch CPU/CUDA, per-member order and augmentation), the run state (position,
+        scores, masks, history, clocks), the config, the data's fingerprint and the versions.
+        Tensors and plain containers only.
 
-    def _describe_stop(self) -> str:
-        return f"during {self._stage}; the run continues from {self._saved}"
-
-    def _interrupt(self, detail: str) -> RunInterrupted:
-        assert self._catcher is not None and self._catcher.requested is not None and self.run_dir is not None
-        return RunInterrupted(self._catcher.requested, self.run_dir, detail)
-
-    # -- the schedule --------------------------------------------------------------------------
-
-    def run(self) -> EnsembleResult:
-        """Train from the current position to the end (from epoch 0 on a fresh trainer), then
-        evaluate. With a run folder: log.csv, checkpoints, and SIGINT/SIGTERM handling, which
-        finishes the current step, writes ``last.pt`` and raises :class:`RunInterrupted`."""
-        self._session_start = time.perf_counter()
-        with SignalCatcher(self.run_dir, self._describe_stop) as catcher:
-            self._catcher = catcher
-            try:
-                return self._schedule(catcher)
-            finally:
-                self._catcher = None
-
-    def _schedule(self, catcher: SignalCatcher) -> EnsembleResult:
-        c = self.config
-        self.callbacks.call("on_train_start", c, [m.model for m in self.members])
-        if self.log is not None:
-            self.log.rewrite(self.history)
-        if self.run_dir is not None:
-            if self.writes:
-                remove_stale_temporaries(self.run_dir / CHECKPOINT_DIR)
-            p = self.position
-            at_phase1_end = (
-                c.method in ("de_sam", "sharpbalance")
-                and (p.epoch, p.member, p.step) == (c.swap_epoch + 1, 0, 0)
-                and self.masks is None
-            )
-            if at_phase1_end and self.forked_from is not None:
-                self.save(LAST, PHASE1)  # the state the scoring starts from, and the fork's own phase 1 (its config)
-            elif at_phase1_end and not (self.run_dir / CHECKPOINT_DIR / PHASE1).exists():
-                self.save(PHASE1)  # a run stopped between writing last.pt and phase1.pt at T_d
-        n = self.train_dev.n
-        start = self.position.epoch
-        bar = progress_bar(
-            range(start, c.epochs), c.progress and self.writes, f"{c.method} [{c.backend}/{c.batching}]", start=start
+        Under torchrun every rank must call it: rank 0 gathers every member's state and returns
+        the whole payload (with the placement it ran under); the other ranks return None."""
+        p = self.state.position
+        members = self.plan.gather_states(
+            {m.index: m.state_dict(mid_epoch=p.step > 0 and m.index == p.member) for m in self.members}
         )
-        for epoch in bar:
-            phase = c.phase_of(epoch)
-            p = self.position
-            if p.lr is None:
-                self.callbacks.call("on_epoch_start", epoch, phase)
-            if c.method == "sharpbalance" and epoch == c.swap_epoch + 1 and self.masks is None:
-                # the state before scoring is on disk (last.pt of epoch T_d): a signal stops at once
-                t0 = time.perf_counter()
-                self._stage, catcher.immediate = "scoring", True
-                scores, masks = self.score_and_select()
-                sync_device(self.device)
-                self._stage, catcher.immediate = "training", False
-                p.score_s = time.perf_counter() - t0
-                self.clock["score_s"] += p.score_s
-                self.callbacks.call("on_scores", epoch, scores, masks)
-            if p.lr is None:
-                p.lr = float(self.members[0].opt.param_groups[0]["lr"])
-            t1 = time.perf_counter()
-            stop_all = False
-            try:
-                if self.plan is not None:
-                    train_loss, stop_all = self._epoch_on_ranks(phase, catcher)
-                while self.plan is None and p.member < c.members:
-                    p.losses.append(self.train_epoch(p.member, phase, start_step=p.step, loss_sum=p.loss_sum))
-                    p.member, p.step, p.loss_sum = p.member + 1, 0, None
-            except _StopAt as stop:
-                p.step, p.loss_sum = stop.step, stop.total
-                p.train_s += time.perf_counter() - t1
-                self.clock["train_s"] += time.perf_counter() - t1
-                self.save(LAST)
-                raise self._interrupt(
-                    f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written"
-                ) from None
-            if self.plan is None:
-                train_loss = torch.stack(p.losses).tolist()  # the epoch's one host sync
-            t2 = time.perf_counter()
-            self.clock["train_s"] += t2 - t1
-            time_s = p.train_s + t2 - t1
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "phase": phase,
-                "lr": p.lr,
-                "train_loss": train_loss,
-                "test_acc": None,
-                "ensemble_test_acc": None,
-                "time_s": time_s,
-                "score_s": p.score_s,
-                "samples_per_s": c.members * n / max(time_s, 1e-12),
-                "sam_share": self.sam_shares(phase),
-            }
-            skipped = [m.opt.skipped_steps for m in self.members if hasattr(m.opt, "skipped_steps")]
-            if skipped:  # the fused optimizer skips non-finite steps on the device and counts them
-                record["skipped_steps"] = [int(v) for v in skipped]
-                if self.plan is not None:
-                    record["skipped_steps"] = self.plan.member_counts(
-                        {m.index: m.opt.skipped_steps for m in self.members}
-                    )
-            if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
-                record["test_acc"], record["ensemble_test_acc"] = self.test_accuracy()
-            record["eval_s"] = time.perf_counter() - t2
-            self.clock["epoch_eval_s"] += record["eval_s"]
-            record["wall_s"] = self.elapsed()
-            self.history.append(record)
-            self.position = Position(epoch=epoch + 1)
-            if self.log is not None:
-                self.log.append(record)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(
-                    phase=phase,
-                    loss=f"{sum(train_loss) / len(train_loss):.3f}",
-                    acc=fmt_acc(record["ensemble_test_acc"]),
-                )
-            self.callbacks.call("on_epoch_end", epoch, record)
-            if self.run_dir is not None:
-                self._epoch_checkpoints(epoch)
-                if stop_all and catcher.requested is None:  # another rank was signalled: stop with it
-                    catcher.requested = signal.SIGTERM
-                if catcher.requested is not None:
-                    if self._saved_at != (epoch + 1, 0, 0):
-                        self.save(LAST)
-                    raise self._interrupt(f"at the end of epoch {epoch}; checkpoint written")
-        if catcher.requested is not None:
-            raise self._interrupt("before the final evaluation; checkpoint written")
-        self._stage, catcher.immediate = "the final evaluation", True
-        evaluated = self.evaluated_members()
-        ev = evaluate_ensemble(
-            [m.model for m in evaluated],
-            self.data,
-            c,
-            self.device,
-            self.components.fisher,
-            test_batches=lambda: (x for x, _ in self.test_dev.slices(c.eval_batch_size)),
-            gather=self.plan.evaluation([m.index for m in evaluated], self.data.num_classes) if self.plan else None,
-        )
-        if self.plan is not None:  # the metrics, computed on rank 0, in every rank's result
-            ev["metrics"], ev["ood"] = self.plan.broadcast((ev["metrics"], ev["ood"]), "the final metrics")
-        catcher.immediate = False
-        timing = {
-            "total_s": self.elapsed(),
-            "train_s": self.clock["train_s"],
-            "score_s": self.clock["score_s"],
-            "epoch_eval_s": self.clock["epoch_eval_s"],
-            **ev["timing"],
+        if members is None:
+            return None
+        # the training device's CUDA generator only: a resume may see another number of GPUs
+        cuda_rng = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+        run = self.state.state_dict()
+        return {
+            "format": PAYLOAD_FORMAT,
+            "config": self.config.to_dict(),
+            "versions": versions(),
+            "device": str(self.device),
+            "data": {"fingerprint": self.fingerprint, "train": len(self.data.train), "test": len(self.data.test)},
+            "model": model_spec(self.config, self.data),
+            "components": dict(self.components.names),
+            "position": run["position"],
+            "members": members,
+            "rng": {"torch": torch.get_rng_state(), "cuda": list(cuda_rng)},
+            **{k: run[k] for k in RUN_STATE_KEYS if k != "position"},
+            "placement": self.plan.saved_placement(),
         }
-        components = dict(self.components.names, batching=c.batching, device=str(self.device))
-        if self.forked_from is not None:
-            components["from_phase1"] = self.forked_from
-        if self.history and sum(self.history[-1].get("skipped_steps", [])):
-            warn_once(
-                f"{c.method}: steps skipped for non-finite gradients per member: {self.history[-1]['skipped_steps']}"
-            )
-        if c.cuda_graphs:
-            components["cuda_graph_captures"] = str(sum(g.captures for m in self.members for g in m.graphs.values()))
-        result = EnsembleResult(
-            config=c,
-            metrics=ev["metrics"],
-            ood=ev["ood"],
-            history=list(self.history),
-            sharpness=ev["sharpness"],
-            scores=self.scores,
-            masks=self.masks,
-            timing=timing,
-            components=components,
-            models=[m.model for m in self.members],
-            probs=ev["probs"],
-        )
-        self.callbacks.call("on_train_end", result)
-        return result
 
-    def _epoch_on_ranks(self, phase: str, catcher: SignalCatcher) -> tuple[list[float], bool]:
-        """One epoch of this rank's members under torchrun; every member's mean loss (gathered)
-        and whether any rank was signalled. A position inside the epoch (a resumed single-process
-        checkpoint) is honoured: members before it are done, its member continues from its step."""
-        p = self.position
-        local: dict[int, torch.Tensor | float] = {}
+    def load_state_dict(self, state: Mapping[str, Any], *, fork: bool = False) -> None:
+        """Continue from a checkpoint's payload (``state_dict()``'s). Everything is checked
+        before anything is loaded: the data's fingerprint, the device kind, the members and their
+        parameter shapes. ``fork``: a phase-1 checkpoint of another run, whose clocks are not
+        carried (the run's timing counts its own work).
+
+        Raises:
+            ValueError naming what does not match.
+        """
+        c = self.config
+        if state.get("format") != PAYLOAD_FORMAT:
+            raise ValueError(f"not an sbfast training checkpoint payload (format {state.get('format')!r})")
+        if state["data"]["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                f"the checkpoint was written for other data than this run's (train {state['data']['train']} / test "
+                f"{state['data']['test']} samples there, {len(self.data.train)} / {len(self.data.test)} here, and the "
+                "values differ): point data_root at the run's data"
+            )
+        saved_dev = torch.device(state["device"])
+        if saved_dev.type != self.device.type:
+            raise ValueError(
+                f"the checkpoint was written on {saved_dev.type}, this run uses {self.device}: pass device={saved_dev.type!r}"
+            )
+        saved_members = state["members"]
+        if len(saved_members) != c.members:
+            raise ValueError(f"the checkpoint has {len(saved_members)} members, the config {c.members}")
+        note = None
+        if not fork:
+            note = check_resume_placement(
+                state.get("placement"),
+                self.plan.placement,
+                c.members,
+                c.sam_grad_sync,
+                c.sync_batchnorm,
+                any(isinstance(x, nn.modules.batchnorm._BatchNorm) for m in self.members for x in m.model.modules()),
+            )
         for m in self.members:
-            j = m.index
-            if j < p.member:  # done before the checkpoint: its loss is in the position, counted once
-                if self.plan.leads(j):  # type: ignore[union-attr]
-                    local[j] = p.losses[j]
-                continue
-            resume_here = j == p.member and p.step > 0
-            lead = self.plan.leads(j)  # type: ignore[union-attr]
-            # a data-parallel member's running sum is the whole member's: its leader carries it
-            start_sum = p.loss_sum if resume_here and lead else None
-            start_step = p.step if resume_here else 0
-            if start_sum is None and resume_here:
-                start_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-            local[j] = self.train_epoch(j, phase, start_step=start_step, loss_sum=start_sum)
-        return self.plan.epoch_end(local, catcher.requested is not None)  # type: ignore[union-attr]
+            m.check_state(saved_members[m.index], c.augment)
+
+        for m in self.members:
+            m.load_state_dict(saved_members[m.index])
+        torch.set_rng_state(state["rng"]["torch"])
+        cuda_rng = state["rng"]["cuda"]
+        if cuda_rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng[0], self.device)
+        self.state.load_state_dict(state, self.device, c, fork)
+        if self.state.masks is not None:
+            self.set_masks(self.state.masks)
+        self.placement_note = note
+
+    def save(self, *names: str) -> None:
+        """Write the current state as ``checkpoints/<name>`` for each name (serialised once)."""
+        if self.run_dir is None:
+            raise ValueError("this trainer has no run folder to checkpoint into (run_dir=None)")
+        payload = self.state_dict()  # under torchrun: gathered on rank 0, which alone writes
+        if payload is not None and self.folder is not None:
+            self.folder.save(payload, names)
+        if LAST in names:
+            self.state.mark_saved(self.config)
 
     def _epoch_checkpoints(self, epoch: int) -> None:
         c = self.config
@@ -535,114 +434,204 @@ class EnsembleTrainer(TrainerState):
         elif epoch == c.epochs - 1 or (c.checkpoint_every and (epoch + 1) % c.checkpoint_every == 0):
             self.save(LAST)
 
+    # -- the schedule ------------------------------------------------------------------------
 
-def train_ensemble(
-    config: TrainConfig | Mapping[str, Any],
-    callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None = None,
-    *,
-    data: TrainData | None = None,
-    resume: str | Path | None = None,
-) -> EnsembleResult:
-    """Train an ensemble with ``config.method`` and evaluate it (see the package docstring).
+    def elapsed(self) -> float:
+        """Wall seconds of the run, over every session (a resumed run carries the earlier ones)."""
+        return self.state.elapsed()
 
-    With ``config.output_dir`` the run writes its folder there (docs/runs.md): config.json,
-    log.csv, checkpoints/last.pt (every ``checkpoint_every`` epochs) and phase1.pt (de_sam,
-    sharpbalance: the end of epoch T_d), then ``EnsembleResult.save``'s files. SIGINT/SIGTERM
-    finish the current step, write a checkpoint, print one line saying how to resume and raise
-    :class:`RunInterrupted`.
+    def _describe_stop(self) -> str:
+        return f"during {self._stage}; the run continues from {self.state.saved}"
 
-    Args:
-        config: a TrainConfig (or a dict of its fields).
-        callbacks: Callback instances and/or callables ``fn(epoch, record)`` (epoch end).
-        data: a TrainData from :func:`load_data` to reuse across runs (default: loaded here).
-        resume: a run folder to continue from its last good checkpoint (also
-            ``config.resume``). The saved config is used; fields the caller set (a dict's keys,
-            or a TrainConfig's fields that differ from their defaults) may differ from it only
-            where ``RESUME_SAFE_FIELDS`` allows. The result equals the uninterrupted run's.
-    ``config.from_phase1``: start at T_d + 1 from a compatible run's ``phase1.pt`` (the same
-    phase 1 as this config's, ``PHASE1_FIELDS``), bit-identical to training phase 1 again.
+    def _interrupt(self, detail: str) -> RunInterrupted:
+        assert self._catcher is not None and self._catcher.requested is not None and self.run_dir is not None
+        return RunInterrupted(self._catcher.requested, self.run_dir, detail)
 
-    Returns:
-        EnsembleResult; also saved under the run folder when there is one.
-    Raises:
-        ValueError for a bad config, an unavailable device, an unusable output folder, a refused
-        resume or fork (CheckpointError, a ValueError, for a bad checkpoint file), all before
-        anything is trained. RunInterrupted on SIGINT/SIGTERM.
-    """
-    asked = config.get("resume") if isinstance(config, Mapping) else getattr(config, "resume", None)
-    if resume is not None and asked is not None and Path(resume) != Path(asked):
-        raise ValueError(f"resume={str(resume)!r} and config.resume={asked!r} name different runs")
-    resume = resume if resume is not None else asked
-    payload: dict[str, Any] | None = None
-    bad_last: Path | None = None
-    if resume is not None:
-        run_dir: Path | None = check_output_dir(resume, resume=True)
-        path, payload = load_latest(run_dir)
-        if path.name == PREVIOUS and (path.parent / LAST).exists():
-            bad_last = path.parent / LAST
-        saved = TrainConfig.from_dict(payload["config"])
-        config = resumed_config(saved, requested_fields(config), run_dir, payload["device"])
-    else:
-        config = as_config(config)
-        if config.from_phase1 is not None:
-            source = phase1_path(config.from_phase1)
-            payload = load_checkpoint(source)
-            check_phase1_compatible(TrainConfig.from_dict(payload["config"]), config, source)
-            payload = dict(payload, forked_from=str(source))
-        config.check_device()  # before the folder is created: a bad device leaves nothing behind
-        run_dir = Path(config.output_dir) if config.output_dir else None
-    device = config.check_device()
-    # under torchrun: join the job, place the members (docs/distributed.md); None otherwise
-    plan = start_plan(
-        config.members,
-        config.resolved_device(),
-        placement=config.placement,
-        sam_grad_sync=config.sam_grad_sync,
-        sync_batchnorm=config.sync_batchnorm,
-        timeout_s=config.dist_timeout,
-    )
-    try:
-        if plan is not None and resume is None:
-            # rank 0's folder is the run's; a folder this rank's caller made for it (each rank of
-            # a command line names one) is left empty, so it goes
-            own = run_dir
-            run_dir = plan.on_rank0(
-                lambda: check_output_dir(own) if own is not None else None, "the output folder check"
-            )
-            if (
-                own is not None
-                and run_dir is not None
-                and own.resolve() != run_dir.resolve()
-                and own.is_dir()
-                and not any(own.iterdir())
-            ):
-                own.rmdir()
-            config = config.replace(output_dir=str(run_dir) if run_dir is not None else None)
-        elif resume is None and run_dir is not None:
-            run_dir = check_output_dir(run_dir)
-        if plan is not None and plan.is_main:
-            print(plan.describe(), flush=True)
-        with thread_limit(config.num_threads, device):
-            trainer = EnsembleTrainer(config, data, callbacks, run_dir=run_dir, plan=plan)
-            if payload is not None:
-                trainer.load_state_dict(payload, fork=resume is None)
-                if trainer.placement_note is not None and trainer.writes:
-                    print(trainer.placement_note, flush=True)
-            if plan is not None and payload is not None:
-                plan.barrier("reading the checkpoint")  # every rank has read it before rank 0 writes
-            if bad_last is not None and trainer.writes:  # keep the damaged file for inspection, out of the rotation
-                bad_last.replace(bad_last.with_name(LAST + ".bad"))
-            if run_dir is not None and trainer.writes:
-                write_config(run_dir, config, trainer.device)
+    def run(self) -> EnsembleResult:
+        """Train from the current position to the end (from epoch 0 on a fresh trainer), then
+        evaluate. With a run folder: log.csv, checkpoints, and SIGINT/SIGTERM handling, which
+        finishes the current step, writes ``last.pt`` and raises :class:`RunInterrupted`."""
+        self.state.session_start = time.perf_counter()
+        with SignalCatcher(self.run_dir, self._describe_stop) as catcher:
+            self._catcher = catcher
             try:
-                result = trainer.run()
-            except RunInterrupted as e:
-                if trainer.writes:
-                    print(str(e), file=sys.stderr, flush=True)
-                raise
-        if run_dir is not None and trainer.writes:
-            result.save(run_dir)
-    finally:
-        if plan is not None:
-            plan.shutdown()
-    return result
+                self._start()
+                c = self.config
+                start = self.state.position.epoch
+                bar = progress_bar(
+                    range(start, c.epochs),
+                    c.progress and self.writes,
+                    f"{c.method} [{c.backend}/{c.batching}]",
+                    start=start,
+                )
+                for epoch in bar:
+                    record = self._epoch(epoch)
+                    if hasattr(bar, "set_postfix"):
+                        losses = record["train_loss"]
+                        bar.set_postfix(
+                            phase=record["phase"],
+                            loss=f"{sum(losses) / len(losses):.3f}",
+                            acc=fmt_acc(record["ensemble_test_acc"]),
+                        )
+                return self._finish()
+            finally:
+                self._catcher = None
+
+    def _start(self) -> None:
+        """The run's first moments: its folder (config.json, log.csv from the history), the
+        hooks, and at the end of phase 1 the phase-1 checkpoint that a fork or a stop between
+        two writes left to write."""
+        c, s = self.config, self.state
+        if self.folder is not None:
+            self.folder.begin(c, self.device, s.history)
+        self.callbacks.call("on_train_start", c, [m.model for m in self.members])
+        p = s.position
+        at_phase1_end = (
+            self.run_dir is not None
+            and c.method in ("de_sam", "sharpbalance")
+            and (p.epoch, p.member, p.step) == (c.swap_epoch + 1, 0, 0)
+            and s.masks is None
+        )
+        if at_phase1_end and s.forked_from is not None:
+            self.save(LAST, PHASE1)  # the state the scoring starts from, and the fork's own phase 1 (its config)
+        elif at_phase1_end and not (self.run_dir / CHECKPOINT_DIR / PHASE1).exists():
+            self.save(PHASE1)  # a run stopped between writing last.pt and phase1.pt at T_d
+
+    def _score_if_due(self, epoch: int) -> None:
+        """sharpbalance at the start of epoch T_d + 1: score and select (once per run). The state
+        before scoring is on disk (last.pt of epoch T_d): a signal stops at once."""
+        c, s = self.config, self.state
+        if not (c.method == "sharpbalance" and epoch == c.swap_epoch + 1 and s.masks is None):
+            return
+        assert self._catcher is not None
+        t0 = time.perf_counter()
+        self._stage, self._catcher.immediate = "scoring", True
+        scores, masks = self.score_and_select()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._stage, self._catcher.immediate = "training", False
+        s.position.score_s = time.perf_counter() - t0
+        s.clock["score_s"] += s.position.score_s
+        self.callbacks.call("on_scores", epoch, scores, masks)
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of every member (from the position, which may be inside it), its record in
+        the history, log.csv and the hooks, its checkpoints, and a stop that was asked for."""
+        c, s = self.config, self.state
+        catcher = self._catcher
+        assert catcher is not None
+        phase = c.phase_of(epoch)
+        p = s.position
+        if p.lr is None:
+            self.callbacks.call("on_epoch_start", epoch, phase)
+        self._score_if_due(epoch)
+        if p.lr is None:
+            p.lr = float(self.members[0].opt.param_groups[0]["lr"])
+        t1 = time.perf_counter()
+        try:
+            train_loss, stop_all = self._train_members(phase)
+        except _StopAt as stop:
+            p.step, p.loss_sum = stop.step, stop.total
+            p.train_s += time.perf_counter() - t1
+            s.clock["train_s"] += time.perf_counter() - t1
+            self.save(LAST)
+            raise self._interrupt(
+                f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written"
+            ) from None
+        record = self._record(epoch, phase, train_loss, t1)
+        s.finish_epoch(record)
+        if self.folder is not None:
+            self.folder.append(record)
+        self.callbacks.call("on_epoch_end", epoch, record)
+        if self.run_dir is not None:
+            self._epoch_checkpoints(epoch)
+            if stop_all and catcher.requested is None:  # another rank was signalled: stop with it
+                catcher.requested = signal.SIGTERM
+            if catcher.requested is not None:
+                if s.saved_at != (epoch + 1, 0, 0):
+                    self.save(LAST)
+                raise self._interrupt(f"at the end of epoch {epoch}; checkpoint written")
+        return record
+
+    def _record(self, epoch: int, phase: str, train_loss: list[float], t1: float) -> dict[str, Any]:
+        """The history's record of an epoch whose training started at ``t1`` and has just ended
+        (the test accuracy evaluated here, every ``eval_every`` epochs and at the last)."""
+        c, s = self.config, self.state
+        p = s.position
+        t2 = time.perf_counter()
+        s.clock["train_s"] += t2 - t1
+        time_s = p.train_s + t2 - t1
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "phase": phase,
+            "lr": p.lr,
+            "train_loss": train_loss,
+            "test_acc": None,
+            "ensemble_test_acc": None,
+            "time_s": time_s,
+            "score_s": p.score_s,
+            "samples_per_s": c.members * self.train_dev.n / max(time_s, 1e-12),
+            "sam_share": self.sam_shares(phase),
+        }
+        skipped = {m.index: m.opt.skipped_steps for m in self.members if hasattr(m.opt, "skipped_steps")}
+        if skipped:  # the fused optimizer skips non-finite steps on the device and counts them
+            record["skipped_steps"] = self.plan.member_counts(skipped)
+        if (epoch + 1) % c.eval_every == 0 or epoch == c.epochs - 1:
+            record["test_acc"], record["ensemble_test_acc"] = self.test_accuracy()
+        record["eval_s"] = time.perf_counter() - t2
+        s.clock["epoch_eval_s"] += record["eval_s"]
+        record["wall_s"] = self.elapsed()
+        return record
+
+    def _finish(self) -> EnsembleResult:
+        """The final evaluation (its metrics the same on every process) and the result."""
+        c, s = self.config, self.state
+        catcher = self._catcher
+        assert catcher is not None
+        if catcher.requested is not None:
+            raise self._interrupt("before the final evaluation; checkpoint written")
+        self._stage, catcher.immediate = "the final evaluation", True
+        evaluated = self.evaluated_members()
+        ev = evaluate_ensemble(
+            [m.model for m in evaluated],
+            self.data,
+            c,
+            self.device,
+            self.components.fisher,
+            test_batches=self._test_batches,
+            gather=self.plan.evaluation([m.index for m in evaluated], self.data.num_classes),
+        )
+        # the metrics, computed on rank 0, in every rank's result
+        ev["metrics"], ev["ood"] = self.plan.broadcast((ev["metrics"], ev["ood"]), "the final metrics")
+        catcher.immediate = False
+        timing = {
+            "total_s": self.elapsed(),
+            "train_s": s.clock["train_s"],
+            "score_s": s.clock["score_s"],
+            "epoch_eval_s": s.clock["epoch_eval_s"],
+            **ev["timing"],
+        }
+        components = dict(self.components.names, batching=c.batching, device=str(self.device))
+        if s.forked_from is not None:
+            components["from_phase1"] = s.forked_from
+        if s.history and sum(s.history[-1].get("skipped_steps", [])):
+            warn_once(
+                f"{c.method}: steps skipped for non-finite gradients per member: {s.history[-1]['skipped_steps']}"
+            )
+        if c.cuda_graphs:
+            components["cuda_graph_captures"] = str(sum(g.captures for m in self.members for g in m.graphs.values()))
+        result = EnsembleResult(
+            config=c,
+            metrics=ev["metrics"],
+            ood=ev["ood"],
+            history=list(s.history),
+            sharpness=ev["sharpness"],
+            scores=s.scores,
+            masks=s.masks,
+            timing=timing,
+            components=components,
+            models=[m.model for m in self.members],
+            probs=ev["probs"],
+        )
+        self.callbacks.call("on_train_end", result)
+        return result

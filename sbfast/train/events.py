@@ -1,14 +1,58 @@
-"""Stopping a run cleanly on SIGINT / SIGTERM: ``RunInterrupted`` and the handler that defers a
-signal to the end of the current training step."""
+"""What watches a run: hooks (``Callback``), SIGINT / SIGTERM (``RunInterrupted`` and the handler that defers a signal to the end of the current training step) and the epoch progress bar."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from sbfast.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from sbfast.train.results import EnsembleResult
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+
+
+class Callback:
+    """Hooks into a run; override what you need. Plain callables are accepted too and are called
+    as ``fn(epoch, record)`` at the end of every epoch."""
+
+    def on_train_start(self, config: TrainConfig, models: Sequence[nn.Module]) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int, phase: str) -> None:
+        pass
+
+    def on_scores(self, epoch: int, scores: torch.Tensor, masks: torch.Tensor) -> None:
+        """Right after scoring and selection (sharpbalance, start of epoch T_d + 1): scores
+        float32 [M, N], masks bool [M, N] (True = SAM), both on the CPU."""
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, result: EnsembleResult) -> None:
+        pass
+
+
+class CallbackList:
+    def __init__(self, callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None) -> None:
+        self.items = list(callbacks or [])
+        for c in self.items:
+            if not isinstance(c, Callback) and not callable(c):
+                raise TypeError(f"callbacks must be Callback instances or callables, got {type(c).__name__}")
+
+    def call(self, hook: str, *args: Any) -> None:
+        for c in self.items:
+            if isinstance(c, Callback):
+                getattr(c, hook)(*args)
+            elif hook == "on_epoch_end":
+                c(*args)
+
 
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
 
@@ -70,3 +114,16 @@ class SignalCatcher:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+
+
+def fmt_acc(a: float | None) -> str:
+    return "-" if a is None else f"{a:.4f}"
+
+
+def progress_bar(it: Any, enabled: bool, desc: str, start: int = 0) -> Any:
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    total = start + len(it) if hasattr(it, "__len__") else None
+    return tqdm(it, desc=desc, unit="epoch", leave=True, dynamic_ncols=True, initial=start, total=total)
