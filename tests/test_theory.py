@@ -202,12 +202,12 @@ def plain_point(method, draws, w_hat, *, s, k, rho, eta, sigma2, rho0, steps=50,
     parts = np.array_split(np.arange(n), s if method == "sharpbalance" else 1)
     sharps, variances = [], []
     for b in range(data_draws):
-        A = draws.A[b] / math.sqrt(d)
-        T = draws.T[b] / math.sqrt(d)
+        A = draws.A[b].double() / math.sqrt(d)
+        T = draws.T[b].double() / math.sqrt(d)
         y = A @ w_hat
         members, errors = [], []
         for i in range(draws.w0.shape[1]):
-            w0 = draws.w0[b, i] * math.sqrt(sigma2)
+            w0 = draws.w0[b, i].double() * math.sqrt(sigma2)
             for idx in parts:
                 Ap, yp = A[torch.as_tensor(idx)], y[torch.as_tensor(idx)]
                 w = w0.clone()
@@ -227,7 +227,8 @@ def plain_point(method, draws, w_hat, *, s, k, rho, eta, sigma2, rho0, steps=50,
             step = torch.eye(d, dtype=A.dtype) - eta * Gp - eta * rho * Gp @ Gp
             mean_power += torch.linalg.matrix_power(step, k) / len(parts)
         target = G @ mean_power @ w_hat
-        eps = draws.eps0[b] / (draws.eps0[b].norm() * 2) * rho0
+        eps0 = draws.eps0[b].double()
+        eps = eps0 / (eps0.norm() * 2) * rho0
         for _ in range(steps):
             new = eps + step_size * (G @ eps - target)
             new = new * rho0 / max(float(new.norm()), rho0)
@@ -374,24 +375,44 @@ def test_quick_run_sharpbalance_has_more_diversity_at_equal_sharpness(quick_run)
 
 
 def test_quick_run_simulation_meets_the_theorem(quick_run):
-    """SharpBalance's simulated sharpness stays under its upper bound (within 2 s.e.); SAM's
-    lies between its bounds (within 3 s.e.); the simulated variance is the theorem's within
-    3 s.e. + 5% (the theorem's variance is a limit in n, d; at d = 30 it is near)."""
+    """The simulated sharpness is under the theorem's upper bound and (SAM) over its lower bound,
+    and the variance is the theorem's: at every point within 4 standard errors (4 data draws give
+    a t-distributed error with 3 degrees of freedom: one-sided 4 s.e. has a 1.4% tail) and over
+    each sweep's points together within 2.5 s.e. of the sum. The variance also within 10%, the
+    finite-size gap at d = 30 (the theorem's figures are limits in n and d: at the notebook's
+    d = 150 the simulated SharpBalance variance sits about 1% under the limit, at d = 30 about
+    5-8%). Along each sweep the simulation moves the way the theorem does."""
     _, data = quick_run
     for name in ("sharpbalance-rho", "vary-k", "sam-bounds"):
-        for p in data[name]["points"]:
+        points = data[name]["points"]
+        above_upper, below_lower, var_gap, se2, var_se2 = 0.0, 0.0, 0.0, 0.0, 0.0
+        for p in points:
             x, se = p["simulated_sharpness"], p["simulated_sharpness_se"]
-            slack = (3 if p["method"] == "sam" else 2) * se
-            assert x <= p["sharpness_upper"] + slack, (name, p)
+            assert x <= p["sharpness_upper"] + 4 * se, (name, p)
+            above_upper += x - p["sharpness_upper"]
             if p["sharpness_lower"] is not None:
-                assert x >= p["sharpness_lower"] - slack, (name, p)
-            gap = abs(p["simulated_variance"] - p["variance_bound"])
-            assert gap <= 3 * p["simulated_variance_se"] + 0.05 * p["variance_bound"], (name, p)
-    # more SAM steps (k) at fixed rho: flatter and less diverse, simulated as in theory
+                assert x >= p["sharpness_lower"] - 4 * se, (name, p)
+                below_lower += p["sharpness_lower"] - x
+            gap = p["simulated_variance"] - p["variance_bound"]
+            assert abs(gap) <= 4 * p["simulated_variance_se"] + 0.10 * p["variance_bound"], (name, p)
+            var_gap += abs(gap) - 0.10 * p["variance_bound"]
+            se2 += se**2
+            var_se2 += p["simulated_variance_se"] ** 2
+        assert above_upper <= 2.5 * math.sqrt(se2) and below_lower <= 2.5 * math.sqrt(se2), name
+        assert var_gap <= 2.5 * math.sqrt(var_se2), name
+        first, last = points[0], points[-1]
+        for sim, bound in (("simulated_sharpness", "sharpness_upper"), ("simulated_variance", "variance_bound")):
+            se = math.hypot(first[f"{sim}_se"], last[f"{sim}_se"])
+            theory_moves = last[bound] - first[bound]
+            assert abs(theory_moves) > 0
+            moved = (last[sim] - first[sim]) * math.copysign(1, theory_moves)
+            # the theorem's direction: by more than 2 s.e. where it moves a lot (SAM's rho, k),
+            # and not against it by more than 2 s.e. along SharpBalance's rho (a 12% move, about
+            # 3 s.e. of 4 x 20 draws)
+            assert moved > (-2 * se if name == "sharpbalance-rho" else 2 * se), (name, sim)
+    # the notebook's reading: more SAM steps (k) at fixed rho is flatter and less diverse
     vk = data["vary-k"]["points"]
-    assert [p["k"] for p in vk] == sorted(p["k"] for p in vk)
-    assert vk[-1]["simulated_sharpness"] < vk[0]["simulated_sharpness"]
-    assert vk[-1]["simulated_variance"] < vk[0]["simulated_variance"]
+    assert vk[-1]["sharpness_upper"] < vk[0]["sharpness_upper"] and vk[-1]["variance_bound"] < vk[0]["variance_bound"]
 
 
 @pytest.mark.parametrize(
