@@ -341,6 +341,8 @@ def test_quick_run_writes_a_figure_and_strict_json_each(quick_run):
     out, data = quick_run
     import matplotlib.image
 
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.{ext}" for n in S_FIGURES for ext in ("json", "png"))
+
     for name in S_FIGURES:
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.shape[0] > 300 and image.shape[1] > 400

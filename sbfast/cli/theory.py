@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -116,10 +117,15 @@ def cmd_theory(args: argparse.Namespace) -> int:
     for name in figures:
         data = compute_figure(name, settings, progress)
         print(format_table(data))
-        payload = json.dumps(_strict(data.to_dict()), indent=2, allow_nan=False)
-        (output / f"{name}.json").write_text(payload + "\n")
-        png = plot_figure(data, output / f"{name}.png")
-        print(f"wrote {png} and {output / f'{name}.json'}\n")
+        # each file written whole or not at all (a temporary name, then one rename), so a
+        # Ctrl-C leaves the figures finished so far and no half-written file
+        json_path, png_path = output / f"{name}.json", output / f"{name}.png"
+        tmp_json, tmp_png = output / f".{name}.json.tmp", output / f".{name}.tmp.png"
+        tmp_json.write_text(json.dumps(_strict(data.to_dict()), indent=2, allow_nan=False) + "\n")
+        plot_figure(data, tmp_png)
+        os.replace(tmp_json, json_path)
+        os.replace(tmp_png, png_path)
+        print(f"wrote {png_path} and {json_path}\n")
     return 0
 
 

@@ -18,7 +18,6 @@ seconds.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -235,11 +234,6 @@ def format_table(data: FigureData) -> str:
     return "\n".join(lines)
 
 
-def finite_or_none(x: float | None) -> float | None:
-    """``x`` if it is a finite float, else None (strict JSON has no NaN or Infinity)."""
-    return x if x is not None and math.isfinite(x) else None
-
-
 __all__ = [
     "FIGURES",
     "FigureData",
@@ -248,7 +242,6 @@ __all__ = [
     "Settings",
     "Sweep",
     "compute_figure",
-    "finite_or_none",
     "format_table",
     "quick_settings",
     "sweeps",
