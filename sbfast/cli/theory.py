@@ -28,9 +28,13 @@ def add_theory_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "--output and prints a table (docs/reproduce.md).",
     )
     t.add_argument("--figure", required=True, choices=CHOICES, help="which figure (all: the four)")
-    t.add_argument("--output", default="runs/theory", metavar="DIR", help="folder for the PNG and JSON files (default runs/theory)")
+    t.add_argument(
+        "--output", default="runs/theory", metavar="DIR", help="folder for the PNG and JSON files (default runs/theory)"
+    )
     t.add_argument("--draws", type=int, metavar="N", help="data draws per point (default 10; --quick 4)")
-    t.add_argument("--init-draws", type=int, metavar="N", help="initialisations per data draw (default 100; --quick 20)")
+    t.add_argument(
+        "--init-draws", type=int, metavar="N", help="initialisations per data draw (default 100; --quick 20)"
+    )
     t.add_argument("--seed", type=int, default=0, help="seed of the generator (teacher, data, inits)")
     t.add_argument("--quick", action="store_true", help="a run of seconds: n 600, d 30, p 200, 5 points a sweep")
     t.add_argument("--device", default="cpu", help="device to simulate on (default: cpu)")
