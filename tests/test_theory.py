@@ -441,3 +441,36 @@ def test_output_that_is_a_file_is_refused(tmp_path, capsys):
     f.write_text("")
     assert main(["theory", "--figure", "sam-vs-sharpbalance", "--quick", "--output", str(f)]) == 2
     assert "is a file; expected a folder" in capsys.readouterr().err
+
+
+def test_sweeps_are_the_notebook_grids():
+    from sbfast.theory.figures import Settings, sweeps
+
+    grids = {
+        "sam-vs-sharpbalance": [
+            ("sam", np.linspace(0.255, 0.24, 50), 3),
+            ("sharpbalance", np.linspace(1.5, 1e-2, 50), 3),
+        ],
+        "sam-bounds": [("sam", np.linspace(0.5, 0.3, 20), 3)],
+        "sharpbalance-rho": [("sharpbalance", np.linspace(1.0, 0.4, 20), 5)],
+        "vary-k": [("sharpbalance", np.arange(1, 15), 0.4)],
+    }
+    for figure, want in grids.items():
+        got = sweeps(figure)
+        assert [(sw.method, sw.fixed) for sw in got] == [(m, f) for m, _, f in want]
+        for sw, (_, values, _) in zip(got, want, strict=True):
+            assert list(sw.values) == [float(v) for v in values]  # bit for bit
+    s = Settings()
+    assert (s.n, s.d, s.p, s.s, s.sigma2, s.eta, s.rho0, s.data_draws, s.init_draws) == (
+        3000,
+        150,
+        1000,
+        10,
+        0.1,
+        0.01,
+        0.01,
+        10,
+        100,
+    )
+    with pytest.raises(ValueError, match="figure must be one of"):
+        sweeps("sam")
