@@ -172,6 +172,29 @@ def test_upper_packages_are_imported_only_from_above():
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {t} ({apart} stands apart: torch only)")
                 if apart is None and any(t == pkg or t.startswith(pkg + ".") for pkg in APART):
                     bad.append(f"{path.relative_to(ROOT)}:{line} imports {t} ({t.split('.')[1]} stands apart)")
+
+
+def test_theory_stands_apart():
+    """sbfast.theory (the linear-model theory figures) is apart from the rest of sbfast: it
+    imports torch, numpy, matplotlib and the standard library, and of sbfast only itself and
+    sbfast.common."""
+    import sys
+
+    third_party = ("torch", "numpy", "matplotlib")
+    bad = []
+    for path in sorted((PACKAGE / "theory").glob("*.py")):
+        for module, names, line in _imports(path):
+            top = module.split(".")[0]
+            if top == "sbfast":
+                targets = [f"{module}.{n}" for n in names] if module == "sbfast" else [module]
+                bad += [
+                    f"{path.name}:{line} imports {t}"
+                    for t in targets
+                    if not t.startswith(("sbfast.theory", "sbfast.common"))
+                ]
+            elif top not in third_party and top not in sys.stdlib_module_names and top != "__future__":
+                bad.append(f"{path.name}:{line} imports {module}")
+    assert (PACKAGE / "theory" / "__init__.py").exists()
     assert not bad, "\n".join(bad)
 
 

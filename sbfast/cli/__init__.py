@@ -36,6 +36,7 @@ sbfast: SharpBalance ensembles (de, de_sam, sharpbalance), fast.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sbfast.cli.training",
     "sbfast.cli.tools",
+    "sbfast.cli.theory",
 )
 
 
