@@ -133,4 +133,4 @@ def cmd_theory(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_theory_parser", "cmd_theory"]
+__all__ = ["add_parsers", "cmd_theory"]
