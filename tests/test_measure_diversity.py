@@ -71,7 +71,9 @@ def test_kl_and_js_equal_twins(shape, dtype, tol, zeros):
 def test_kl_is_directional():
     p = torch.tensor([[[0.9, 0.1]], [[0.5, 0.5]]], dtype=torch.float64)
     kl = measure.kl_divergence(p)
-    assert kl[0, 1].item() == pytest.approx(0.9 * torch.log(torch.tensor(1.8)).item() + 0.1 * torch.log(torch.tensor(0.2)).item())
+    assert kl[0, 1].item() == pytest.approx(
+        0.9 * torch.log(torch.tensor(1.8)).item() + 0.1 * torch.log(torch.tensor(0.2)).item()
+    )
     assert kl[0, 1] != kl[1, 0]
 
 

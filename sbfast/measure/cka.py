@@ -57,7 +57,9 @@ def check_kernel(kernel: str, threshold: float) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
-        raise ValueError(f"threshold must be a number > 0 (the RBF bandwidth's fraction of the median), got {threshold!r}")
+        raise ValueError(
+            f"threshold must be a number > 0 (the RBF bandwidth's fraction of the median), got {threshold!r}"
+        )
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -113,13 +115,23 @@ def center_gram(gram: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
 
 
 def _ratio(hsic: torch.Tensor) -> torch.Tensor:
-    """[L, L] matrix of (scaled) HSICs -> CKA_ij = S_ij / sqrt(S_ii S_jj), clamped to [-1, 1]."""
+    """[L, L] matrix of (scaled) HSICs -> CKA_ij = S_ij / sqrt(S_ii S_jj), clamped to [-1, 1].
+
+    S is symmetrised first (a product U U^T need not be bit-symmetric); the diagonal is then
+    exactly 1, since sqrt(s * s) == s in IEEE arithmetic."""
+    hsic = (hsic + hsic.T) / 2
     d = hsic.diagonal()
     return (hsic / torch.sqrt(d[:, None] * d[None, :])).clamp(-1.0, 1.0)
 
 
 def _gram(x: torch.Tensor, kernel: str, threshold: float) -> torch.Tensor:
-    return gram_linear(x) if kernel == "linear" else gram_rbf(x, threshold)
+    """The Gram the CKA paths centre. The features are column-centred first: both centrings
+    annihilate the row and column effects that a feature mean adds to K (a_i + a_j + c), so the
+    result is the same in exact arithmetic, while a float32 Gram of uncentred post-ReLU features
+    would lose the small centred part to cancellation."""
+    xc = x.to(_matmul_dtype(x))
+    xc = xc - xc.mean(0, keepdim=True)
+    return gram_linear(xc) if kernel == "linear" else gram_rbf(xc, threshold)
 
 
 def cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> torch.Tensor:
@@ -158,9 +170,7 @@ def _feature_cka_matrix(features: Sequence[torch.Tensor], debiased: bool) -> tor
     return _ratio(hsic)
 
 
-def _centred_gram_rows(
-    features: Sequence[torch.Tensor], kernel: str, debiased: bool, threshold: float
-) -> torch.Tensor:
+def _centred_gram_rows(features: Sequence[torch.Tensor], kernel: str, debiased: bool, threshold: float) -> torch.Tensor:
     """The centred Grams of ``features`` flattened as the rows of one [L, n^2] float64 matrix."""
     return torch.stack([center_gram(_gram(f, kernel, threshold), debiased).flatten() for f in features])
 
@@ -255,7 +265,9 @@ class MinibatchCKA:
         feats = [check_features(f, f"features[{i}]", min_samples=MIN_BATCH) for i, f in enumerate(flat)]
         b = feats[0].shape[0]
         if any(f.shape[0] != b for f in feats):
-            raise ValueError(f"every representation of a minibatch needs the same samples, got {[f.shape[0] for f in feats]}")
+            raise ValueError(
+                f"every representation of a minibatch needs the same samples, got {[f.shape[0] for f in feats]}"
+            )
         if self.sums is not None and self.sums.shape[0] != len(feats):
             raise ValueError(f"this accumulator holds {self.sums.shape[0]} representations, got {len(feats)}")
         rows = _centred_gram_rows(feats, self.kernel, True, self.threshold)

@@ -72,7 +72,5 @@ def check_targets(targets: Any, n: int, c: int) -> torch.Tensor:
     if targets.dim() != 1 or targets.shape[0] != n:
         raise ValueError(f"targets must be [n] with n = {n} (the outputs' sample dim), got {tuple(targets.shape)}")
     if n and (bool(targets.min() < 0) or bool(targets.max() >= c)):
-        raise ValueError(
-            f"targets must lie in [0, {c}), got values in [{int(targets.min())}, {int(targets.max())}]"
-        )
+        raise ValueError(f"targets must lie in [0, {c}), got values in [{int(targets.min())}, {int(targets.max())}]")
     return targets

@@ -135,7 +135,9 @@ def diversity_report(
     if "cka" in measures:
         x, y = sets[cka_key]
         hidden = layers if isinstance(layers, str) else list(layers)
-        result = member_cka(members, x, layers=hidden, kernel=cka_kernel, minibatch=cka_minibatch, batch_size=batch_size)
+        result = member_cka(
+            members, x, layers=hidden, kernel=cka_kernel, minibatch=cka_minibatch, batch_size=batch_size
+        )
         # member_cka ran the members on this set (no logits were passed in): that forward is
         # the set's prediction pass, so it is not run again
         device = result.logits.device
@@ -147,7 +149,12 @@ def diversity_report(
     corrupted = [key_name(k) for k in sets if isinstance(k, tuple)]
     if corrupted:
         summary: dict[str, Any] = {"num_sets": len(corrupted)}
-        for measure, field in (("disagreement", "mean"), ("kl", "symmetric_mean"), ("js", "mean"), ("variance", "variance")):
+        for measure, field in (
+            ("disagreement", "mean"),
+            ("kl", "symmetric_mean"),
+            ("js", "mean"),
+            ("variance", "variance"),
+        ):
             if measure in report["sets"][corrupted[0]]:
                 summary[measure] = sum(report["sets"][c][measure][field] for c in corrupted) / len(corrupted)
         report["corrupted_mean"] = summary
@@ -156,7 +163,8 @@ def diversity_report(
             "set": key_name(cka_key),
             "estimator": result.estimator,
             "representations": {
-                name: {"matrix": _matrix(mat), "mean": float(mean_pairwise(mat))} for name, mat in result.matrices.items()
+                name: {"matrix": _matrix(mat), "mean": float(mean_pairwise(mat))}
+                for name, mat in result.matrices.items()
             },
         }
     return report

@@ -36,9 +36,7 @@ def block_names(model: nn.Module) -> list[str]:
     such module themselves (ResNet18's 8 BasicBlocks, WRN-40-2's 18, the ViT's transformer
     blocks). Raises ValueError for a model without any (name its layers instead)."""
     blocks = [(n, m) for n, m in model.named_modules() if n and type(m).__name__.endswith("Block")]
-    inner = [
-        n for n, m in blocks if not any(o is not m and type(o).__name__.endswith("Block") for o in m.modules())
-    ]
+    inner = [n for n, m in blocks if not any(o is not m and type(o).__name__.endswith("Block") for o in m.modules())]
     if not inner:
         raise ValueError(f"{type(model).__name__} has no blocks (modules named *Block); name its layers instead")
     return inner
@@ -63,7 +61,11 @@ def check_layers(members: Sequence[nn.Module], layers: str | Sequence[str]) -> l
         ref_shapes = [tuple(p.shape) for p in ref.parameters()]
         for i, mods in enumerate(modules[1:], start=1):
             other = mods.get(name)
-            if other is None or type(other) is not type(ref) or [tuple(p.shape) for p in other.parameters()] != ref_shapes:
+            if (
+                other is None
+                or type(other) is not type(ref)
+                or [tuple(p.shape) for p in other.parameters()] != ref_shapes
+            ):
                 what = "has no such layer" if other is None else f"has {type(other).__name__} with other shapes"
                 raise ValueError(
                     f"members' architectures differ at layer {name!r}: members[0] has {type(ref).__name__} "
@@ -150,8 +152,12 @@ def member_cka(
         raise ValueError(f"x must be a tensor [n, ...] with n >= 2, got {getattr(x, 'shape', type(x).__name__)}")
     layers = check_layers(members, layers)
     n, m_count = x.shape[0], len(members)
-    if logits is not None and (not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != (m_count, n)):
-        raise ValueError(f"logits must be [M={m_count}, n={n}, C], got {getattr(logits, 'shape', type(logits).__name__)}")
+    if logits is not None and (
+        not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != (m_count, n)
+    ):
+        raise ValueError(
+            f"logits must be [M={m_count}, n={n}, C], got {getattr(logits, 'shape', type(logits).__name__)}"
+        )
     if minibatch is not None:
         bounds = batch_bounds(n, minibatch)
     else:

@@ -111,7 +111,7 @@ def check_data(data: object, clean: str) -> dict[DataKey, tuple[torch.Tensor, to
     return out
 
 
-def _stacked_forward(members: Sequence[nn.Module]):
+def stacked_forward(members: Sequence[nn.Module]):
     """f(x) -> [M, b, C]: one vmapped functional forward over the members' stacked state."""
     params, buffers = torch.func.stack_module_state(list(members))
     base = copy.deepcopy(members[0]).to("meta")
@@ -180,7 +180,7 @@ def run_predictions(
     try:
         for m in members:
             m.eval()
-        forward = _stacked_forward(members) if stacked else None
+        forward = stacked_forward(members) if stacked else None
         with torch.no_grad():
             for key, (x, y) in sets.items():
                 chunks = []

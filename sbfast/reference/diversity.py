@@ -80,31 +80,34 @@ def rbf_gram(x: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
     return torch.exp(-sq / (2 * threshold**2 * median))
 
 
-def hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def hsic_biased(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """tr(K H L H) / (n - 1)^2."""
     n = k.shape[0]
     h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
-    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+    return torch.trace(k @ h @ m @ h) / (n - 1) ** 2
 
 
-def hsic_unbiased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+def hsic_unbiased(k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Song et al. 2012: [tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3)),
-    K~, L~ the Grams with a zeroed diagonal."""
+    K~, L~ the Grams K = ``k`` and L = ``m`` with a zeroed diagonal."""
     n = k.shape[0]
     kt = k.double() - torch.diag(torch.diag(k.double()))
-    lt = l.double() - torch.diag(torch.diag(l.double()))
+    lt = m.double() - torch.diag(torch.diag(m.double()))
     one = torch.ones(n, dtype=torch.float64)
     term = torch.trace(kt @ lt) + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
     term = term - 2.0 / (n - 2) * (one @ kt @ lt @ one)
     return term / (n * (n - 3))
 
 
-def cka_from_grams(k: torch.Tensor, l: torch.Tensor, debiased: bool = False) -> float:
+def cka_from_grams(k: torch.Tensor, m: torch.Tensor, debiased: bool = False) -> float:
+    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) of Grams K = ``k``, L = ``m``."""
     hsic = hsic_unbiased if debiased else hsic_biased
-    return float(hsic(k, l) / math.sqrt(float(hsic(k, k)) * float(hsic(l, l))))
+    return float(hsic(k, m) / math.sqrt(float(hsic(k, k)) * float(hsic(m, m))))
 
 
-def cka(x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", debiased: bool = False, threshold: float = 1.0) -> float:
+def cka(
+    x: torch.Tensor, y: torch.Tensor, kernel: str = "linear", debiased: bool = False, threshold: float = 1.0
+) -> float:
     """CKA of [n, d_x] and [n, d_y] features (linear or RBF kernel, biased or unbiased HSIC)."""
     gram = linear_gram if kernel == "linear" else (lambda f: rbf_gram(f, threshold))
     return cka_from_grams(gram(x), gram(y), debiased)
@@ -118,10 +121,10 @@ def minibatch_cka(
     gram = linear_gram if kernel == "linear" else (lambda f: rbf_gram(f, threshold))
     kl = kk = ll = 0.0
     for start, stop in bounds:
-        k, l = gram(x[start:stop]), gram(y[start:stop])
-        kl += float(hsic_unbiased(k, l))
+        k, m = gram(x[start:stop]), gram(y[start:stop])
+        kl += float(hsic_unbiased(k, m))
         kk += float(hsic_unbiased(k, k))
-        ll += float(hsic_unbiased(l, l))
+        ll += float(hsic_unbiased(m, m))
     return kl / math.sqrt(kk * ll)
 
 
