@@ -113,6 +113,8 @@ def test_pairwise_measures_refuse_bad_probs(fn):
         fn(logits.softmax(-1)[0])
     with pytest.raises(TypeError, match="floating"):
         fn(torch.ones(3, 5, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least one sample"):
+        fn(torch.ones(3, 0, 4))
     bad = logits.softmax(-1)
     bad[1, 2, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):

@@ -39,8 +39,9 @@ def _num(v: float) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _matrix(t: torch.Tensor) -> list[list[float]]:
-    return t.detach().cpu().tolist()
+def _matrix(t: torch.Tensor) -> list[list[float | None]]:
+    """Nested lists; a NaN (CKA of a constant representation: 0/0) becomes None."""
+    return [[_num(v) for v in row] for row in t.detach().cpu().tolist()]
 
 
 def _off_diagonal_mean(t: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ def diversity_report(
             "set": key_name(cka_key),
             "estimator": result.estimator,
             "representations": {
-                name: {"matrix": _matrix(mat), "mean": float(mean_pairwise(mat))}
+                name: {"matrix": _matrix(mat), "mean": _num(float(mean_pairwise(mat)))}
                 for name, mat in result.matrices.items()
             },
         }
