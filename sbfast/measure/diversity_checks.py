@@ -32,7 +32,7 @@ def check_outputs(outputs: Any, what: str = "outputs", *, min_members: int = 1) 
         raise ValueError(f"{what} needs at least {min_members} members for a pairwise measure, got M = {m}")
     if n == 0 or c == 0:
         raise ValueError(f"{what} needs at least one sample and one class, got shape {tuple(outputs.shape)}")
-    if not bool(torch.isfinite(outputs).all()):
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(outputs))).all()):  # NaN propagates
         raise ValueError(f"{what} contains NaN or inf")
     return outputs
 
