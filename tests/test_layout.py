@@ -313,3 +313,15 @@ def test_readme_layout_matches_the_tree():
     }
     unnamed = sorted(p for p in packages if p not in named)
     assert not unnamed, f"packages the README's layout does not name: {unnamed}"
+
+
+def test_measure_imports_nothing_above_it():
+    """sbfast.measure sits below the trainer and the command line (train/ and cli/ may call
+    it, never the reverse), beside compat/ and distributed/, which it does not use either."""
+    above = ("sbfast.train", "sbfast.cli", "sbfast.compat", "sbfast.distributed", "sbfast.theory")
+    bad = []
+    for path in sorted((PACKAGE / "measure").glob("*.py")):
+        for module, names, line in _imports(path):
+            targets = [module] + [f"{module}.{n}" for n in names] if module == "sbfast" else [module]
+            bad += [f"{path.relative_to(ROOT)}:{line} imports {t}" for t in targets if t.startswith(above)]
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,57 @@
+"""The paper's measures on trained members: here, the diversity half.
+
+| module | what |
+|---|---|
+| ``predictions`` | ``predictions``: every member's logits and probabilities, once per data set |
+| ``disagreement`` | ``disagreement`` (M x M), ``disagreement_ratios`` (DER, EIR) |
+| ``divergence`` | ``kl_divergence`` (KL(p_i \\|\\| p_j)), ``symmetric_kl_divergence``, ``js_divergence`` |
+| ``cka`` | ``cka``, ``cka_matrix``, ``minibatch_cka``, ``MinibatchCKA``, Gram helpers |
+| ``member_cka`` | ``member_cka``: M x M CKA per representation (input, logits, softmax, layers) |
+| ``variance`` | ``bias_variance``: bias^2 and the M/(M-1)-corrected variance |
+| ``diversity_report`` | ``diversity_report``: all of them as a JSON-ready dict |
+"""
+
+from sbfast.measure.cka import (
+    MinibatchCKA,
+    center_gram,
+    cka,
+    cka_from_grams,
+    cka_matrix,
+    feature_space_linear_cka,
+    gram_linear,
+    gram_rbf,
+    minibatch_cka,
+)
+from sbfast.measure.disagreement import disagreement, disagreement_ratios
+from sbfast.measure.divergence import js_divergence, kl_divergence, symmetric_kl_divergence
+from sbfast.measure.diversity_report import MEASURES as DIVERSITY_MEASURES
+from sbfast.measure.diversity_report import diversity_report
+from sbfast.measure.member_cka import MemberCKA, block_names, member_cka
+from sbfast.measure.predictions import SetPredictions, predictions
+from sbfast.measure.variance import BiasVariance, bias_variance
+
+__all__ = [
+    "DIVERSITY_MEASURES",
+    "BiasVariance",
+    "MemberCKA",
+    "MinibatchCKA",
+    "SetPredictions",
+    "bias_variance",
+    "block_names",
+    "center_gram",
+    "cka",
+    "cka_from_grams",
+    "cka_matrix",
+    "disagreement",
+    "disagreement_ratios",
+    "diversity_report",
+    "feature_space_linear_cka",
+    "gram_linear",
+    "gram_rbf",
+    "js_divergence",
+    "kl_divergence",
+    "member_cka",
+    "minibatch_cka",
+    "predictions",
+    "symmetric_kl_divergence",
+]
