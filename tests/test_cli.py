@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -354,6 +355,57 @@ def test_resume_refuses_a_changed_field(compared, tmp_path, capsys):
     code = main(["train", "--resume", str(compared / "de" / "seed1"), "--ratio", "0.1"])  # ratio: not resumable
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ratio" in err[0]
+
+
+def test_a_folder_another_process_writes_is_refused_naming_it(compared, tmp_path, capsys):
+    from sbfast.train.lock import LOCK_FILE, RunFolderLocked
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock = {"pid": holder.pid, "host": __import__("socket").gethostname(), "started": "2026-01-01T00:00:00"}
+        comp = tmp_path / "cmp"
+        comp.mkdir()
+        (comp / LOCK_FILE).write_text(json.dumps(lock))
+        run = tmp_path / "run"
+        shutil.copytree(compared / "de" / "seed1", run)
+        (run / LOCK_FILE).write_text(json.dumps(lock))
+        for argv in (
+            ["compare", *TINY, "--output", str(comp)],
+            ["train", "--resume", str(run)],
+            ["train", *TINY, "--output", str(run)],
+        ):
+            code = main(argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and f"is in use by pid {holder.pid} on host" in err[0], (argv, err)
+        with pytest.raises(RunFolderLocked, match=f"comparison folder {comp} is in use by pid {holder.pid}"):
+            T.run_comparison(T.TrainConfig(**{"dataset": "synthetic", "epochs": 2}), ["de"], [0], comp)
+        assert sorted(p.name for p in comp.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_and_eval_of_a_folder_without_config_json_use_the_checkpoints_config(compared, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(compared / "de" / "seed1", run)
+    (run / "config.json").unlink()
+    assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        json.loads((tmp_path / "e.json").read_text())["metrics"]
+        == json.loads((run / "results.json").read_text())["metrics"]
+    )
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # a finished run: evaluated again
+    assert json.loads((run / "config.json").read_text())["config"]["method"] == "de"  # written again
+
+
+def test_resume_with_output_naming_the_same_folder_is_no_change(compared, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "unf"
+    shutil.copytree(compared / "de" / "seed1", run)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "unf", "--output", str(run.resolve()), "--no-progress"]) == 0
+    code = main(["train", "--resume", "unf", "--output", str(tmp_path / "elsewhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "output_dir" in err[0]
 
 
 def test_info_and_module_entry_point():

@@ -115,8 +115,14 @@ def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -
     the folder and writes a probe file, so that an
     unwritable place (``/proc/x``) fails now and not after the first method has trained."""
     from sbfast import train as T
+    from sbfast.train.lock import RunFolderLocked, check_unlocked
 
     flag = f"output folder {str(path)!r}"
+    if path.is_dir():
+        try:
+            check_unlocked(path, "comparison folder" if empty else "run folder")
+        except RunFolderLocked as e:
+            raise CliError(str(e)) from None
     if empty and path.is_dir() and any(path.iterdir()):
         raise CliError(f"{flag} already holds files (an earlier comparison?); expected a new or empty folder")
     try:

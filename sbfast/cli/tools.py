@@ -74,11 +74,11 @@ def _run_config(run_dir: str, **changes: Any) -> Any:
     if not p.is_dir():
         raise CliError(f"RUN_DIR {run_dir!r}: no such folder; expected a run folder (config.json, checkpoints/)")
     try:
-        from sbfast.train.run_folder import read_config
+        from sbfast.train.run_folder import saved_config
     except ImportError:
         raise CliError("saved runs are not available in this build (sbfast.train.run_folder is missing)") from None
     try:
-        config = read_config(p)
+        config = saved_config(p)  # config.json, or the checkpoint's config where it is gone
     except ValueError as e:
         raise CliError(f"RUN_DIR {run_dir!r}: {e}") from None
     changes = {k: v for k, v in changes.items() if v is not None}

@@ -283,11 +283,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume is not None:
         if args.config or args.quick or args.width is not None:
             raise CliError("--resume takes the run's own config.json; --config, --quick and --width do not apply")
-        from sbfast.train.run_folder import read_config
+        from sbfast.train.run_folder import saved_config
 
         try:
             run_dir = T.check_output_dir(resume, resume=True)
-            saved = read_config(run_dir)
+            saved = saved_config(run_dir)  # config.json, or the checkpoint's config where it is gone
         except ValueError as e:
             raise CliError(f"--resume {resume}: {e}") from None
         checks.preflight(

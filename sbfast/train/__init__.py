@@ -49,7 +49,9 @@ The modules, bottom to top (each imports only the ones above it in this table;
 | ``plots`` | ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity``, ``plot_run_records``: figures from plain run records |
 | ``results`` | ``EnsembleResult``, run records, strict JSON, ``plot_results`` |
 | ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |
-| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change); ``prepare_run`` |
+| ``lock`` | ``RunLock``: one writer per run folder (``run.lock`` names its holder; a stale one is taken over) |
+| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes; a full disk is one ``RunFolderFull`` line); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change) |
+| ``prepare`` | ``prepare_run`` (config, device, starting checkpoint; a resume's checkpoint checked against config.json; a folder without a checkpoint starts again), ``claim_folder`` (rank 0 creates and locks the folder) |
 | ``run_state`` | ``Member`` (built from the config), ``build_member``, ``make_lr_scheduler``; ``RunState`` (position, history, clocks, scores, masks) |
 | ``saved`` | ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
 | ``events`` | ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, the progress bar |

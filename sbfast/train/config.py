@@ -487,6 +487,16 @@ def as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     raise TypeError(f"config must be a TrainConfig or a dict of its fields, got {type(config).__name__}")
 
 
+def check_num_threads(n: int | None) -> None:
+    """Refuse more CPU threads than this machine has (``os.cpu_count()``): torch would accept
+    the number and fail, or crawl, once the threads start."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if n is not None and n > cpus:
+        raise ValueError(f"num_threads {n}: this machine has {cpus} CPU threads; expected 0 (as they are) to {cpus}")
+
+
 class thread_limit:
     """Set torch's intra-op threads for a block (CPU runs), restoring them after."""
 

@@ -85,6 +85,7 @@ class EnsembleTrainer:
         *,
         run_dir: str | Path | None = None,
         plan: Plan | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.config = config = as_config(config)
         self.plan: Plan = plan if plan is not None else LocalPlan(config.members, config.check_device())
@@ -117,7 +118,8 @@ class EnsembleTrainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # only one rank writes the run folder: rank 0 (every rank checkpoints through it)
         self.writes = self.plan.is_main
-        self.folder = RunFolder(self.run_dir) if self.run_dir is not None and self.writes else None
+        self.run_id = run_id  # the run's identity in config.json and every checkpoint (train_ensemble's)
+        self.folder = RunFolder(self.run_dir, run_id) if self.run_dir is not None and self.writes else None
         self.state = RunState()
         self._fingerprint: str | None = None
         self._catcher: SignalCatcher | None = None
@@ -363,6 +365,7 @@ class EnsembleTrainer:
             "rng": {"torch": torch.get_rng_state(), "cuda": list(cuda_rng)},
             **{k: run[k] for k in RUN_STATE_KEYS if k != "position"},
             "placement": self.plan.saved_placement(),
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, fork: bool = False) -> None:
