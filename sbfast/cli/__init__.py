@@ -92,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        if getattr(e, "one_line", False):  # a run's own stop that says what to do (RunDiverged, a full disk)
+            return fail(f"{e}", 1)
         return fail(f"{type(e).__name__}: {e} (run again with --debug for the traceback)", 1)
 
 
