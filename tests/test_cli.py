@@ -147,6 +147,8 @@ def _bad_corruption_folder(tmp_path: Path) -> str:
 def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    not_utf8 = tmp_path / "not_utf8.cfg"
+    not_utf8.write_bytes(b'\xff\xfe{"epochs": 2}')
     cases = [
         (["compare", "--device", "cuda:99"], "cuda:99"),
         (["compare", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
@@ -173,6 +175,19 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["eval", str(tmp_path / "no_run")], "no_run"),
         (["score", str(tmp_path / "no_run")], "no_run"),
         (["nonsense"], "nonsense"),
+        # past the "exit 2 before training" promise until now: each failed after the run folder existed
+        (["train", "--num-threads", "100000"], "--num-threads 100000"),
+        (
+            ["train", "--dataset", "synthetic", "--model-kwargs", '{"in_channels": 3}'],
+            "does not take this data's images",
+        ),
+        (["train", "--model-kwargs", '{"width": 100000000}'], "training one member needs at least"),
+        (["train", "--dist-timeout", "1e300"], "--dist-timeout"),
+        (["train", "--config", str(not_utf8)], "not_utf8.cfg': not UTF-8"),
+        # silently clamped or impossible settings
+        (["train", "--dataset", "synthetic", "--train-subset", "100000"], "train_subset 100000 is larger than"),
+        (["train", "--dataset", "synthetic", "--test-subset", "100000"], "test_subset 100000 is larger than"),
+        (["train", "--method", "de_sam", "--epochs", "4", "--swap-epoch", "4"], "phase1.pt"),
     ]
     if Path("/proc").is_dir():
         cases.append((["compare", "--output", "/proc/x"], "/proc/x"))
@@ -406,6 +421,34 @@ def test_resume_with_output_naming_the_same_folder_is_no_change(compared, tmp_pa
     code = main(["train", "--resume", "unf", "--output", str(tmp_path / "elsewhere")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "output_dir" in err[0]
+
+
+def test_a_comparisons_file_is_not_a_runs_config(compared, capsys, no_training):
+    code = main(["train", "--config", str(compared / "comparison.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a comparison's file (6 runs of de, de_sam, sharpbalance" in err[0], err
+    assert "config.json" in err[0]
+
+
+def test_eval_and_score_check_their_output_paths_before_the_work(compared, tmp_path, monkeypatch, capsys):
+    def no_work(*a, **k):
+        raise AssertionError("the work ran before the output path was checked")
+
+    monkeypatch.setattr(T, "evaluate_run", no_work)
+    monkeypatch.setattr(T, "load_ensemble", no_work)
+    run = str(compared / "de" / "seed0")
+    folder = tmp_path / "a_folder.npy"
+    folder.mkdir()
+    for argv, named in [
+        (["eval", run, "--json", str(tmp_path)], "--json"),
+        (["eval", run, "--json", str(tmp_path / "missing" / "e.json")], "does not exist"),
+        (["score", run, "--output", str(folder)], "--output"),
+        (["score", run, "--output", str(tmp_path)], "--output"),
+    ]:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and named in err[0], (argv, err)
+        assert "is a folder" in err[0] or "does not exist" in err[0], err
 
 
 def test_info_and_module_entry_point():

@@ -467,6 +467,40 @@ def test_a_foreign_checkpoint_or_an_edited_config_json_is_refused(runs, data, tm
     assert json.loads((d / "config.json").read_text())["run_id"] == run_id
 
 
+def test_a_full_disk_names_the_file_and_the_run_resumes_exactly(runs, data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from sbfast.cli import main
+    from sbfast.train.lock import LOCK_FILE
+
+    d = tmp_path / "full"
+    real, calls = C._write_bytes, [0]
+
+    def write(f, data_):
+        if Path(f.name).name.startswith(C._TMP_PREFIX + C.LAST):
+            calls[0] += 1
+            if calls[0] == 3:  # the end of epoch 2: the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data_)
+
+    monkeypatch.setattr(C, "_write_bytes", write)
+    with pytest.raises(T.RunFolderFull) as e:
+        T.train_ensemble(T.TrainConfig(**cfg(batching="static", output_dir=str(d))), data=data)
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.errno == errno.ENOSPC
+    assert msg.startswith(f"the disk is full: writing {d / 'checkpoints' / 'last.pt'} (a checkpoint) failed")
+    assert msg.endswith(f"sbfast train --resume {d} continues it exactly")
+    assert not (d / LOCK_FILE).exists()  # released
+    assert not any(p.name.startswith(C._TMP_PREFIX) for p in (d / "checkpoints").iterdir())
+    # the command line says the same in one line, exit 1
+    calls[0] = 0
+    code = main(["train", "--config", str(d / "config.json"), "--output", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("sbfast: error: the disk is full: writing "), err
+    monkeypatch.setattr(C, "_write_bytes", real)  # space freed
+    assert_same_run(resume(d, data), runs["static"][1])
+
+
 # ------------------------------------------------------------------------------ damaged checkpoints
 
 

@@ -142,10 +142,11 @@ def add_train_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _fields(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
-    """base (quick / main job) < --config file < flags; --width into model_kwargs."""
+    """base (quick / main job) < --config file < flags; --width into model_kwargs. A
+    comparison's file is a config only for ``compare`` (its runs' shared config)."""
     fields = dict(base)
     if args.config:
-        fields.update(read_config_file(args.config))
+        fields.update(read_config_file(args.config, comparison=args.command in ("compare", "run")))
     given = config_overrides(args)
     fields.update(given)
     if args.width is not None:

@@ -449,6 +449,11 @@ class RunFolderFull(OSError):
     file and saying how the run resumes (every file a resume reads was written atomically, so
     the folder holds the last checkpoint whole). ``errno`` and ``filename`` are the write's."""
 
+    one_line = True  # a command line prints str(e) alone: it says what to do
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the line itself (OSError's own form adds "[Errno 28]" and the name)
+
 
 @contextlib.contextmanager
 def disk_words(run_dir: Path, path: Path, what: str) -> Iterator[None]:
@@ -458,7 +463,8 @@ def disk_words(run_dir: Path, path: Path, what: str) -> Iterator[None]:
     except OSError as e:
         if e.errno not in DISK_FULL_ERRNOS or isinstance(e, RunFolderFull):
             raise
-        path = Path(e.filename) if e.filename else path
+        if path == run_dir and e.filename:  # a write of several files (the results): the one that failed
+            path = Path(e.filename)
         raise RunFolderFull(
             e.errno,
             f"the disk is full: writing {path} ({what}) failed ({e.strerror or e}); the run stopped and its folder holds "
