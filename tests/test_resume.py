@@ -268,7 +268,7 @@ def test_checkpoint_every_thins_last(data, tmp_path):
     [
         ("static", f"kill:mixed_step_static:{PICK.randint(1, PHASE2_STEPS)}"),
         ("exact", f"kill:mixed_step_exact:{PICK.randint(1, PHASE2_STEPS)}"),
-        # in epoch 1, after the first checkpoint (a kill in epoch 0 leaves nothing to resume)
+        # in epoch 1, after the first checkpoint (a kill in epoch 0: test_a_run_killed_before_its_first_checkpoint...)
         ("exact", f"kill:sam_step:{PICK.randint(PHASE1_STEPS // 2 + 1, PHASE1_STEPS)}"),
         ("static", "write:3"),  # half of the 3rd last.pt (end of epoch 2) on disk as a temporary
         ("exact", "rotate:2"),  # last.pt renamed to prev.pt, the new one not yet in place
