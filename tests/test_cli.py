@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,6 +147,8 @@ def _bad_corruption_folder(tmp_path: Path) -> str:
 def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
+    not_utf8 = tmp_path / "not_utf8.cfg"
+    not_utf8.write_bytes(b'\xff\xfe{"epochs": 2}')
     cases = [
         (["compare", "--device", "cuda:99"], "cuda:99"),
         (["compare", "--dataset", "cifar10", "--data-root", "/nonexistent"], "/nonexistent"),
@@ -172,6 +175,19 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["eval", str(tmp_path / "no_run")], "no_run"),
         (["score", str(tmp_path / "no_run")], "no_run"),
         (["nonsense"], "nonsense"),
+        # past the "exit 2 before training" promise until now: each failed after the run folder existed
+        (["train", "--num-threads", "100000"], "--num-threads 100000"),
+        (
+            ["train", "--dataset", "synthetic", "--model-kwargs", '{"in_channels": 3}'],
+            "does not take this data's images",
+        ),
+        (["train", "--model-kwargs", '{"width": 100000000}'], "training one member needs at least"),
+        (["train", "--dist-timeout", "1e300"], "--dist-timeout"),
+        (["train", "--config", str(not_utf8)], "not_utf8.cfg': not UTF-8"),
+        # silently clamped or impossible settings
+        (["train", "--dataset", "synthetic", "--train-subset", "100000"], "train_subset 100000 is larger than"),
+        (["train", "--dataset", "synthetic", "--test-subset", "100000"], "test_subset 100000 is larger than"),
+        (["train", "--method", "de_sam", "--epochs", "4", "--swap-epoch", "4"], "phase1.pt"),
     ]
     if Path("/proc").is_dir():
         cases.append((["compare", "--output", "/proc/x"], "/proc/x"))
@@ -354,6 +370,85 @@ def test_resume_refuses_a_changed_field(compared, tmp_path, capsys):
     code = main(["train", "--resume", str(compared / "de" / "seed1"), "--ratio", "0.1"])  # ratio: not resumable
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "ratio" in err[0]
+
+
+def test_a_folder_another_process_writes_is_refused_naming_it(compared, tmp_path, capsys):
+    from sbfast.train.lock import LOCK_FILE, RunFolderLocked
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        lock = {"pid": holder.pid, "host": __import__("socket").gethostname(), "started": "2026-01-01T00:00:00"}
+        comp = tmp_path / "cmp"
+        comp.mkdir()
+        (comp / LOCK_FILE).write_text(json.dumps(lock))
+        run = tmp_path / "run"
+        shutil.copytree(compared / "de" / "seed1", run)
+        (run / LOCK_FILE).write_text(json.dumps(lock))
+        for argv in (
+            ["compare", *TINY, "--output", str(comp)],
+            ["train", "--resume", str(run)],
+            ["train", *TINY, "--output", str(run)],
+        ):
+            code = main(argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and f"is in use by pid {holder.pid} on host" in err[0], (argv, err)
+        with pytest.raises(RunFolderLocked, match=f"comparison folder {comp} is in use by pid {holder.pid}"):
+            T.run_comparison(T.TrainConfig(**{"dataset": "synthetic", "epochs": 2}), ["de"], [0], comp)
+        assert sorted(p.name for p in comp.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_and_eval_of_a_folder_without_config_json_use_the_checkpoints_config(compared, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(compared / "de" / "seed1", run)
+    (run / "config.json").unlink()
+    assert main(["eval", str(run), "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        json.loads((tmp_path / "e.json").read_text())["metrics"]
+        == json.loads((run / "results.json").read_text())["metrics"]
+    )
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # a finished run: evaluated again
+    assert json.loads((run / "config.json").read_text())["config"]["method"] == "de"  # written again
+
+
+def test_resume_with_output_naming_the_same_folder_is_no_change(compared, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "unf"
+    shutil.copytree(compared / "de" / "seed1", run)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", "unf", "--output", str(run.resolve()), "--no-progress"]) == 0
+    code = main(["train", "--resume", "unf", "--output", str(tmp_path / "elsewhere")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "output_dir" in err[0]
+
+
+def test_a_comparisons_file_is_not_a_runs_config(compared, capsys, no_training):
+    code = main(["train", "--config", str(compared / "comparison.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "a comparison's file (6 runs of de, de_sam, sharpbalance" in err[0], err
+    assert "config.json" in err[0]
+
+
+def test_eval_and_score_check_their_output_paths_before_the_work(compared, tmp_path, monkeypatch, capsys):
+    def no_work(*a, **k):
+        raise AssertionError("the work ran before the output path was checked")
+
+    monkeypatch.setattr(T, "evaluate_run", no_work)
+    monkeypatch.setattr(T, "load_ensemble", no_work)
+    run = str(compared / "de" / "seed0")
+    folder = tmp_path / "a_folder.npy"
+    folder.mkdir()
+    for argv, named in [
+        (["eval", run, "--json", str(tmp_path)], "--json"),
+        (["eval", run, "--json", str(tmp_path / "missing" / "e.json")], "does not exist"),
+        (["score", run, "--output", str(folder)], "--output"),
+        (["score", run, "--output", str(tmp_path)], "--output"),
+    ]:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and named in err[0], (argv, err)
+        assert "is a folder" in err[0] or "does not exist" in err[0], err
 
 
 def test_info_and_module_entry_point():

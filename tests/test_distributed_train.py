@@ -9,6 +9,7 @@ Ranks are forked from the test process and rendezvous through a file (see test_d
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -152,6 +153,36 @@ def _run_folder_job(ctx, config, snapshot):
 
     result = train_ensemble(cfg, [on_epoch_end], data=load_data(cfg))
     return _summary(result, place(cfg.members, ctx.world_size, cfg.placement).members_of(ctx.rank))
+
+
+def _lock_job(ctx, config):
+    """Train ``config``, reading the folder's lock at every epoch's end on every rank."""
+    from sbfast.train.lock import LOCK_FILE, read_holder
+
+    cfg = TrainConfig(**config)
+    seen = []
+    train_ensemble(cfg, [lambda e, r: seen.append(read_holder(Path(cfg.output_dir) / LOCK_FILE))], data=load_data(cfg))
+    return {"pid": os.getpid(), "seen": seen}
+
+
+def test_rank0_holds_the_folders_lock_and_a_held_folder_stops_every_rank(tmp_path):
+    from sbfast.train.lock import LOCK_FILE, RunLock
+
+    folder = tmp_path / "run"
+    config = dict(BASE, epochs=2, swap_epoch=0, eval_corruptions=(), sharpness_samples=0, output_dir=str(folder))
+    out = run_ranks(tmp_path, 2, _lock_job, config)
+    assert [h["pid"] for o in out for h in o["seen"]] == [out[0]["pid"]] * 4  # rank 0 holds it, every epoch
+    assert not (folder / LOCK_FILE).exists()  # released at the end
+    shutil.rmtree(folder)
+    folder.mkdir()
+    with RunLock(folder):  # another writer (this process) holds it: every rank stops with the same line
+        out = run_ranks(tmp_path, 2, _lock_job, config)
+    for o in out:
+        assert (
+            o["error"].startswith("RunFolderLocked: run folder")
+            and f"in use by pid {os.getpid()} on host" in o["error"]
+        )
+    assert sorted(p.name for p in folder.iterdir()) == []  # nothing written
 
 
 def _resume_job(ctx, folder, extra):

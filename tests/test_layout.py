@@ -118,7 +118,9 @@ TRAIN_ORDER = (
     "plots",
     "results",
     "checkpoint",
+    "lock",
     "run_folder",
+    "prepare",
     "run_state",
     "saved",
     "events",
@@ -131,7 +133,7 @@ TRAIN_ORDER = (
 
 def test_train_modules_import_only_down_the_trainer_order():
     """sbfast.train reads top to bottom: config, data, step, evaluate, plots, results, the disk
-    (checkpoint, run folder, run state, saved runs), events, the trainers, the run, compare; no cycle."""
+    (checkpoint, lock, run folder, prepare, run state, saved runs), events, the trainers, the run, compare; no cycle."""
     folder = PACKAGE / "train"
     found = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
     assert found == sorted(TRAIN_ORDER), f"sbfast/train modules not in TRAIN_ORDER (or gone): {found}"

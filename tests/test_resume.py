@@ -12,6 +12,7 @@ of it importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -267,7 +268,7 @@ def test_checkpoint_every_thins_last(data, tmp_path):
     [
         ("static", f"kill:mixed_step_static:{PICK.randint(1, PHASE2_STEPS)}"),
         ("exact", f"kill:mixed_step_exact:{PICK.randint(1, PHASE2_STEPS)}"),
-        # in epoch 1, after the first checkpoint (a kill in epoch 0 leaves nothing to resume)
+        # in epoch 1, after the first checkpoint (a kill in epoch 0: test_a_run_killed_before_its_first_checkpoint...)
         ("exact", f"kill:sam_step:{PICK.randint(PHASE1_STEPS // 2 + 1, PHASE1_STEPS)}"),
         ("static", "write:3"),  # half of the 3rd last.pt (end of epoch 2) on disk as a temporary
         ("exact", "rotate:2"),  # last.pt renamed to prev.pt, the new one not yet in place
@@ -283,20 +284,15 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(run, hook, runs, data,
         assert any(p.name.startswith(C._TMP_PREFIX) for p in folder.iterdir())  # the torn file is there
     if hook.startswith("rotate"):
         assert not (folder / "last.pt").exists() and (folder / "prev.pt").exists()
-    with pytest.warns(RuntimeWarning, match="last.pt: missing") if hook.startswith("rotate") else _no_warning():
+    with contextlib.ExitStack() as expected:
+        expected.enter_context(pytest.warns(RuntimeWarning, match="took over the lock of pid"))  # the killed run's
+        if hook.startswith("rotate"):
+            expected.enter_context(pytest.warns(RuntimeWarning, match="last.pt: missing"))
         got = resume(d, data)
     assert_same_run(got, runs[run][1])
     assert not any(p.name.startswith(C._TMP_PREFIX) for p in folder.iterdir())
     # the resumed run's log is whole again: one row per member per epoch plus the ensemble's
     assert len(RunLog(d).read()) == BASE["epochs"] * (BASE["members"] + 1)
-
-
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize(
@@ -347,6 +343,158 @@ def test_stop_between_last_and_phase1_writes_phase1_on_resume(runs, data, tmp_pa
     expected = (ck / "last.pt").read_bytes()
     assert_same_run(resume(d, data), want)
     assert C.load_checkpoint(ck / "phase1.pt")["position"] == C.decode(expected)["position"]
+
+
+def start_paused_child(config: dict, hook: str, timeout: float = 300.0) -> subprocess.Popen:
+    """Start CHILD and return it once it prints PAUSED (it then waits to be killed)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(config), hook],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if "PAUSED" in line:
+            return proc
+        assert time.monotonic() < deadline, "child did not pause"
+    proc.wait()
+    raise AssertionError(f"child ended without pausing: {proc.returncode} {proc.stderr.read()[-2000:]}")
+
+
+def test_two_resumes_at_once_the_second_is_refused_naming_the_holder(runs, data, tmp_path, capsys):
+    # the report: two `sbfast train --resume D` at once both trained to the end, log.csv got every
+    # epoch after the resume point twice. Now the second is refused in one line naming the first.
+    from sbfast.cli import main
+    from sbfast.train.lock import LOCK_FILE, RunFolderLocked
+
+    d = tmp_path / "run"
+    child = run_child(cfg(batching="static", output_dir=str(d)), f"kill:sam_step:{PHASE1_STEPS // 2 + 2}", True)
+    assert child.returncode == -signal.SIGKILL and C.has_checkpoint(d)
+    first = start_paused_child({"resume": str(d), "progress": False}, "kill:mixed_step_static:2")
+    try:
+        code = main(["train", "--resume", str(d), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"is in use by pid {first.pid} on host" in err[0], err
+        with pytest.raises(RunFolderLocked, match=f"pid {first.pid}"):
+            resume(d, data)
+        with pytest.raises(RunFolderLocked, match=f"pid {first.pid}"):
+            T.train_ensemble(T.TrainConfig(**cfg(output_dir=str(d))), data=data)  # nor a new run there
+    finally:
+        first.kill()
+        first.wait()
+    # the first resume was killed: its lock is stale, taken over with a warning naming it
+    with pytest.warns(RuntimeWarning, match=f"took over the lock of pid {first.pid} on host"):
+        got = resume(d, data)
+    assert_same_run(got, runs["static"][1])
+    rows = RunLog(d).read()
+    assert [(r["epoch"], r["member"]) for r in rows] == [
+        (str(e), m) for e in range(BASE["epochs"]) for m in ("0", "1", "ensemble")
+    ]  # every epoch once
+    assert not (d / LOCK_FILE).exists()  # released at the end
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_place(runs, data, tmp_path, capsys):
+    # the report: config.json and log.csv but no checkpoint; a new run there was refused ("resume
+    # it"), the resume too ("nothing to resume"). Now the resume starts it again from epoch 0.
+    d = tmp_path / "early"
+    child = run_child(cfg(batching="static", output_dir=str(d)), "kill:sam_step:3", kill_on_pause=True)
+    assert child.returncode == -signal.SIGKILL
+    assert (d / "config.json").is_file() and (d / "log.csv").is_file() and not C.has_checkpoint(d)
+    with pytest.raises(ValueError, match=r"another run's folder .*resume it with .*sbfast train --resume"):
+        T.check_output_dir(d)
+    with pytest.warns(RuntimeWarning, match="took over the lock"):
+        got = resume(d, data)
+    out = capsys.readouterr().out
+    assert f"{d} has no checkpoint (its run stopped before writing one): it starts again from epoch 0" in out
+    assert_same_run(got, runs["static"][1])
+    assert len(RunLog(d).read()) == BASE["epochs"] * (BASE["members"] + 1)
+    # a folder with log.csv alone cannot be resumed: the refusal says what to do instead
+    (tmp_path / "log_only").mkdir()
+    (tmp_path / "log_only" / "log.csv").write_text("epoch\n")
+    with pytest.raises(ValueError, match="cannot be resumed .*remove it or choose a new folder"):
+        T.check_output_dir(tmp_path / "log_only")
+
+
+def test_a_foreign_checkpoint_or_an_edited_config_json_is_refused(runs, data, tmp_path):
+    # the report: another run's last.pt copied in (checksum valid) trained the other run's config,
+    # overwrote config.json and log.csv and exited 0; an edited config.json was ignored. Now the
+    # two are compared, and the run's identity too, and a mismatch is one line naming each field.
+    d = tmp_path / "mine"
+    shutil.copytree(runs["static"][0], d)
+    own_last = (d / "checkpoints" / "last.pt").read_bytes()
+    kept = {name: (d / name).read_bytes() for name in ("config.json", "log.csv")}
+
+    def refused(match: str) -> None:
+        before = {p.name: p.read_bytes() for p in (d / "config.json", d / "log.csv", d / "checkpoints" / "last.pt")}
+        with pytest.raises(ValueError, match=match) as e:
+            resume(d, data)
+        assert "\n" not in str(e.value)
+        after = {p.name: p.read_bytes() for p in (d / "config.json", d / "log.csv", d / "checkpoints" / "last.pt")}
+        assert after == before  # nothing written: the real run's epochs are all there
+        assert (d / "log.csv").read_bytes() == kept["log.csv"]
+
+    shutil.copy(runs["exact"][0] / "checkpoints" / "last.pt", d / "checkpoints" / "last.pt")
+    refused(
+        r"checkpoints/last.pt and config.json are not the same run's: run id \w+ in the checkpoint, \w+ in "
+        r"config.json; batching 'exact' in the checkpoint, 'static' in config.json"
+    )
+    assert (d / "config.json").read_bytes() == kept["config.json"]
+
+    (d / "checkpoints" / "last.pt").write_bytes(own_last)
+    edited = json.loads(kept["config.json"])
+    edited["config"]["lr"] = 0.5
+    (d / "config.json").write_text(json.dumps(edited))
+    refused(r"not the same run's: lr 0.1 in the checkpoint, 0.5 in config.json \(.*a resume changes only progress")
+
+    # the same config, another run: its identity tells it apart
+    (d / "config.json").write_bytes(kept["config.json"])
+    twin = tmp_path / "twin"
+    T.train_ensemble(T.TrainConfig(**cfg(batching="static", output_dir=str(twin))), data=data)
+    shutil.copy(twin / "checkpoints" / "last.pt", d / "checkpoints" / "last.pt")
+    refused(r"not the same run's: run id \w+ in the checkpoint, \w+ in config.json \(a checkpoint copied")
+
+    # the run's own files: it resumes (a finished run evaluates again) and keeps its identity
+    (d / "checkpoints" / "last.pt").write_bytes(own_last)
+    run_id = json.loads(kept["config.json"])["run_id"]
+    assert C.decode(own_last)["run_id"] == run_id
+    assert_same_run(resume(d, data), runs["static"][1])
+    assert json.loads((d / "config.json").read_text())["run_id"] == run_id
+
+
+def test_a_full_disk_names_the_file_and_the_run_resumes_exactly(runs, data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from sbfast.cli import main
+    from sbfast.train.lock import LOCK_FILE
+
+    d = tmp_path / "full"
+    real, calls = C._write_bytes, [0]
+
+    def write(f, data_):
+        if Path(f.name).name.startswith(C._TMP_PREFIX + C.LAST):
+            calls[0] += 1
+            if calls[0] == 3:  # the end of epoch 2: the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data_)
+
+    monkeypatch.setattr(C, "_write_bytes", write)
+    with pytest.raises(T.RunFolderFull) as e:
+        T.train_ensemble(T.TrainConfig(**cfg(batching="static", output_dir=str(d))), data=data)
+    msg = str(e.value)
+    assert "\n" not in msg and e.value.errno == errno.ENOSPC
+    assert msg.startswith(f"the disk is full: writing {d / 'checkpoints' / 'last.pt'} (a checkpoint) failed")
+    assert msg.endswith(f"sbfast train --resume {d} continues it exactly")
+    assert not (d / LOCK_FILE).exists()  # released
+    assert not any(p.name.startswith(C._TMP_PREFIX) for p in (d / "checkpoints").iterdir())
+    # the command line says the same in one line, exit 1
+    calls[0] = 0
+    code = main(["train", "--config", str(d / "config.json"), "--output", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("sbfast: error: the disk is full: writing "), err
+    monkeypatch.setattr(C, "_write_bytes", real)  # space freed
+    assert_same_run(resume(d, data), runs["static"][1])
 
 
 # ------------------------------------------------------------------------------ damaged checkpoints

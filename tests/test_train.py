@@ -163,6 +163,49 @@ def test_unavailable_device_is_an_error_before_training(data, tmp_path):
 # ------------------------------------------------------------------------------ static batching
 
 
+@pytest.mark.parametrize(
+    ("flag", "cause"),
+    [
+        ("lr", "the learning rate (lr 1e+30) is likely too large"),
+        ("rho", "SAM's radius (rho 1e+30) is likely too large"),
+    ],
+)
+def test_a_diverged_run_stops_after_its_first_epoch_naming_member_and_cause(flag, cause, tmp_path, capsys):
+    # the report: --lr 1e30 logged nan from epoch 0 and failed only at scoring or at the end;
+    # --rho 1e30 skipped every step while BatchNorm's running mean reached 2e27
+    from sbfast.cli import main
+
+    args = ["--dataset", "synthetic", "--epochs", "3", "--train-subset", "48", "--test-subset", "24"]
+    args += ["--members", "2", "--width", "4", "--batch-size", "16", "--eval-corruptions", "--no-progress"]
+    code = main(["train", *args, f"--{flag}", "1e30", "--output", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("sbfast: error: the run diverged in epoch 0: member 0 ") and cause in err[0], err
+    assert not (tmp_path / "cli" / "checkpoints").exists()  # stopped before the epoch's checkpoint
+
+    models, epochs = [], []
+
+    class Watch(T.Callback):
+        def on_train_start(self, config, ms):
+            models.extend(ms)
+            self.initial = [{k: v.clone() for k, v in m.state_dict().items() if "running" in k} for m in ms]
+
+        def on_epoch_end(self, epoch, record):
+            epochs.append(epoch)
+
+    watch = Watch()
+    with pytest.raises(T.RunDiverged, match=r"diverged in epoch 0: member 0 ") as e:
+        T.train_ensemble(tiny(**{flag: 1e30}), [watch])
+    assert (e.value.epoch, e.value.member, epochs) == (0, 0, [0])
+    if flag == "rho":  # every step skipped: BatchNorm's statistics are as they began, not 2e27
+        assert "skipped all 4 of its steps for non-finite gradients" in str(e.value)
+        for m, start in zip(models, watch.initial, strict=True):
+            for k, v in start.items():
+                assert torch.equal(m.state_dict()[k], v), k
+    else:
+        assert "has training loss nan" in str(e.value) or "has training loss inf" in str(e.value)
+
+
 def test_static_plan_by_hand():
     # 8 SAM + 8 normal in batches of 4: two of each per batch, four batches, no tail
     assert T.static_batch_plan(8, 8, 4) == T.StaticPlan(2, 2, 4, ())

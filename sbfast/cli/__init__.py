@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from sbfast.cli.errors import INTERRUPT_EXIT, USAGE_EXIT, CliError, Parser, fail
@@ -63,11 +64,17 @@ def _command_and_rest(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return (rest[0], rest[1:]) if rest else (None, [])
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"sbfast: warning: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 a run failed, 2 a bad argument,
     130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if not debug:  # a warning (a stale lock taken over, a damaged last.pt passed over) is one line too
+        warnings.formatwarning = _one_line_warning
     try:
         command, rest = _command_and_rest(argv)
         if command == "bench":  # every argument after it belongs to python -m bench, --help included
@@ -93,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        if getattr(e, "one_line", False):  # a run's own stop that says what to do (RunDiverged, a full disk)
+            return fail(f"{e}", 1)
         return fail(f"{type(e).__name__}: {e} (run again with --debug for the traceback)", 1)
 
 

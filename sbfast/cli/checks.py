@@ -5,6 +5,7 @@ value and what was expected, so a bad argument costs seconds, not a training run
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -51,18 +52,65 @@ def check_device(config: TrainConfig) -> torch.device:
         raise CliError(f"{flag_name('device')} {config.device}: {e}; expected cpu or an existing cuda device") from None
 
 
+# A member in training holds at least its weights, their gradients and the momentum buffer.
+TRAINING_COPIES = 3
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of the device a run trains on (CPU: the machine's RAM; CUDA: the GPU's), or
+    None where it cannot be read. A model that needs more cannot train there at all."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
 def check_model(config: TrainConfig, data: Any) -> None:
     """Build one member on the meta device (no memory, no initialisation cost) so that a bad
-    model name or keyword (``{"width": 0}``) fails here and not in the first epoch."""
+    model name or keyword (``{"width": 0}``) fails here and not in the first epoch; then check
+    that it fits the device (its parameter bytes, times ``TRAINING_COPIES``, against the
+    device's memory) and that it takes this data's images (one forward of a meta batch)."""
     from sbfast.train.run_state import build_member
 
+    where = f"{flag_name('model')} {config.model} with {flag_name('model_kwargs')} {json.dumps(config.model_kwargs)}"
     try:
         with torch.device("meta"):
-            build_member(config, data, 0, torch.device("meta"))
+            model = build_member(config, data, 0, torch.device("meta"))
     except (ValueError, TypeError, RuntimeError) as e:
+        raise CliError(f"{where}: {e}") from None
+    numel = sum(p.numel() for p in model.parameters())
+    need = TRAINING_COPIES * numel * torch.empty((), dtype=config.torch_dtype).element_size()
+    device = config.resolved_device()
+    have = memory_bytes(device)
+    if have is not None and need > have:
         raise CliError(
-            f"{flag_name('model')} {config.model} with {flag_name('model_kwargs')} {config.model_kwargs}: {e}"
+            f"{where}: {numel:.3g} parameters; training one member needs at least {_gb(need)} ({TRAINING_COPIES} "
+            f"copies in {config.dtype}: weights, gradients, momentum) and {device.type} has {_gb(have)}; expected a "
+            "smaller model"
+        )
+    shape = tuple(data.train.image_shape)
+    try:
+        model(torch.empty((2, *shape), device="meta", dtype=config.torch_dtype))
+    except (ValueError, TypeError, RuntimeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(
+            f"{where}: does not take this data's images ({config.dataset}: {list(shape)}, channels first): {first}"
         ) from None
+
+
+def check_threads(config: TrainConfig) -> None:
+    from sbfast.train.config import check_num_threads
+
+    try:
+        check_num_threads(config.num_threads)
+    except ValueError as e:
+        raise CliError(f"{flag_name('num_threads')} {config.num_threads}: {e}") from None
 
 
 def load_checked_data(config: TrainConfig) -> Any:
@@ -115,8 +163,14 @@ def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -
     the folder and writes a probe file, so that an
     unwritable place (``/proc/x``) fails now and not after the first method has trained."""
     from sbfast import train as T
+    from sbfast.train.lock import RunFolderLocked, check_unlocked
 
     flag = f"output folder {str(path)!r}"
+    if path.is_dir():
+        try:
+            check_unlocked(path, "comparison folder" if empty else "run folder")
+        except RunFolderLocked as e:
+            raise CliError(str(e)) from None
     if empty and path.is_dir() and any(path.iterdir()):
         raise CliError(f"{flag} already holds files (an earlier comparison?); expected a new or empty folder")
     try:
@@ -135,6 +189,23 @@ def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -
             f"{flag} cannot be written ({e.strerror or e}); expected a folder you can create and write"
         ) from None
     return path
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """A file the command writes at its end, checked before the work: not a folder, in a folder
+    that exists and can be written, and writable itself if it exists."""
+    p = Path(path)
+    where = f"{flag} {str(path)!r}"
+    if p.is_dir():
+        raise CliError(f"{where}: is a folder; expected a file name (e.g. {str(p / 'out')!r} plus its extension)")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CliError(f"{where}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"{where}: folder {str(parent)!r} cannot be written")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CliError(f"{where}: the file exists and cannot be written")
+    return p
 
 
 def new_run_dir(parent: str | Path = "runs", prefix: str = "") -> Path:
@@ -165,6 +236,7 @@ def preflight(configs: Sequence[TrainConfig]) -> Any:
     first = configs[0]
     for c in configs:
         check_device(c)
+        check_threads(c)
     data = load_checked_data(first)
     for c in configs:
         check_model(c, data)

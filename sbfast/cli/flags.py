@@ -177,14 +177,28 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 _RUN_PLACE_FIELDS = ("output_dir", "resume", "from_phase1")
 
 
-def read_config_file(path: str) -> dict[str, Any]:
+def is_comparison(data: Any) -> bool:
+    """Whether a JSON object is a comparison's file (``comparison.json``: methods, seeds, runs)."""
+    return isinstance(data, dict) and {"methods", "seeds", "runs"} <= set(data)
+
+
+def read_config_file(path: str, *, comparison: bool = False) -> dict[str, Any]:
     """TrainConfig fields from a JSON file: a dict of fields, or a run's ``config.json`` /
-    ``results.json`` (whose ``"config"`` is used). Where the old run lived is dropped."""
+    ``results.json`` (whose ``"config"`` is used). Where the old run lived is dropped.
+
+    A comparison's ``comparison.json`` holds the config its runs share; it is taken only with
+    ``comparison`` (``sbfast compare``); ``sbfast train`` refuses it (which of its runs?)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise CliError(f"--config {path!r}: no such file; expected a JSON file of TrainConfig fields") from None
+    except IsADirectoryError:
+        raise CliError(f"--config {path!r}: is a folder; expected a JSON file of TrainConfig fields") from None
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"--config {path!r}: not UTF-8 text (byte {e.start}: {e.reason}); expected a JSON file of TrainConfig fields"
+        ) from None
     except OSError as e:
         raise CliError(f"--config {path!r}: cannot read it ({e.strerror or e})") from None
     try:
@@ -193,6 +207,19 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise CliError(
             f"--config {path!r}: not JSON ({e.msg} at line {e.lineno}); expected an object of TrainConfig fields"
         ) from None
+    if is_comparison(data) and not comparison:
+        runs = data.get("runs") or []
+        example = (
+            Path(runs[0]["run_dir"]) / "config.json"
+            if runs and isinstance(runs[0], dict) and runs[0].get("run_dir")
+            else None
+        )
+        raise CliError(
+            f"--config {path!r}: a comparison's file ({len(runs)} runs of {', '.join(map(str, data['methods']))} over "
+            f"seeds {' '.join(map(str, data['seeds']))}), not one run's config; expected a run's config.json"
+            + (f" such as {str(example)!r}" if example else "")
+            + " (or sbfast compare --config with this file)"
+        )
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]
     if not isinstance(data, dict):

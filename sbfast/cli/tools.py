@@ -74,11 +74,11 @@ def _run_config(run_dir: str, **changes: Any) -> Any:
     if not p.is_dir():
         raise CliError(f"RUN_DIR {run_dir!r}: no such folder; expected a run folder (config.json, checkpoints/)")
     try:
-        from sbfast.train.run_folder import read_config
+        from sbfast.train.run_folder import saved_config
     except ImportError:
         raise CliError("saved runs are not available in this build (sbfast.train.run_folder is missing)") from None
     try:
-        config = read_config(p)
+        config = saved_config(p)  # config.json, or the checkpoint's config where it is gone
     except ValueError as e:
         raise CliError(f"RUN_DIR {run_dir!r}: {e}") from None
     changes = {k: v for k, v in changes.items() if v is not None}
@@ -107,13 +107,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sbfast.train.results import dumps_strict, shown
 
     device = _device(args.device)
+    if args.json:
+        checks.check_output_file(args.json, "--json")  # before the evaluation, which may take long
     config = _run_config(args.run_dir, data_root=args.data_root, corruption_root=args.corruption_root)
     data = checks.load_checked_data(config)
     checks.check_corruption_root(config, data)
-    if args.json:
-        out = Path(args.json)
-        if out.parent and not out.parent.is_dir():
-            raise CliError(f"--json {args.json!r}: folder {str(out.parent)!r} does not exist")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         try:
@@ -157,10 +155,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.batch_size is not None:
         config = config.replace(scoring_batch_size=args.batch_size)
     out = Path(args.output) if args.output else Path(args.run_dir) / "fisher_scores.npy"
+    checks.check_output_file(out, "--output")  # before the scoring, which may take long
     if out.suffix not in (".npy", ".pt"):
         raise CliError(f"--output {str(out)!r}: expected a file name ending in .npy or .pt")
-    if not out.parent.is_dir():
-        raise CliError(f"--output {str(out)!r}: folder {str(out.parent)!r} does not exist")
     data = checks.load_checked_data(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

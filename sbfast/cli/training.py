@@ -142,10 +142,11 @@ def add_train_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 
 def _fields(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
-    """base (quick / main job) < --config file < flags; --width into model_kwargs."""
+    """base (quick / main job) < --config file < flags; --width into model_kwargs. A
+    comparison's file is a config only for ``compare`` (its runs' shared config)."""
     fields = dict(base)
     if args.config:
-        fields.update(read_config_file(args.config))
+        fields.update(read_config_file(args.config, comparison=args.command in ("compare", "run")))
     given = config_overrides(args)
     fields.update(given)
     if args.width is not None:
@@ -283,11 +284,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume is not None:
         if args.config or args.quick or args.width is not None:
             raise CliError("--resume takes the run's own config.json; --config, --quick and --width do not apply")
-        from sbfast.train.run_folder import read_config
+        from sbfast.train.run_folder import saved_config
 
         try:
             run_dir = T.check_output_dir(resume, resume=True)
-            saved = read_config(run_dir)
+            saved = saved_config(run_dir)  # config.json, or the checkpoint's config where it is gone
         except ValueError as e:
             raise CliError(f"--resume {resume}: {e}") from None
         checks.preflight(

@@ -49,10 +49,12 @@ The modules, bottom to top (each imports only the ones above it in this table;
 | ``plots`` | ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity``, ``plot_run_records``: figures from plain run records |
 | ``results`` | ``EnsembleResult``, run records, strict JSON, ``plot_results`` |
 | ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |
-| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change); ``prepare_run`` |
+| ``lock`` | ``RunLock``: one writer per run folder (``run.lock`` names its holder; a stale one is taken over) |
+| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes; a full disk is one ``RunFolderFull`` line); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change) |
+| ``prepare`` | ``prepare_run`` (config, device, starting checkpoint; a resume's checkpoint checked against config.json; a folder without a checkpoint starts again), ``claim_folder`` (rank 0 creates and locks the folder) |
 | ``run_state`` | ``Member`` (built from the config), ``build_member``, ``make_lr_scheduler``; ``RunState`` (position, history, clocks, scores, masks) |
 | ``saved`` | ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
-| ``events`` | ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, the progress bar |
+| ``events`` | ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, ``RunDiverged`` (a member's loss not finite, or all its steps skipped), the progress bar |
 | ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
 | ``trainer`` | ``EnsembleTrainer`` (one member loop, for one process and torchrun alike) |
 | ``run`` | ``train_ensemble``: prepare the run, join its world, run the trainer |
@@ -86,12 +88,19 @@ from sbfast.train.data import (
     static_batch_plan,
 )
 from sbfast.train.evaluate import evaluate_ensemble, predict_probs
-from sbfast.train.events import Callback, RunInterrupted
+from sbfast.train.events import Callback, RunDiverged, RunInterrupted
+from sbfast.train.lock import RunFolderLocked
 from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_sharpness_diversity
 from sbfast.train.reference_trainer import train_ensemble_reference
 from sbfast.train.results import EnsembleResult, plot_results
 from sbfast.train.run import train_ensemble
-from sbfast.train.run_folder import PHASE1_FIELDS, RESUME_SAFE_FIELDS, check_output_dir, default_run_dir
+from sbfast.train.run_folder import (
+    PHASE1_FIELDS,
+    RESUME_SAFE_FIELDS,
+    RunFolderFull,
+    check_output_dir,
+    default_run_dir,
+)
 from sbfast.train.run_state import build_member, make_lr_scheduler
 from sbfast.train.saved import evaluate_run, load_ensemble
 from sbfast.train.steps import Components, get_components, mixed_step_exact, mixed_step_static, sam_step, sgd_step
@@ -117,6 +126,9 @@ __all__ = [
     "DeviceData",
     "EnsembleResult",
     "EnsembleTrainer",
+    "RunDiverged",
+    "RunFolderFull",
+    "RunFolderLocked",
     "RunInterrupted",
     "StaticBatcher",
     "StaticPlan",

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sbfast.train.config import METHODS, TrainConfig
+from sbfast.train.lock import RunLock
 from sbfast.train.results import EnsembleResult, finite_or_none, run_record, write_strict_json
 
 # The comparison's metrics, each with the direction that is better (docs/cli.md explains them).
@@ -310,15 +311,32 @@ def run_comparison(
         on_run: called after each run with its record and result (e.g. to print a line).
     Returns:
         the Comparison (also saved).
+    Raises:
+        RunFolderLocked (a ValueError) when another process writes ``output_dir``.
     """
-    from sbfast.train.data import load_data
-    from sbfast.train.run import train_ensemble
-
     order = run_order(methods)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be a non-empty list of distinct ints, got {seeds!r}")
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "comparison folder"):  # one comparison writes a folder at a time
+        return _compare(config, order, seeds, out, data, trainer, fork_phase1, on_run)
+
+
+def _compare(
+    config: TrainConfig,
+    order: list[str],
+    seeds: list[int],
+    out: Path,
+    data: Any,
+    trainer: Callable[..., EnsembleResult] | None,
+    fork_phase1: bool | None,
+    on_run: Callable[[dict[str, Any], EnsembleResult], None] | None,
+) -> Comparison:
+    from sbfast.train.data import load_data
+    from sbfast.train.run import train_ensemble
+
     data = data if data is not None else load_data(config)
     if fork_phase1 is None:
         fork_phase1 = trainer is None

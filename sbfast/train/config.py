@@ -31,6 +31,7 @@ COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 AUG_SEED_OFFSET = 1_000_003  # member j's augmentation generator: seed + j + this (independent of its order)
 SHARPNESS_SUBSET_SEED = 0  # the fixed training subset on which each member's mean Fisher score is taken
 SUBSET_SEED = 12_345  # train_subset / test_subset: a fixed draw, the same for every method and seed
+MAX_DIST_TIMEOUT = 365 * 24 * 3600.0  # a year: torch's process-group timeouts overflow long after, at ~1e13 s
 
 # The CIFAR-10-C families that sbfast.data can generate (frost needs the original's photographs).
 DEFAULT_CORRUPTIONS: tuple[str, ...] = tuple(c for c in CIFAR_C_BENCHMARK if c in CORRUPTIONS)
@@ -336,8 +337,9 @@ class TrainConfig:
     )
     dist_timeout: float = option(
         600.0,
-        "seconds a distributed exchange waits for a missing rank before the run stops with an error",
-        check=("real", 0.0, None),
+        "seconds a distributed exchange waits for a missing rank before the run stops with an error (at most "
+        "a year: torch's timeout overflows past it)",
+        check=("real", 0.0, MAX_DIST_TIMEOUT),
     )
 
     def __post_init__(self) -> None:
@@ -368,6 +370,12 @@ class TrainConfig:
                 f"swap_epoch (T_d) must be <= epochs - 2 for sharpbalance: phase 1 is epochs 0..T_d and the "
                 f"members score and select at the start of epoch T_d + 1, which must exist; got swap_epoch="
                 f"{self.swap_epoch}, epochs={self.epochs}"
+            )
+        if self.method == "de_sam" and self.swap_epoch > self.epochs - 1:
+            raise ValueError(
+                f"swap_epoch (T_d) must be <= epochs - 1 for de_sam: its phase1.pt (what a sharpbalance run forks "
+                f"from) is written at the end of epoch T_d, which must exist; got swap_epoch={self.swap_epoch}, "
+                f"epochs={self.epochs}"
             )
         top = self.seed + (self.members - 1) + AUG_SEED_OFFSET
         if top >= 2**63:
@@ -485,6 +493,16 @@ def as_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
     if isinstance(config, Mapping):
         return TrainConfig.from_dict(config)
     raise TypeError(f"config must be a TrainConfig or a dict of its fields, got {type(config).__name__}")
+
+
+def check_num_threads(n: int | None) -> None:
+    """Refuse more CPU threads than this machine has (``os.cpu_count()``): torch would accept
+    the number and fail, or crawl, once the threads start."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if n is not None and n > cpus:
+        raise ValueError(f"num_threads {n}: this machine has {cpus} CPU threads; expected 0 (as they are) to {cpus}")
 
 
 class thread_limit:

@@ -74,6 +74,11 @@ def load_data(config: TrainConfig) -> TrainData:
     else:
         loader = load_cifar10 if config.dataset == "cifar10" else load_cifar100
         train, test = loader(config.data_root, train=True), loader(config.data_root, train=False)
+    for name, split, n in (("train_subset", train, config.train_subset), ("test_subset", test, config.test_subset)):
+        if n is not None and n > len(split):  # a subset larger than the split would silently be all of it
+            raise ValueError(
+                f"{name} {n} is larger than {config.dataset}'s {len(split)} {name[:-7]} samples; expected at most {len(split)}"
+            )
     train = fixed_subset(train, config.train_subset)
     test = fixed_subset(test, config.test_subset)
     num_classes = max(train.num_classes, test.num_classes)

@@ -80,6 +80,26 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"sbfast: stopped by {name} ({detail}); resume with: sbfast train --resume {self.run_dir}")
 
 
+class RunDiverged(RuntimeError):
+    """A run stopped at the end of an epoch in which a member diverged: its training loss is not
+    finite, or every one of its steps was skipped for a non-finite gradient (the fused optimizer
+    skips such a step on the device, so the run would otherwise go on without learning).
+    ``str(e)`` is one line naming the epoch, the member and the likely cause.
+
+    Attributes:
+        epoch, member: where. reason: what was seen ("has training loss nan", ...).
+    """
+
+    one_line = True  # a command line prints str(e) alone: it says what to do
+
+    def __init__(self, epoch: int, member: int, reason: str, cause: str) -> None:
+        self.epoch, self.member, self.reason = epoch, member, reason
+        super().__init__(
+            f"the run diverged in epoch {epoch}: member {member} {reason}; {cause}. The run stopped before this "
+            "epoch's checkpoint; start a new run with a smaller value"
+        )
+
+
 class SignalCatcher:
     """While active (a context manager), SIGINT and SIGTERM are caught.
 

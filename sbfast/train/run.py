@@ -1,6 +1,7 @@
-"""A run from its config: ``train_ensemble`` prepares the run (``run_folder.prepare_run``: the
+"""A run from its config: ``train_ensemble`` prepares the run (``prepare.prepare_run``: the
 config, its device, the folder, the checkpoint it starts from), joins the world it runs in (a
-torchrun job, or a world of size one), builds the trainer there and runs it (docs/runs.md)."""
+torchrun job, or a world of size one), locks the folder (rank 0 holds the lock), builds the
+trainer there and runs it (docs/runs.md)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from sbfast.train.checkpoint import LAST
 from sbfast.train.config import TrainConfig, thread_limit
 from sbfast.train.data import TrainData
 from sbfast.train.events import Callback, RunInterrupted
+from sbfast.train.prepare import PreparedRun, claim_folder, prepare_run
 from sbfast.train.results import EnsembleResult
-from sbfast.train.run_folder import PreparedRun, claim_folder, prepare_run
+from sbfast.train.run_folder import disk_words
 from sbfast.train.trainer import EnsembleTrainer
 
 
@@ -26,12 +28,28 @@ def _run_prepared(
     data: TrainData | None,
     callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None,
 ) -> EnsembleResult:
+    """Claim and lock the run's folder, then run it there (released however the run ends)."""
+    prepared, lock = claim_folder(plan, prepared)  # rank 0 holds the folder's lock until the run ends
+    try:
+        return _run_locked(plan, prepared, data, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    plan: Plan,
+    prepared: PreparedRun,
+    data: TrainData | None,
+    callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None,
+) -> EnsembleResult:
     """Build the trainer on ``plan``, load the starting checkpoint, run (the run writes its folder)."""
-    prepared = claim_folder(plan, prepared)
     config, run_dir = prepared.config, prepared.run_dir
     plan.announce()
+    if prepared.note is not None and plan.is_main:
+        print(prepared.note, flush=True)
     with thread_limit(config.num_threads, prepared.device):
-        trainer = EnsembleTrainer(config, data, callbacks, run_dir=run_dir, plan=plan)
+        trainer = EnsembleTrainer(config, data, callbacks, run_dir=run_dir, plan=plan, run_id=prepared.run_id)
         if prepared.payload is not None:
             trainer.load_state_dict(prepared.payload, fork=prepared.fork)
             if trainer.placement_note is not None and trainer.writes:
@@ -46,7 +64,8 @@ def _run_prepared(
                 print(str(e), file=sys.stderr, flush=True)
             raise
     if run_dir is not None and trainer.writes:
-        result.save(run_dir)
+        with disk_words(run_dir, run_dir, "the results"):
+            result.save(run_dir)
     return result
 
 

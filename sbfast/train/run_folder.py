@@ -7,12 +7,15 @@ A run folder holds::
     checkpoints/last.pt    the newest checkpoint (prev.pt: the one before it)
     checkpoints/phase1.pt  the state at the end of epoch T_d (de_sam, sharpbalance), before scoring
     results.json, ...      written at the end by ``EnsembleResult.save``
+    run.lock               while a process writes the folder (``sbfast.train.lock``)
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -21,8 +24,7 @@ import platform
 import secrets
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +32,16 @@ import torch
 
 from sbfast.train.checkpoint import (
     CHECKPOINT_DIR,
-    LAST,
-    PREVIOUS,
     encode,
     has_checkpoint,
-    load_checkpoint,
     load_latest,
-    phase1_path,
     remove_stale_temporaries,
     save_checkpoint,
     write_atomic,
 )
-from sbfast.train.config import TrainConfig, as_config
+from sbfast.train.config import TrainConfig
 from sbfast.train.data import TrainData
+from sbfast.train.lock import check_unlocked
 
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.csv"
@@ -79,12 +78,20 @@ def default_run_dir(method: str, root: str | Path = "runs") -> Path:
     raise RuntimeError(f"could not create a new run folder under {root}")  # 100 collisions of 24 random bits
 
 
+def resumable(path: str | Path) -> bool:
+    """Whether a folder holds a run to continue: a checkpoint, or the ``config.json`` of a run
+    that stopped before its first checkpoint (it starts again from epoch 0 in place)."""
+    p = Path(path)
+    return has_checkpoint(p) or (p / CONFIG_FILE).is_file()
+
+
 def check_output_dir(path: str | Path | None, resume: bool = False) -> Path:
     """Check a run's output folder before any training starts; returns it as a Path.
 
     New run (``resume=False``): the folder is created if needed and must be writable, and must
     not be another run's folder (one holding config.json, log.csv or checkpoints/). Resume: the
-    folder must exist, be writable and hold a checkpoint (checkpoints/last.pt or prev.pt).
+    folder must exist, be writable and hold a checkpoint (checkpoints/last.pt or prev.pt) or the
+    config.json of a run that stopped before its first checkpoint.
 
     Raises:
         ValueError naming the folder and what is wrong with it.
@@ -94,18 +101,27 @@ def check_output_dir(path: str | Path | None, resume: bool = False) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"output folder {p}: exists and is not a folder")
+    if p.is_dir():
+        check_unlocked(p)  # another process writes it now: say who, before anything else
     if resume:
         if not p.is_dir():
             raise ValueError(f"cannot resume {p}: no such folder")
-        if not has_checkpoint(p):
-            raise ValueError(f"cannot resume {p}: it has no {CHECKPOINT_DIR}/last.pt or prev.pt (nothing to resume)")
+        if not resumable(p):
+            raise ValueError(
+                f"cannot resume {p}: it has no {CHECKPOINT_DIR}/last.pt or prev.pt and no {CONFIG_FILE} (nothing to resume)"
+            )
     else:
         if p.is_dir():
             found = [m for m in RUN_MARKERS if (p / m).exists()]
-            if found:
+            if found and resumable(p):
                 raise ValueError(
                     f"output folder {p} is another run's folder (it has {', '.join(found)}); resume it with "
                     f"resume={str(p)!r} (sbfast train --resume {p}) or choose a new folder"
+                )
+            if found:
+                raise ValueError(
+                    f"output folder {p} is another run's folder (it has {', '.join(found)}) but holds neither a "
+                    f"checkpoint nor {CONFIG_FILE}, so it cannot be resumed (--resume): remove it or choose a new folder"
                 )
         try:
             p.mkdir(parents=True, exist_ok=True)
@@ -126,26 +142,48 @@ def versions() -> dict[str, str]:
     return {"sbfast": str(sbfast.__version__), "torch": str(torch.__version__), "python": platform.python_version()}
 
 
-def write_config(run_dir: str | Path, config: TrainConfig, device: torch.device | str) -> Path:
-    """Write ``config.json``: every field of the resolved config, the versions and the device."""
+def write_config(
+    run_dir: str | Path, config: TrainConfig, device: torch.device | str, run_id: str | None = None
+) -> Path:
+    """Write ``config.json``: every field of the resolved config, the versions, the device and
+    the run's identity (``run_id``, which its checkpoints carry too)."""
     payload = {
         "config": config.to_dict(),
         "device": str(device),
         "versions": versions(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if run_id is not None:
+        payload["run_id"] = run_id
     path = Path(run_dir) / CONFIG_FILE
     write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
     return path
 
 
-def read_config(run_dir: str | Path) -> TrainConfig:
-    """The TrainConfig in a run folder's ``config.json``."""
+def read_config_file(run_dir: str | Path) -> dict[str, Any]:
+    """The whole ``config.json`` of a run folder (``config``, ``device``, ``versions``, ``run_id``)."""
     path = Path(run_dir) / CONFIG_FILE
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        TrainConfig.from_dict(data["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: cannot read a run config ({e})") from None
+    return data
+
+
+def read_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig in a run folder's ``config.json``."""
+    return TrainConfig.from_dict(read_config_file(run_dir)["config"])
+
+
+def saved_config(run_dir: str | Path) -> TrainConfig:
+    """A run folder's config: its ``config.json``, or, where that file is gone, the config its
+    newest good checkpoint holds (a checkpoint holds the whole config)."""
+    p = Path(run_dir)
+    if (p / CONFIG_FILE).is_file() or not has_checkpoint(p):
+        return read_config(p)
+    _, payload = load_latest(p)
+    return TrainConfig.from_dict(payload["config"])
 
 
 def _num(v: Any) -> str:
@@ -290,6 +328,11 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder (``unf`` and ``/abs/path/unf`` alike)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Equality of config values as JSON sees them (tuples and lists alike)."""
     return _plain(a) == _plain(b)
@@ -333,7 +376,7 @@ def resumed_config(
         if k == "resume":
             continue
         if k == "output_dir":
-            if v is not None and Path(v) != Path(run_dir):
+            if v is not None and not same_folder(v, run_dir):
                 refused.append(f"output_dir {v!r} (a resumed run writes into its own folder {str(run_dir)!r})")
             continue
         old = getattr(saved, k)
@@ -397,101 +440,71 @@ def data_fingerprint(data: TrainData) -> str:
     return h.hexdigest()
 
 
+# what a full disk (or quota) raises: the run stops, naming the file; what is on disk resumes exactly
+DISK_FULL_ERRNOS: frozenset[int] = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e)
+
+
+class RunFolderFull(OSError):
+    """A write into the run folder failed for lack of space: ``str(e)`` is one line naming the
+    file and saying how the run resumes (every file a resume reads was written atomically, so
+    the folder holds the last checkpoint whole). ``errno`` and ``filename`` are the write's."""
+
+    one_line = True  # a command line prints str(e) alone: it says what to do
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the line itself (OSError's own form adds "[Errno 28]" and the name)
+
+
+@contextlib.contextmanager
+def disk_words(run_dir: Path, path: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into one :class:`RunFolderFull` line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS or isinstance(e, RunFolderFull):
+            raise
+        if path == run_dir and e.filename:  # a write of several files (the results): the one that failed
+            path = Path(e.filename)
+        raise RunFolderFull(
+            e.errno,
+            f"the disk is full: writing {path} ({what}) failed ({e.strerror or e}); the run stopped and its folder holds "
+            f"its last checkpoint whole: free some space, then sbfast train --resume {run_dir} continues it exactly",
+            str(path),
+        ) from None
+
+
 class RunFolder:
     """What a run writes into its folder, on the one process that writes it: ``config.json``,
-    ``log.csv`` and the checkpoints (``checkpoints/<name>``)."""
+    ``log.csv`` and the checkpoints (``checkpoints/<name>``). A full disk stops the run with
+    :class:`RunFolderFull` naming the file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, run_id: str | None = None) -> None:
         self.path = Path(path)
         self.log = RunLog(self.path)
+        self.run_id = run_id
 
     def begin(self, config: TrainConfig, device: torch.device | str, history: Sequence[Mapping[str, Any]]) -> None:
         """As a run (or a resumed one) starts: temporaries a killed write left go, config.json
         holds the config the run goes on with, log.csv the history so far."""
         remove_stale_temporaries(self.path / CHECKPOINT_DIR)
-        write_config(self.path, config, device)
-        self.log.rewrite(history)
+        with disk_words(self.path, self.path / CONFIG_FILE, "the run's config"):
+            write_config(self.path, config, device, self.run_id)
+        with disk_words(self.path, self.log.path, "the run's log"):
+            self.log.rewrite(history)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """An epoch's rows in log.csv (flushed and fsync'ed)."""
-        self.log.append(record)
+        with disk_words(self.path, self.log.path, f"epoch {record['epoch']}'s rows of the log"):
+            self.log.append(record)
 
     def save(self, payload: dict[str, Any], names: Sequence[str]) -> None:
         """``payload`` as ``checkpoints/<name>`` for each name, serialised once."""
         data = encode(payload)
         for name in names:
-            save_checkpoint(self.path, data, name)
+            path = self.path / CHECKPOINT_DIR / name
+            with disk_words(self.path, path, "a checkpoint"):
+                save_checkpoint(self.path, data, name)
 
     def has(self, name: str) -> bool:
         """Whether ``checkpoints/<name>`` exists."""
         return (self.path / CHECKPOINT_DIR / name).exists()
-
-
-@dataclass(frozen=True)
-class PreparedRun:
-    """What ``train_ensemble`` starts from, settled before anything trains: the config it runs
-    with, its folder (None: no folder), the checkpoint payload it continues from (a resume's
-    newest good checkpoint, a fork's phase1.pt; None for a fresh run), whether that payload is a
-    fork's, and a damaged ``last.pt`` that the resume passed over (to be set aside)."""
-
-    config: TrainConfig
-    device: torch.device  # the config's device, checked on this machine
-    run_dir: Path | None
-    payload: dict[str, Any] | None = None
-    fork: bool = False
-    bad_last: Path | None = None
-
-
-def prepare_run(config: TrainConfig | Mapping[str, Any], resume: str | Path | None = None) -> PreparedRun:
-    """Settle a run's config, folder and starting checkpoint (docs/runs.md).
-
-    ``resume`` (or ``config.resume``): the folder's newest good checkpoint, with the saved
-    config and the requested changes ``RESUME_SAFE_FIELDS`` allows. Otherwise ``config`` as given,
-    with ``config.from_phase1``'s checkpoint when it forks (checked by ``check_phase1_compatible``)
-    and its device checked before any folder is created. A new run's folder is not created here
-    (under torchrun only rank 0 does that).
-
-    Raises:
-        ValueError (CheckpointError included) naming what is wrong; nothing is written.
-    """
-    asked = config.get("resume") if isinstance(config, Mapping) else getattr(config, "resume", None)
-    if resume is not None and asked is not None and Path(resume) != Path(asked):
-        raise ValueError(f"resume={str(resume)!r} and config.resume={asked!r} name different runs")
-    resume = resume if resume is not None else asked
-    if resume is not None:
-        run_dir = check_output_dir(resume, resume=True)
-        path, payload = load_latest(run_dir)
-        bad_last = path.parent / LAST if path.name == PREVIOUS and (path.parent / LAST).exists() else None
-        saved = TrainConfig.from_dict(payload["config"])
-        resumed = resumed_config(saved, requested_fields(config), run_dir, payload["device"])
-        return PreparedRun(resumed, resumed.check_device(), run_dir, payload, bad_last=bad_last)
-    config = as_config(config)
-    payload = None
-    if config.from_phase1 is not None:
-        source = phase1_path(config.from_phase1)
-        payload = load_checkpoint(source)
-        check_phase1_compatible(TrainConfig.from_dict(payload["config"]), config, source)
-        payload = dict(payload, forked_from=str(source))
-    device = config.check_device()  # before the folder is created: a bad device leaves nothing behind
-    run_dir = Path(config.output_dir) if config.output_dir else None
-    return PreparedRun(config, device, run_dir, payload, fork=payload is not None)
-
-
-def claim_folder(plan: Any, prepared: PreparedRun) -> PreparedRun:
-    """A new run's folder, checked and created by rank 0 of ``plan`` (its outcome handed to every
-    process: each process of a command line may name a folder of its own; one that is not rank
-    0's and is left empty goes). A resumed run's folder was checked when it was prepared.
-
-    ``plan``: a ``sbfast.distributed`` plan (``on_rank0``); a one-process plan runs the check here.
-    """
-    if prepared.payload is not None and not prepared.fork:
-        return prepared
-    own = prepared.run_dir
-    run_dir = plan.on_rank0(lambda: check_output_dir(own) if own is not None else None, "the output folder check")
-    if own is not None and run_dir is not None and own.resolve() != run_dir.resolve():
-        if own.is_dir() and not any(own.iterdir()):
-            own.rmdir()
-    if run_dir == own:
-        return dataclasses.replace(prepared, run_dir=run_dir)
-    config = prepared.config.replace(output_dir=str(run_dir) if run_dir is not None else None)
-    return dataclasses.replace(prepared, config=config, run_dir=run_dir)

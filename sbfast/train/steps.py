@@ -176,8 +176,11 @@ def fast_optimizer(model: nn.Module, config: TrainConfig) -> SharpBalanceSAM:
     """The fused optimizer for one member.
 
     ``nonfinite="skip"``: no host sync in a step (a non-finite step is skipped on the device and
-    counted; the trainer reports the count per epoch). Under CUDA graphs lr is a device tensor
-    that the LR scheduler fills in place, so replays see it.
+    counted; the trainer reports the count per epoch and stops a member that skips all of an
+    epoch's steps). ``bn_guard=model``: a skipped step also leaves the model's BatchNorm running
+    statistics as they were when it began (its forwards would have moved them towards the
+    non-finite values). Under CUDA graphs lr is a device tensor that the LR scheduler fills in
+    place, so replays see it.
     """
     lr: float | torch.Tensor = config.lr
     if config.cuda_graphs:
@@ -191,6 +194,7 @@ def fast_optimizer(model: nn.Module, config: TrainConfig) -> SharpBalanceSAM:
         rho=config.rho,
         adaptive=config.adaptive,
         nonfinite="skip",
+        bn_guard=model,
     )
 
 

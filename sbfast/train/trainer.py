@@ -11,6 +11,7 @@ its record, the finish). ``sbfast.train.run.train_ensemble`` prepares a run and 
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 import warnings
@@ -34,7 +35,15 @@ from sbfast.train.checkpoint import (
 from sbfast.train.config import TrainConfig, as_config
 from sbfast.train.data import DeviceData, StaticBatcher, TrainData, augment_fill, load_data, member_seeds, release_order
 from sbfast.train.evaluate import accuracies, ensemble_probs, evaluate_ensemble
-from sbfast.train.events import Callback, CallbackList, RunInterrupted, SignalCatcher, fmt_acc, progress_bar
+from sbfast.train.events import (
+    Callback,
+    CallbackList,
+    RunDiverged,
+    RunInterrupted,
+    SignalCatcher,
+    fmt_acc,
+    progress_bar,
+)
 from sbfast.train.results import EnsembleResult
 from sbfast.train.run_folder import (
     RunFolder,
@@ -85,6 +94,7 @@ class EnsembleTrainer:
         *,
         run_dir: str | Path | None = None,
         plan: Plan | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.config = config = as_config(config)
         self.plan: Plan = plan if plan is not None else LocalPlan(config.members, config.check_device())
@@ -117,12 +127,14 @@ class EnsembleTrainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         # only one rank writes the run folder: rank 0 (every rank checkpoints through it)
         self.writes = self.plan.is_main
-        self.folder = RunFolder(self.run_dir) if self.run_dir is not None and self.writes else None
+        self.run_id = run_id  # the run's identity in config.json and every checkpoint (train_ensemble's)
+        self.folder = RunFolder(self.run_dir, run_id) if self.run_dir is not None and self.writes else None
         self.state = RunState()
         self._fingerprint: str | None = None
         self._catcher: SignalCatcher | None = None
         self._stage = "training"
         self.placement_note: str | None = None  # set by a resume whose placement changed
+        self._epoch_steps: dict[int, int] = {}  # each local member's steps in its latest epoch
 
     # -- members -----------------------------------------------------------------------------
 
@@ -219,6 +231,7 @@ class EnsembleTrainer:
         batches = self._epoch_batches(m, phase)
         total = torch.zeros((), device=self.device, dtype=torch.float64) if loss_sum is None else loss_sum
         stop = self._catcher if self.plan.stops_inside_epoch else None
+        self._epoch_steps[j] = len(batches)
         for k in range(start_step, len(batches)):
             total += self._step(m, phase, batches[k])
             if stop is not None and stop.requested is not None:
@@ -363,6 +376,7 @@ class EnsembleTrainer:
             "rng": {"torch": torch.get_rng_state(), "cuda": list(cuda_rng)},
             **{k: run[k] for k in RUN_STATE_KEYS if k != "position"},
             "placement": self.plan.saved_placement(),
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, fork: bool = False) -> None:
@@ -539,10 +553,13 @@ class EnsembleTrainer:
                 f"epoch {epoch}, member {p.member}, after step {p.step}; checkpoint written"
             ) from None
         record = self._record(epoch, phase, train_loss, t1)
+        diverged = self._divergence(epoch, phase, record)
         s.finish_epoch(record)
         if self.folder is not None:
             self.folder.append(record)
         self.callbacks.call("on_epoch_end", epoch, record)
+        if diverged is not None:  # before this epoch's checkpoint: the folder keeps the finite state
+            raise diverged
         if self.run_dir is not None:
             self._epoch_checkpoints(epoch)
             if stop_all and catcher.requested is None:  # another rank was signalled: stop with it
@@ -582,6 +599,34 @@ class EnsembleTrainer:
         s.clock["epoch_eval_s"] += record["eval_s"]
         record["wall_s"] = self.elapsed()
         return record
+
+    def _divergence(self, epoch: int, phase: str, record: Mapping[str, Any]) -> RunDiverged | None:
+        """The stop of a run whose member diverged in this epoch (None: none did): its training
+        loss is not finite, or it skipped every one of its steps for a non-finite gradient. The
+        same on every process (the losses and counts are every rank's)."""
+        c = self.config
+        steps = self.plan.member_counts({m.index: self._epoch_steps.get(m.index, 0) for m in self.members})
+        self._epoch_steps.clear()
+        skipped = record.get("skipped_steps")
+        before = self.state.history[-1].get("skipped_steps") if self.state.history else None
+        sam = phase != "sgd"
+        for j, loss in enumerate(record["train_loss"]):
+            if not math.isfinite(loss):
+                cause = f"the learning rate (lr {c.lr:g}) is likely too large" + (
+                    f", or SAM's radius (rho {c.rho:g})" if sam else ""
+                )
+                return RunDiverged(epoch, j, f"has training loss {loss}", cause)
+            if skipped is not None and steps[j] > 0:
+                new = skipped[j] - (before[j] if before else 0)
+                if new >= steps[j]:
+                    cause = (
+                        f"SAM's radius (rho {c.rho:g}) is likely too large (the gradient at the perturbed weights is "
+                        f"not finite), or the learning rate (lr {c.lr:g})"
+                        if sam
+                        else f"the learning rate (lr {c.lr:g}) is likely too large"
+                    )
+                    return RunDiverged(epoch, j, f"skipped all {steps[j]} of its steps for non-finite gradients", cause)
+        return None
 
     def _finish(self) -> EnsembleResult:
         """The final evaluation (its metrics the same on every process) and the result."""
