@@ -1,7 +1,9 @@
-"""The paper's measures on trained members: here, the diversity half.
+"""The paper's measures on trained members (any ``nn.Module``, run in eval mode, left as found).
 
 | module | what |
 |---|---|
+| ``batches`` | ``as_batches`` (the batches a measure runs on), ``measuring`` (eval mode, all put back) |
+| ``results`` | ``MeasureResult``: value, per-batch values, settings; strict JSON |
 | ``predictions`` | ``predictions``: every member's logits and probabilities, once per data set |
 | ``disagreement`` | ``disagreement`` (M x M), ``disagreement_ratios`` (DER, EIR) |
 | ``divergence`` | ``kl_divergence`` (KL(p_i \\|\\| p_j)), ``symmetric_kl_divergence``, ``js_divergence`` |
@@ -11,6 +13,7 @@
 | ``diversity_report`` | ``diversity_report``: all of them as a JSON-ready dict |
 """
 
+from sbfast.measure.batches import as_batches, check_model, measuring
 from sbfast.measure.cka import (
     MinibatchCKA,
     center_gram,
@@ -28,10 +31,16 @@ from sbfast.measure.diversity_report import MEASURES as DIVERSITY_MEASURES
 from sbfast.measure.diversity_report import diversity_report
 from sbfast.measure.member_cka import MemberCKA, block_names, member_cka
 from sbfast.measure.predictions import SetPredictions, predictions
+from sbfast.measure.results import MeasureResult, json_ready
 from sbfast.measure.variance import BiasVariance, bias_variance
 
 __all__ = [
     "DIVERSITY_MEASURES",
+    "MeasureResult",
+    "as_batches",
+    "check_model",
+    "json_ready",
+    "measuring",
     "BiasVariance",
     "MemberCKA",
     "MinibatchCKA",
