@@ -2,6 +2,15 @@
 as found, and the result they return."""
 
 from .batches import as_batches, check_model, measuring
+from .curvature import hessian_eigenvalues, hessian_trace
 from .results import MeasureResult, json_ready
 
-__all__ = ["MeasureResult", "as_batches", "check_model", "json_ready", "measuring"]
+__all__ = [
+    "MeasureResult",
+    "as_batches",
+    "check_model",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "json_ready",
+    "measuring",
+]
