@@ -31,6 +31,7 @@ sbfast: SharpBalance ensembles (de, de_sam, sharpbalance), fast.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sbfast.cli.measure import add_parsers as add_measure_parser
     from sbfast.cli.tools import add_tool_parsers
     from sbfast.cli.training import add_compare_parser, add_train_parser
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub, [common])
     add_train_parser(sub, [common])
     add_tool_parsers(sub, [common])
+    add_measure_parser(sub, [common])
     return p
 
 
