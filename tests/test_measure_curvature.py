@@ -291,3 +291,38 @@ def test_against_pyhessian_at_the_same_probe_count():
     assert math.isclose(mine.value[0], want, rel_tol=1e-8)  # float64
     assert math.isclose(top[0], want, rel_tol=1e-5)  # pyhessian draws its vectors in float32
     assert math.isclose(mine.value[0], top[0], rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_batched_probes_path_equals_the_loop(name):
+    """The CUDA default (k probes in one vmapped backward), run here on the CPU."""
+    model = MODELS[name]()
+    batches = _batches(model, [7, 5])
+    h = _exact(model, batches)
+    v = torch.randn(4, h.shape[0], dtype=F64, generator=torch.Generator().manual_seed(6))
+    with measuring(model):
+        op = HessianOperator(model, batches)
+        op.batched_probes = True
+        batched = op(v)
+        op.batched_probes = False
+        looped = op(v)
+    torch.testing.assert_close(batched, looped, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(batched, v @ h, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_equals_cpu():
+    model = _cnn()
+    batches = _batches(model, [7, 5])
+    gen = torch.Generator().manual_seed(8)
+    cpu = hessian_trace(model, batches, max_iter=5, tol=1e-12, generator=gen)
+    cpu_e = hessian_eigenvalues(model, batches, k=2, max_iter=100, tol=1e-10, method="lanczos")
+    dev = copy.deepcopy(model).cuda()
+    gb = [(x.cuda(), y.cuda()) for x, y in batches]
+    gpu = hessian_trace(dev, gb, max_iter=5, tol=1e-12, generator=torch.Generator().manual_seed(8))
+    gpu_e = hessian_eigenvalues(dev, gb, k=2, max_iter=100, tol=1e-10, method="lanczos")
+    torch.testing.assert_close(
+        torch.tensor(gpu.extra["samples"]), torch.tensor(cpu.extra["samples"]), rtol=1e-9, atol=0
+    )
+    torch.testing.assert_close(torch.tensor(gpu_e.value), torch.tensor(cpu_e.value), rtol=1e-8, atol=0)  # float64

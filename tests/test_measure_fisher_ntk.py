@@ -250,3 +250,17 @@ def test_ntk_model_without_weights_refused():
 
     with pytest.raises(ValueError, match="no parameter whose name contains 'weight'"):
         ntk_logdet(Bias(), [(torch.randn(2, 3), torch.zeros(2, dtype=torch.long))])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_equals_cpu(name):
+    model = _model(name)
+    batches = _batches(name, [5, 1, 7])
+    gpu_model = copy.deepcopy(model).cuda()
+    gb = [(x.cuda(), y.cuda()) for x, y in batches]
+    assert math.isclose(fisher_trace(gpu_model, gb).value, fisher_trace(model, batches).value, rel_tol=1e-9)
+    a, b = ntk_logdet(gpu_model, gb).per_batch, ntk_logdet(model, batches).per_batch
+    for u, v in zip(a, b, strict=True):
+        assert (math.isnan(u) and math.isnan(v)) or math.isclose(u, v, rel_tol=1e-8, abs_tol=1e-8)  # float64
