@@ -38,6 +38,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sbfast.cli.training",
     "sbfast.cli.tools",
     "sbfast.cli.theory",
+    "sbfast.cli.measure",
 )
 
 

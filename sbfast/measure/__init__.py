@@ -4,6 +4,9 @@
 |---|---|
 | ``batches`` | ``as_batches`` (the batches a measure runs on), ``measuring`` (eval mode, all put back) |
 | ``results`` | ``MeasureResult``: value, per-batch values, settings; strict JSON |
+| ``hvp``, ``curvature`` | ``hessian_trace`` (Hutchinson), ``hessian_eigenvalues`` (power / Lanczos) |
+| ``fisher_trace`` | ``fisher_trace``: mean per-sample squared gradient norm |
+| ``ntk`` | ``ntk_gram``, ``ntk_logdet``: the release's NTK mode |
 | ``predictions`` | ``predictions``: every member's logits and probabilities, once per data set |
 | ``disagreement`` | ``disagreement`` (M x M), ``disagreement_ratios`` (DER, EIR) |
 | ``divergence`` | ``kl_divergence`` (KL(p_i \\|\\| p_j)), ``symmetric_kl_divergence``, ``js_divergence`` |
@@ -25,11 +28,14 @@ from sbfast.measure.cka import (
     gram_rbf,
     minibatch_cka,
 )
+from sbfast.measure.curvature import hessian_eigenvalues, hessian_trace
 from sbfast.measure.disagreement import disagreement, disagreement_ratios
 from sbfast.measure.divergence import js_divergence, kl_divergence, symmetric_kl_divergence
 from sbfast.measure.diversity_report import MEASURES as DIVERSITY_MEASURES
 from sbfast.measure.diversity_report import diversity_report
+from sbfast.measure.fisher_trace import fisher_trace
 from sbfast.measure.member_cka import MemberCKA, block_names, member_cka
+from sbfast.measure.ntk import ntk_gram, ntk_logdet
 from sbfast.measure.predictions import SetPredictions, predictions
 from sbfast.measure.results import MeasureResult, json_ready
 from sbfast.measure.variance import BiasVariance, bias_variance
@@ -41,6 +47,11 @@ __all__ = [
     "check_model",
     "json_ready",
     "measuring",
+    "fisher_trace",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "ntk_gram",
+    "ntk_logdet",
     "BiasVariance",
     "MemberCKA",
     "MinibatchCKA",
