@@ -200,3 +200,35 @@ def test_ctrl_c_leaves_the_folder_as_it_was(run_dir, monkeypatch, capsys):
     assert code == 130 and len(err) == 1 and calls["n"] == 1
     assert _folder(run) == before
     assert real is not interrupted
+
+
+def test_diversity_measures_equal_the_library_on_the_test_split(run_dir, capsys):
+    """disagreement, kl, cka and variance through the CLI: the same numbers as sbfast.measure's
+    functions on the members' test predictions (one prediction pass per member)."""
+    from sbfast.measure import bias_variance, disagreement, js_divergence, predictions, symmetric_kl_divergence
+    from sbfast.train.data import load_data
+    from sbfast.train.run_folder import read_config
+
+    run = _fresh(run_dir)
+    code = main(["measure", str(run), "--no-progress", "--measures", "disagreement", "kl", "cka", "variance"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "disagreement: test disagreement mean" in out and "cka logits mean" in out
+    doc = _strict(run / CM.MEASURES_FILE)["measures"]
+    members = sbfast.load_ensemble(run)
+    test = load_data(read_config(run)).test
+    _, x, y = test[torch.arange(len(test))]
+    probs = predictions(members, {"test": (x, y)})["test"].probs
+    got = doc["disagreement"]["ensemble"]["sets"]["test"]["disagreement"]
+    torch.testing.assert_close(torch.tensor(got["matrix"], dtype=torch.float64), disagreement(probs).double())
+    kl = doc["kl"]["ensemble"]["sets"]["test"]
+    m = probs.shape[0]
+    off = ~torch.eye(m, dtype=torch.bool)
+    assert math.isclose(kl["kl"]["mean"], symmetric_kl_divergence(probs)[off].mean().item(), rel_tol=1e-5)
+    assert math.isclose(kl["js"]["mean"], js_divergence(probs)[off].mean().item(), rel_tol=1e-5)
+    bv = bias_variance(probs, y)
+    var = doc["variance"]["ensemble"]["sets"]["test"]["variance"]
+    assert math.isclose(var["variance"], float(bv.variance), rel_tol=1e-5)
+    cka = doc["cka"]["ensemble"]["cka"]["representations"]
+    assert cka["input"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 <= cka["logits"]["mean"] <= 1.0 + 1e-6

@@ -353,7 +353,31 @@ def cmd_measure(args: argparse.Namespace) -> int:
     _write_atomic(out, dumps_strict(doc) + "\n")
     print(f"sbfast measure: {args.run_dir} ({config.method}, M = {len(members)}), {need} training samples")
     for name in names:
-        mean = results[name].get("mean")
-        print(f"  {name}: mean over members {mean}")
+        print(f"  {name}: {_summary(results[name])}")
     print(f"wrote {out}")
     return 0
+
+
+def _summary(result: dict) -> str:
+    """One line per measure: the mean over members for a per-member measure, else the ensemble's
+    headline numbers on each data set (the mean of its M x M matrix, DER, EIR, bias^2, variance)."""
+    mean = result.get("mean")
+    if isinstance(mean, (int, float)):
+        return f"mean over members {mean:.6g}"
+    if mean is not None:
+        return f"mean over members {mean}"
+    parts = []
+    for set_name, values in result.get("ensemble", {}).get("sets", {}).items():
+        for measure, v in values.items():
+            if not isinstance(v, dict):
+                continue
+            shown = {
+                k: x for k, x in v.items() if k in ("mean", "der", "eir", "bias2", "variance") and isinstance(x, float)
+            }
+            if shown:
+                parts.append(f"{set_name} {measure} " + " ".join(f"{k} {x:.4g}" for k, x in shown.items()))
+    cka = result.get("ensemble", {}).get("cka", {})
+    for rep, v in cka.get("representations", {}).items():
+        if isinstance(v.get("mean"), float):
+            parts.append(f"{cka.get('set', '')} cka {rep} mean {v['mean']:.4g}".strip())
+    return "; ".join(parts) if parts else "see measures.json"
