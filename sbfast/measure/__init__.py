@@ -4,6 +4,9 @@
 |---|---|
 | ``batches`` | ``as_batches`` (the batches a measure runs on), ``measuring`` (eval mode, all put back) |
 | ``results`` | ``MeasureResult``: value, per-batch values, settings; strict JSON |
+| ``perturbation`` | the flat-parameter view, perturbation sets and projections |
+| ``worst_case`` | ``worst_case_sharpness``: APGD, l2 / linf, adaptive (the paper's sharpness) |
+| ``average_case`` | ``average_sharpness``: Gaussian / uniform noise scaled by rho and abs(w) |
 | ``hvp``, ``curvature`` | ``hessian_trace`` (Hutchinson), ``hessian_eigenvalues`` (power / Lanczos) |
 | ``fisher_trace`` | ``fisher_trace``: mean per-sample squared gradient norm |
 | ``ntk`` | ``ntk_gram``, ``ntk_logdet``: the release's NTK mode |
@@ -16,6 +19,7 @@
 | ``diversity_report`` | ``diversity_report``: all of them as a JSON-ready dict |
 """
 
+from sbfast.measure.average_case import average_sharpness, draw_noise
 from sbfast.measure.batches import as_batches, check_model, measuring
 from sbfast.measure.cka import (
     MinibatchCKA,
@@ -39,6 +43,7 @@ from sbfast.measure.ntk import ntk_gram, ntk_logdet
 from sbfast.measure.predictions import SetPredictions, predictions
 from sbfast.measure.results import MeasureResult, json_ready
 from sbfast.measure.variance import BiasVariance, bias_variance
+from sbfast.measure.worst_case import apgd_checkpoints, worst_case_sharpness
 
 __all__ = [
     "DIVERSITY_MEASURES",
@@ -47,6 +52,10 @@ __all__ = [
     "check_model",
     "json_ready",
     "measuring",
+    "apgd_checkpoints",
+    "average_sharpness",
+    "draw_noise",
+    "worst_case_sharpness",
     "fisher_trace",
     "hessian_eigenvalues",
     "hessian_trace",
