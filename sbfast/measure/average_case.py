@@ -8,9 +8,9 @@ with c = |w0| (adaptive) or 1, and u_k standard Gaussian (``norm="l2"``: an elem
 standard deviation rho c, not a point on a sphere, as in the release) or uniform in [-1, 1]
 (``"linf"``). The measure is the mean of A_B over batches, and the same for the error. Forward
 passes only: K + 1 per batch. The draws of one batch are independent problems: on CUDA they are
-evaluated several at a time by ``torch.func.vmap`` over the perturbation (one launch for a chunk of
-draws instead of one per draw); on the CPU one after another, which measured faster here (see
-docs/measure.md).
+evaluated several at a time by ``torch.func.vmap`` over the perturbation (one call for a chunk of
+draws instead of one per draw): on CUDA that removes a launch per layer and draw, and on this
+project's 2-core CPU it measured 1.15-1.25x faster than draw by draw (docs/measure.md).
 """
 
 from __future__ import annotations
@@ -33,19 +33,18 @@ def draw_noise(model: nn.Module, n_draws: int, norm: str = "l2", generator: torc
     """Standard draws u [n_draws, P] (before the rho c scaling) in the release's order: for each
     draw, for each parameter in ``named_parameters()`` order, one ``randn`` (l2) or ``2 rand - 1``
     (linf) of its shape. With a generator seeded like torch's global one, these are the numbers the
-    release's ``randn_like`` / ``rand_like`` calls draw on the CPU."""
+    release's ``randn_like`` / ``rand_like`` calls draw on the CPU. Written in place into one
+    buffer (no per-parameter tensors to concatenate)."""
     params = [p for _, p in model.named_parameters()]
-    dtype = params[0].dtype
-    rows = []
-    for _ in range(n_draws):
-        parts = []
-        for p in params:
+    numels = [p.numel() for p in params]
+    out = torch.empty(n_draws, sum(numels), dtype=params[0].dtype)
+    for row in out:
+        for part in row.split(numels):
             if norm == "l2":
-                parts.append(torch.randn(p.shape, generator=generator, dtype=dtype).reshape(-1))
+                part.normal_(generator=generator)
             else:
-                parts.append((2 * torch.rand(p.shape, generator=generator, dtype=dtype) - 1).reshape(-1))
-        rows.append(torch.cat(parts))
-    return torch.stack(rows)
+                part.uniform_(generator=generator).mul_(2).sub_(1)
+    return out
 
 
 def _losses(flat: FlatModel, points: Tensor, x: Tensor, y: Tensor, stack: bool, chunk: int) -> tuple[Tensor, Tensor]:
@@ -93,7 +92,7 @@ def average_sharpness(
         generator: the CPU generator the draws come from (a fresh one seeded 0 when None), batch by
             batch, each batch's draws as :func:`draw_noise` makes them.
         noise: instead, the standard draws themselves: one [n_draws, P] tensor per batch.
-        stack: evaluate draws several at a time with vmap (default: on CUDA only).
+        stack: evaluate draws several at a time with vmap (default True; False: one by one).
         chunk: draws per vmapped call.
 
     Returns:
@@ -119,7 +118,7 @@ def average_sharpness(
     if generator is None and noise is None:
         generator = torch.Generator().manual_seed(0)
     if stack is None:
-        stack = device.type == "cuda"
+        stack = True  # measured faster than draw by draw on this project's CPU too (docs/measure.md)
 
     gaps, err_gaps, init_losses = [], [], []
     with measuring(model):
@@ -132,7 +131,7 @@ def average_sharpness(
                     f"the loss at the starting point is not finite on batch {k} ({l0}): nothing to measure"
                 )
             u = noise[k] if noise is not None else draw_noise(model, n_draws, norm, generator)
-            points = flat.w0 + u.to(flat.w0) * scale
+            points = u.to(flat.w0, copy=noise is not None).mul_(scale).add_(flat.w0)
             losses, errs = _losses(flat, points, x, y, stack, chunk)
             # the release sums Python floats draw by draw; a float64 sum of the same values
             gaps.append(float(losses.double().sum()) / n_draws - l0)

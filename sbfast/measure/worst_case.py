@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .batches import as_batches, check_model, measuring
 from .perturbation import (
     FlatModel,
+    Scale,
     check_masks,
     check_norm,
     check_positive_int,
@@ -67,7 +68,7 @@ def apgd_checkpoints(n_iters: int) -> list[int]:
 
 
 def _initial_delta(
-    init: str, flat: FlatModel, c: Tensor | None, rho: float, norm: str, generator: torch.Generator | None
+    init: str, flat: FlatModel, c: Scale | None, rho: float, norm: str, generator: torch.Generator | None
 ) -> Tensor:
     w0 = flat.w0
     if init == "zero":
@@ -76,7 +77,7 @@ def _initial_delta(
         draw = torch.randn(w0.shape, generator=generator, dtype=w0.dtype, device="cpu")
     else:
         draw = 2 * torch.rand(w0.shape, generator=generator, dtype=w0.dtype, device="cpu") - 1
-    delta = draw.to(w0.device) * rho * (c if c is not None else 1.0)
+    delta = draw.to(w0.device) * rho * (c.c if c is not None else 1.0)
     if flat.mask is not None:
         delta = delta * flat.mask
     return project(delta, c, rho, norm)
@@ -87,7 +88,7 @@ def _one_problem(
     x: Tensor,
     y: Tensor,
     delta: Tensor,
-    c: Tensor | None,
+    c: Scale | None,
     *,
     rho: float,
     norm: str,
@@ -109,9 +110,9 @@ def _one_problem(
         g = flat.gradient(leaf, loss)
         with torch.no_grad():
             if norm == "l2":
-                z = delta + step / (g.norm() + 1e-12) * g * (c if c is not None else 1.0)
+                z = delta + step / (g.norm() + 1e-12) * g * (c.c if c is not None else 1.0)
             else:
-                z = delta + step * g.sign() * (c if c is not None else 1.0)
+                z = delta + step * g.sign() * (c.c if c is not None else 1.0)
             z = project(z, c, rho, norm)
             delta, prev = 0.75 * z + 0.25 * prev, delta
         point = w0 + delta
@@ -206,7 +207,7 @@ def worst_case_sharpness(
     gaps, err_gaps, init_losses, plain_norms, weighted_norms = [], [], [], [], []
     with measuring(model):
         flat = FlatModel(model, mask_list)
-        c = flat.w0.abs() if adaptive else None
+        c = Scale(flat.w0.abs()) if adaptive else None
         starts = [flat.evaluate(flat.w0, x, y) for x, y in data]
         bad = [k for k, (loss, _) in enumerate(starts) if not math.isfinite(loss)]
         if bad:
