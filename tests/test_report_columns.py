@@ -223,3 +223,15 @@ def test_run_comparison_refuses_an_unknown_diversity_before_any_run(tmp_path):
     with pytest.raises(ValueError, match="diversity must be one of"):
         T.run_comparison(_tiny(), ["de"], [0], tmp_path / "c", diversity="entropy")
     assert not (tmp_path / "c").exists()
+
+
+def test_compare_takes_a_diversity_axis_and_refuses_others(capsys):
+    from sbfast.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["compare", "--quick"]).diversity == "der"
+    for div in DIVERSITY_AXES:
+        assert parser.parse_args(["compare", "--diversity", div]).diversity == div
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["compare", "--diversity", "variance"])
+    assert e.value.code == 2 and "--diversity" in capsys.readouterr().err
