@@ -275,7 +275,9 @@ def _draw_comparison(methods: Sequence[str], seeds: Sequence[int], runs: Sequenc
     _dots(axes[0, 2], methods, runs, DIVERSITY, "diversity: DER, EIR (higher is better)")
     _ood_panel(axes[1, 0], methods, runs)
     _ood_paired_panel(axes[1, 1], methods, runs)
-    _dots(axes[1, 2], methods, runs, SHARPNESS, "sharpness of the members (lower is flatter)")
+    _dots(
+        axes[1, 2], methods, runs, SHARPNESS, "mean Fisher score of the members, a sharpness proxy (lower is flatter)"
+    )
     fig.suptitle(_describe(runs, seeds), fontsize=11)
     _legend(fig, methods)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
