@@ -22,7 +22,7 @@ def _record(method: str, seed: int, **metrics: float | None) -> dict:
         "seed": seed,
         "metrics": full,
         "member_acc": [0.9, 0.91],
-        "member_sharpness": [1.0, 2.0],
+        "member_fisher_mean": [1.0, 2.0],
         "curve": {"epoch": [0, 1, 2], "ensemble_acc": [0.5, 0.9, 0.95], "member_acc": [0.4, 0.85, 0.9]},
         "ood_per_severity": {1: 0.8, 5: 0.5},
         "swap_epoch": 0 if method == "sharpbalance" else None,
@@ -72,8 +72,8 @@ def test_paired_differences_by_hand(comparison):
     # DER of sharpbalance - de_sam: seed 2 has no DER for sharpbalance, so two pairs: 0.3, 0.4
     d = p[("sharpbalance - de_sam", "der")]
     assert d["n"] == 2 and d["mean_diff"] == pytest.approx(0.35, abs=1e-12) and d["wins"] == 2
-    # lower is better for sharpness: equal values are no win
-    assert p[("de_sam - de", "sharpness")]["wins"] == 0 and p[("de_sam - de", "sharpness")]["better"] == "lower"
+    # lower is better for the mean Fisher score: equal values are no win
+    assert p[("de_sam - de", "fisher_mean")]["wins"] == 0 and p[("de_sam - de", "fisher_mean")]["better"] == "lower"
 
 
 def test_mean_std_edge_cases():

@@ -72,7 +72,7 @@ def _summary(result, members: tuple[int, ...]) -> dict:
         "scores": result.scores,
         "masks": result.masks,
         "metrics": result.metrics,
-        "sharpness": result.sharpness,
+        "fisher_mean": result.fisher_mean,
         "train_loss": [h["train_loss"] for h in result.history],
         "test_acc": [h["test_acc"] for h in result.history],
         "params": {
@@ -117,7 +117,7 @@ def test_three_members_on_one_two_and_three_ranks_equal_one_process_bit_for_bit(
             assert torch.equal(o["masks"], ref["masks"]), f"{where}: masks differ"
             assert o["train_loss"] == ref["train_loss"], f"{where}: losses differ"
             assert o["test_acc"] == ref["test_acc"] and o["metrics"] == ref["metrics"], f"{where}: metrics differ"
-            assert o["sharpness"] == ref["sharpness"], f"{where}: sharpness differs"
+            assert o["fisher_mean"] == ref["fisher_mean"], f"{where}: fisher_mean differs"
         assert torch.equal(out[0]["probs"], ref["probs"]) and all(o["probs"] is None for o in out[1:])
         params = _merged_params(out)
         assert sorted(params) == [0, 1, 2]

@@ -176,7 +176,7 @@ def assert_same_run(got: T.EnsembleResult, want: T.EnsembleResult) -> None:
         assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
     assert [h["train_loss"] for h in got.history] == [h["train_loss"] for h in want.history]
     assert [h["test_acc"] for h in got.history] == [h["test_acc"] for h in want.history]
-    assert got.metrics == want.metrics and got.ood == want.ood and got.sharpness == want.sharpness
+    assert got.metrics == want.metrics and got.ood == want.ood and got.fisher_mean == want.fisher_mean
 
 
 @pytest.fixture(scope="module")
@@ -676,7 +676,7 @@ def test_load_ensemble_and_evaluate_run_reproduce_the_runs_metrics(runs):
             assert torch.equal(x, y) and x.device.type == "cpu", k
     saved = json.loads(_results_file(d).read_text())
     got = T.evaluate_run(d)
-    assert set(got) == {"metrics", "ood", "sharpness"}
+    assert set(got) == {"metrics", "diversity", "ood", "fisher_mean"}
     assert got["ood"] is not None and got["ood"]["per_set"][0]["corruption"] == "gaussian_noise"
     for k in got:
         assert got[k] == saved[k], k

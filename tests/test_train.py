@@ -293,9 +293,9 @@ def test_methods_run_end_to_end(method, backend, data):
         assert len(h["train_loss"]) == 2 and all(math.isfinite(v) for v in h["train_loss"])
         assert len(h["test_acc"]) == 2 and 0 <= h["ensemble_test_acc"] <= 1 and h["time_s"] > 0
     m = r.metrics
-    assert m["num_members"] == 2 and m["num_samples"] == 32 and len(r.sharpness) == 2
+    assert m["num_members"] == 2 and m["num_samples"] == 32 and len(r.fisher_mean) == 2
     assert r.probs.shape == (2, 32, 10) and len(r.models) == 2
-    assert all(s > 0 for s in r.sharpness)
+    assert all(s > 0 for s in r.fisher_mean)
     # the learning is real: training loss falls from the first epoch to the last
     assert sum(r.history[-1]["train_loss"]) < sum(r.history[0]["train_loss"])
     if method == "sharpbalance":
@@ -401,7 +401,7 @@ def test_reference_components_match_the_plain_twin_bit_for_bit(method, data):
     for hf, hr in zip(fast.history, ref.history, strict=True):
         assert hf["train_loss"] == pytest.approx(hr["train_loss"], rel=1e-12)
         assert hf["test_acc"] == hr["test_acc"]
-    assert fast.metrics == ref.metrics and fast.sharpness == ref.sharpness
+    assert fast.metrics == ref.metrics and fast.fisher_mean == ref.fisher_mean
     if method == "sharpbalance":
         assert torch.equal(fast.scores, ref.scores) and torch.equal(fast.masks, ref.masks)
 

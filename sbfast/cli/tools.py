@@ -26,7 +26,7 @@ def add_tool_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "eval",
         parents=parents,
         help="recompute a run's metrics from its saved members",
-        description="Recompute a finished run's test metrics, OOD accuracy and sharpness from its "
+        description="Recompute a finished run's test metrics, diversity, OOD accuracy and mean Fisher score from its "
         "checkpoint, with the run's own config (docs/cli.md). Prints the table; --json writes it.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (one that holds config.json and checkpoints/)")
@@ -121,7 +121,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise CliError(f"RUN_DIR {args.run_dir!r}: {e}") from None
     m = ev["metrics"]
-    sharp = ev.get("sharpness") or []
+    fisher = ev.get("fisher_mean") or []
+    div = ev.get("diversity") or {}
     ood = ev.get("ood")
     row = {
         "method": config.method,
@@ -131,8 +132,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "ece": m.get("ece"),
         "der": m.get("der"),
         "eir": m.get("eir"),
+        "disagreement": m.get("mean_disagreement"),
+        "kl": div.get("kl"),
+        "cka": div.get("cka"),
         "ood_acc": ood["mean"]["ensemble_acc"] if ood else None,
-        "sharpness": sum(sharp) / len(sharp) if sharp else None,
+        "fisher_mean": sum(fisher) / len(fisher) if fisher else None,
     }
     print(f"sbfast eval: {args.run_dir} ({config.method}, {config.dataset}, M = {config.members}) on {device}")
     print(format_table([{k: shown(v) for k, v in row.items()}]))

@@ -114,6 +114,13 @@ def add_compare_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None
         "default runs/compare-<timestamp>)",
     )
     g.add_argument(
+        "--diversity",
+        choices=("der", "disagreement", "kl", "cka"),
+        default="der",
+        help="the diversity measure on the y axis of sharpness_diversity.png (default der; cka is a "
+        "similarity: lower is more diverse)",
+    )
+    g.add_argument(
         "--no-fork",
         action="store_true",
         help="train sharpbalance's phase 1 itself instead of starting from de_sam's (same numbers, slower)",
@@ -231,7 +238,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         print(
             f"  {record['method']:<13} seed {record['seed']}: ensemble_acc {f('ensemble_acc')}  member_acc "
-            f"{f('member_acc')}  der {f('der')}  eir {f('eir')}  ood_acc {f('ood_acc')}  ({m.get('wall_s') or 0:.1f} s)",
+            f"{f('member_acc')}  der {f('der')}  eir {f('eir')}  kl {f('kl')}  cka {f('cka')}  ood_acc {f('ood_acc')}  ({m.get('wall_s') or 0:.1f} s)",
             flush=True,
         )
 
@@ -251,6 +258,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             trainer=tracked,
             fork_phase1=not args.no_fork and not args.reference_trainer,
             on_run=on_run,
+            diversity=args.diversity,
         )
     print()
     print(comp.report())

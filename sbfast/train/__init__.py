@@ -10,8 +10,10 @@
   on every step is a mixed step (section 5).
 
 Then it evaluates the ensemble: member/ensemble accuracy, NLL, ECE, disagreement, DER, EIR on the
-test split (``metrics.ensemble_metrics``), accuracy on corrupted test sets (``metrics.ood_metrics``)
-and each member's mean Fisher score on a fixed training subset (its sharpness).
+test split (``metrics.ensemble_metrics``), the members' mean pairwise KL and CKA of the logits
+from the same prediction pass (``evaluate.diversity_measures``), accuracy on corrupted test sets
+(``metrics.ood_metrics``) and each member's mean Fisher score on a fixed training subset
+(``fisher_mean``, a cheap proxy for sharpness).
 
 What makes it fast (``backend="fast"``):
 
@@ -45,7 +47,7 @@ The modules, bottom to top (each imports only the ones above it in this table;
 | ``config`` | ``TrainConfig`` (each field's help, accepted names and checks in its metadata), presets, accepted names, the thread limit |
 | ``data`` | ``load_data``, ``TrainData``, ``DeviceData`` (tensors on the training device); member seeds and batch order; ``static_batch_plan``, ``StaticBatcher`` (static shapes in the mixed phase) |
 | ``steps`` | ``sgd_step``, ``sam_step``, ``mixed_step_static``, ``mixed_step_exact``; the CUDA graph of a step; the fast or reference optimizer, scorer, selector (``get_components``) |
-| ``evaluate`` | ``predict_probs``, ``evaluate_ensemble`` |
+| ``evaluate`` | ``predict_probs``, ``predict_outputs`` (probabilities and logits of one pass), ``diversity_measures``, ``evaluate_ensemble`` |
 | ``plots`` | ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity``, ``plot_run_records``: figures from plain run records |
 | ``results`` | ``EnsembleResult``, run records, strict JSON, ``plot_results`` |
 | ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |

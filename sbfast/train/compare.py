@@ -37,10 +37,15 @@ METRICS: dict[str, str] = {
     "ece": "lower",
     "der": "higher",
     "eir": "higher",
+    "disagreement": "higher",
+    "kl": "higher",
+    "cka": "lower",
     "ood_acc": "higher",
-    "sharpness": "lower",
+    "fisher_mean": "lower",
     "wall_s": "lower",
 }
+# Keys that comparison files written before the rename use: the mean Fisher score was "sharpness".
+OLD_KEYS: dict[str, str] = {"sharpness": "fisher_mean"}
 # The main job, `sbfast compare` on the embedded digits: five seeds on a 400-image training
 # subset. On the whole training set a member makes 1-3 errors on the 360 test images, so DER and
 # EIR (ratios over the member error) are noise; with 400 training images it makes ~5-10, and five
@@ -85,7 +90,7 @@ class Comparison:
     Attributes:
         methods, seeds: in run order.
         runs: one record per run (``results.run_record``): method, seed, the comparison row's
-            metrics, per-member accuracy and sharpness, the learning curve, OOD accuracy per
+            metrics, per-member accuracy and mean Fisher score, the learning curve, OOD accuracy per
             severity, the run's folder.
         config: the shared TrainConfig (as a dict; ``method`` and ``seed`` vary per run).
         timing: total_s of the comparison.
@@ -175,7 +180,10 @@ class Comparison:
             rows.append(row)
         return format_table(rows, ["metric", "better", *self.methods])
 
-    def paired_table(self, metrics: Sequence[str] = ("ensemble_acc", "der", "eir", "ood_acc", "sharpness")) -> str:
+    def paired_table(
+        self,
+        metrics: Sequence[str] = ("ensemble_acc", "der", "eir", "disagreement", "kl", "cka", "ood_acc", "fisher_mean"),
+    ) -> str:
         """One row per metric, one column per pair (a - b): the mean paired difference ± its
         standard error, and on how many seeds a is better than b."""
         from sbfast.metrics import format_table
@@ -229,7 +237,7 @@ class Comparison:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
-        runs = [dict(r) for r in d.get("runs", [])]
+        runs = [upgrade_record(r) for r in d.get("runs", [])]
         for r in runs:  # JSON turned the int severity keys into str
             if r.get("ood_per_severity"):
                 r["ood_per_severity"] = {int(k): v for k, v in r["ood_per_severity"].items()}
@@ -251,9 +259,10 @@ class Comparison:
         text = s if s.lstrip().startswith("{") else Path(s).read_text()
         return cls.from_dict(json.loads(text))
 
-    def save(self, output_dir: str | Path) -> dict[str, Path]:
+    def save(self, output_dir: str | Path, diversity: str = "der") -> dict[str, Path]:
         """comparison.json, comparison.txt and the figures (comparison.png, curves.png,
-        sharpness_diversity.png) under ``output_dir``."""
+        sharpness_diversity.png, whose y axis is ``diversity``: der, disagreement, kl or cka)
+        under ``output_dir``."""
         from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_sharpness_diversity
 
         out = Path(output_dir)
@@ -269,8 +278,23 @@ class Comparison:
         paths["table"].write_text(self.report() + "\n")
         plot_comparison(self, paths["plot"])
         plot_learning_curves(self, paths["curves"])
-        plot_sharpness_diversity(self, paths["sharpness_diversity"])
+        plot_sharpness_diversity(self, paths["sharpness_diversity"], diversity)
         return paths
+
+
+def upgrade_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A run record as today's code writes it, from one of any version: the metrics and the
+    per-member list that older files call "sharpness" (the mean Fisher score) renamed
+    ``fisher_mean``; the values untouched."""
+    r = dict(record)
+    metrics = dict(r.get("metrics") or {})
+    for old, new in OLD_KEYS.items():
+        if old in metrics and new not in metrics:
+            metrics[new] = metrics.pop(old)
+    r["metrics"] = metrics
+    if "member_sharpness" in r and "member_fisher_mean" not in r:
+        r["member_fisher_mean"] = r.pop("member_sharpness")
+    return r
 
 
 def run_order(methods: Sequence[str]) -> list[str]:
@@ -296,6 +320,7 @@ def run_comparison(
     trainer: Callable[..., EnsembleResult] | None = None,
     fork_phase1: bool | None = None,
     on_run: Callable[[dict[str, Any], EnsembleResult], None] | None = None,
+    diversity: str = "der",
 ) -> Comparison:
     """Train ``config`` with every method and seed; save each run under
     ``<output_dir>/<method>/seed<k>/`` and the comparison under ``output_dir``.
@@ -309,11 +334,16 @@ def run_comparison(
             None (default): when the trainer is the default one (``train_ensemble`` supports
             ``from_phase1``); True: also with a given trainer (a wrapper of train_ensemble).
         on_run: called after each run with its record and result (e.g. to print a line).
+        diversity: the sharpness-diversity figure's y axis (der, disagreement, kl, cka).
     Returns:
         the Comparison (also saved).
     Raises:
         RunFolderLocked (a ValueError) when another process writes ``output_dir``.
     """
+    from sbfast.train.plots import DIVERSITY_AXES
+
+    if diversity not in DIVERSITY_AXES:
+        raise ValueError(f"diversity must be one of {sorted(DIVERSITY_AXES)}, got {diversity!r}")
     order = run_order(methods)
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
@@ -321,7 +351,7 @@ def run_comparison(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "comparison folder"):  # one comparison writes a folder at a time
-        return _compare(config, order, seeds, out, data, trainer, fork_phase1, on_run)
+        return _compare(config, order, seeds, out, data, trainer, fork_phase1, on_run, diversity)
 
 
 def _compare(
@@ -333,6 +363,7 @@ def _compare(
     trainer: Callable[..., EnsembleResult] | None,
     fork_phase1: bool | None,
     on_run: Callable[[dict[str, Any], EnsembleResult], None] | None,
+    diversity: str,
 ) -> Comparison:
     from sbfast.train.data import load_data
     from sbfast.train.run import train_ensemble
@@ -359,7 +390,7 @@ def _compare(
             if on_run is not None:
                 on_run(record, result)
     comp.timing["total_s"] = time.perf_counter() - t0
-    comp.save(out)
+    comp.save(out, diversity)
     return comp
 
 
@@ -367,6 +398,7 @@ __all__ = [
     "MAIN_JOB",
     "MAIN_SEEDS",
     "METRICS",
+    "OLD_KEYS",
     "PAIRS",
     "QUICK",
     "QUICK_SEEDS",
@@ -375,4 +407,5 @@ __all__ = [
     "mean_std",
     "run_comparison",
     "run_order",
+    "upgrade_record",
 ]

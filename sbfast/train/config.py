@@ -264,7 +264,7 @@ class TrainConfig:
     scoring_batch_size: int = option(256, "batch size of the Fisher scoring", check=("int", 1, False))
     sharpness_samples: int = option(
         512,
-        "training samples (a fixed draw) on which each member's mean Fisher score, its sharpness, is "
+        "training samples (a fixed draw) on which each member's mean Fisher score (fisher_mean) is "
         "reported; 0 skips it",
         check=("int", 0, False),
     )

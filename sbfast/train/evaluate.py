@@ -1,4 +1,5 @@
-"""Evaluation of a trained ensemble: test probabilities, metrics, corruption accuracy, sharpness."""
+"""Evaluation of a trained ensemble: test probabilities, metrics, diversity, corruption accuracy,
+the members' mean Fisher score."""
 
 from __future__ import annotations
 
@@ -11,8 +12,35 @@ from torch import nn
 
 from sbfast import metrics as metrics_mod
 from sbfast.common import module_modes, restore_modes
+from sbfast.measure import cka_matrix, symmetric_kl_divergence
 from sbfast.train.config import SHARPNESS_SUBSET_SEED, TrainConfig
 from sbfast.train.data import DeviceData, TrainData
+
+
+@torch.no_grad()
+def predict_outputs(
+    models: Sequence[nn.Module],
+    batches: Callable[[], Iterator[torch.Tensor]],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax outputs and logits of every member from one forward pass: two float32 [M, n, C]
+    tensors on the CPU (probs, logits). The probabilities are those of ``predict_probs`` bit for
+    bit (the softmax of each batch in the model's dtype, then float32)."""
+    probs, logits = [], []
+    for model in models:
+        modes = module_modes(model)
+        model.eval()
+        p_parts, l_parts = [], []
+        try:
+            for x in batches():
+                out = model(x.to(dtype))
+                p_parts.append(torch.softmax(out, dim=1).float())
+                l_parts.append(out.float())
+        finally:
+            restore_modes(modes)
+        probs.append(torch.cat(p_parts).cpu())
+        logits.append(torch.cat(l_parts).cpu())
+    return torch.stack(probs), torch.stack(logits)
 
 
 @torch.no_grad()
@@ -36,6 +64,39 @@ def predict_probs(
             restore_modes(modes)
         out.append(torch.cat(parts).cpu())
     return torch.stack(out)
+
+
+def _off_diagonal_mean(matrix: torch.Tensor) -> float:
+    m = matrix.shape[0]
+    return float((matrix.sum() - matrix.diagonal().sum()) / (m * (m - 1)))
+
+
+def diversity_measures(probs: torch.Tensor, logits: torch.Tensor | None) -> dict[str, Any]:
+    """The paper's diversity of the members on the test split, from the evaluation's own pass.
+
+    * ``kl``: mean over pairs i != j of the symmetric KL divergence (KL(p_i||p_j) + KL(p_j||p_i))/2,
+      nats (``sbfast.measure.symmetric_kl_divergence``); higher is more diverse.
+    * ``cka``: mean over pairs of the linear CKA of the members' logits over the whole test split
+      (full batch, unbiased HSIC: ``sbfast.measure.cka_matrix(..., debiased=True)``); lower is
+      more diverse (1: the same representation up to rotation and scale).
+    * ``kl_matrix``, ``cka_matrix``: the M x M matrices (nested lists).
+
+    Mean disagreement is ``metrics["mean_disagreement"]`` (computed there). With one member
+    (or fewer than 4 test samples for the unbiased CKA) the values are None.
+
+    Args:
+        probs: float32 [M, n, C] softmax outputs. logits: float32 [M, n, C], or None (no CKA).
+    """
+    m, n = probs.shape[0], probs.shape[1]
+    out: dict[str, Any] = {"kl": None, "cka": None, "kl_matrix": None, "cka_matrix": None}
+    if m < 2:
+        return out
+    kl = symmetric_kl_divergence(probs)
+    out["kl"], out["kl_matrix"] = _off_diagonal_mean(kl), kl.tolist()
+    if logits is not None and n >= 4:
+        c = cka_matrix([x.double() for x in logits], kernel="linear", debiased=True)
+        out["cka"], out["cka_matrix"] = _off_diagonal_mean(c), c.tolist()
+    return out
 
 
 class Gather(Protocol):
@@ -69,6 +130,25 @@ def ensemble_probs(
     return gather.probs(local, n)
 
 
+def ensemble_outputs(
+    models: Sequence[nn.Module],
+    batches: Callable[[], Iterator[torch.Tensor]],
+    dtype: torch.dtype,
+    n: int,
+    num_classes: int,
+    gather: Gather | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(probs, logits), each float32 [M, n, C], from one forward per member: as
+    ``ensemble_probs``, with the logits of the same pass gathered the same way."""
+    if gather is None:
+        return predict_outputs(models, batches, dtype)
+    if models:
+        local_p, local_l = predict_outputs(models, batches, dtype)
+    else:
+        local_p = local_l = torch.zeros(0, n, num_classes)
+    return gather.probs(local_p, n), gather.probs(local_l, n)
+
+
 def accuracies(probs: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], float]:
     t = targets.cpu()
     member = [float((p.argmax(1) == t).double().mean()) for p in probs]
@@ -86,13 +166,15 @@ def evaluate_ensemble(
     test_batches: Callable[[], Iterator[torch.Tensor]] | None = None,
     gather: Gather | None = None,
 ) -> dict[str, Any]:
-    """Final evaluation: ``metrics`` (ensemble_metrics on the test split), ``ood``
-    (ood_metrics over the corrupted test sets, or None), ``sharpness`` (each member's mean Fisher
-    score on a fixed training subset of ``sharpness_samples``), the test ``probs`` and timings.
+    """Final evaluation: ``metrics`` (ensemble_metrics on the test split), ``diversity``
+    (``diversity_measures`` of the same test pass: KL, CKA of the logits), ``ood`` (ood_metrics
+    over the corrupted test sets, or None), ``fisher_mean`` (each member's mean Fisher score on a
+    fixed training subset of ``sharpness_samples``), the test ``probs`` and timings.
 
     With ``gather`` (a distributed run), ``models`` are the members this rank evaluates: their
     probabilities are gathered and the metrics computed where ``gather.probs`` returns them
-    (``metrics`` and ``ood`` are None on the other ranks); sharpness comes back for every member.
+    (``metrics``, ``diversity`` and ``ood`` are None on the other ranks); ``fisher_mean`` comes back
+    for every member.
     """
     dtype = config.torch_dtype
     classes = data.num_classes
@@ -107,8 +189,9 @@ def evaluate_ensemble(
         def test_batches() -> Iterator[torch.Tensor]:
             return (x for x, _ in test_dev.slices(config.eval_batch_size))
 
-    probs = probs_of(test_batches, len(data.test))
+    probs, logits = ensemble_outputs(models, test_batches, dtype, len(data.test), classes, gather)
     metrics = metrics_mod.ensemble_metrics(probs, data.test.y) if probs is not None else None
+    diversity = diversity_measures(probs, logits) if probs is not None else None
     t1 = time.perf_counter()
     ood = None
     if config.eval_corruptions:
@@ -121,21 +204,22 @@ def evaluate_ensemble(
                 results[key] = (p, ds.y)
         ood = metrics_mod.ood_metrics(results) if results else None
     t2 = time.perf_counter()
-    sharpness: list[float] = []
+    fisher_mean: list[float] = []
     if config.sharpness_samples > 0:
         n = min(config.sharpness_samples, len(data.train))
         perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(SHARPNESS_SUBSET_SEED))
         sub = data.train.subset(perm[:n].sort().values)
         for model in models:
             s = fisher(model, sub, config=config, device=device, progress=False)
-            sharpness.append(float(s.double().mean()))
+            fisher_mean.append(float(s.double().mean()))
         if gather is not None:
-            sharpness = gather.floats(sharpness)
+            fisher_mean = gather.floats(fisher_mean)
     t3 = time.perf_counter()
     return {
         "metrics": metrics,
+        "diversity": diversity,
         "ood": ood,
-        "sharpness": sharpness,
+        "fisher_mean": fisher_mean,
         "probs": probs,
         "timing": {"eval_test_s": t1 - t0, "eval_ood_s": t2 - t1, "eval_sharpness_s": t3 - t2},
     }

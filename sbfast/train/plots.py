@@ -3,13 +3,15 @@
 
 * ``plot_comparison``: one panel per family of metrics, each on its own scale: in-distribution
   accuracies; NLL and ECE; DER and EIR; OOD accuracy per severity, absolute and as the gain over
-  the first method (de) on the same seed; sharpness. Markers are means over seeds, whiskers one
+  the first method (de) on the same seed; the members' mean Fisher score. Markers are means over seeds, whiskers one
   sample standard deviation, small dots the seeds.
 * ``plot_learning_curves``: test error per epoch on a log scale (accuracies near 1 differ by
   tenths of a percent, which a linear accuracy axis draws as one line), mean over seeds with the
   seeds' range shaded, the scoring epoch T_d + 1 of sharpbalance marked.
-* ``plot_sharpness_diversity``: the paper's picture: sharpness (mean Fisher score of the
-  members) against diversity (DER), one point per run and each method's mean with ± 1 std.
+* ``plot_sharpness_diversity``: the paper's picture: sharpness (the paper's worst-case sharpness
+  when the runs measured it, else the members' mean Fisher score, labelled so) against a
+  diversity measure the caller picks (DER, disagreement, KL or CKA), one point per run and each
+  method's mean with ± 1 std.
 * ``plot_run_records``: the figure of one run (or a few), ``plot.png`` in a run's folder
   (``results.plot_results`` draws it from results).
 """
@@ -225,7 +227,21 @@ def _ood_paired_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> 
 # In-distribution accuracy only: the OOD accuracy (~0.2 lower on digits) would stretch the axis
 # until the methods' differences in the third digit vanish; it has its own panels.
 ACCURACY = [("member_acc", "member acc"), ("ensemble_acc", "ensemble acc")]
-SHARPNESS = [("sharpness", "mean Fisher score")]
+SHARPNESS = [("fisher_mean", "mean Fisher score")]
+# The sharpness-diversity figure's x axis: the first of these that the runs hold. "sharpness" is
+# the paper's worst-case adaptive sharpness; the mean Fisher score is the fallback.
+SHARPNESS_AXES: tuple[tuple[str, str], ...] = (
+    ("sharpness", "sharpness: worst-case adaptive l2 of the members (flatter: left)"),
+    ("worst_case_sharpness", "worst-case sharpness of the members (flatter: left)"),
+    ("fisher_mean", "mean Fisher score of the members, not the paper's sharpness (flatter: left)"),
+)
+# The figure's y axis: diversity name -> (run metric, axis label).
+DIVERSITY_AXES: dict[str, tuple[str, str]] = {
+    "der": ("der", "diversity: DER (more diverse: up)"),
+    "disagreement": ("disagreement", "diversity: mean pairwise disagreement (more diverse: up)"),
+    "kl": ("kl", "diversity: mean pairwise symmetric KL, nats (more diverse: up)"),
+    "cka": ("cka", "similarity: mean pairwise CKA of the logits (more diverse: down)"),
+}
 CALIBRATION = [("nll", "NLL"), ("ece", "ECE")]
 DIVERSITY = [("der", "DER"), ("eir", "EIR")]
 
@@ -259,7 +275,9 @@ def _draw_comparison(methods: Sequence[str], seeds: Sequence[int], runs: Sequenc
     _dots(axes[0, 2], methods, runs, DIVERSITY, "diversity: DER, EIR (higher is better)")
     _ood_panel(axes[1, 0], methods, runs)
     _ood_paired_panel(axes[1, 1], methods, runs)
-    _dots(axes[1, 2], methods, runs, SHARPNESS, "sharpness of the members (lower is flatter)")
+    _dots(
+        axes[1, 2], methods, runs, SHARPNESS, "mean Fisher score of the members, a sharpness proxy (lower is flatter)"
+    )
     fig.suptitle(_describe(runs, seeds), fontsize=11)
     _legend(fig, methods)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
@@ -355,16 +373,33 @@ def _draw_curves(methods: Sequence[str], seeds: Sequence[int], runs: Sequence[di
     return _save(fig, plt, path)
 
 
+def _is_number(v: Any) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def sharpness_axis(runs: Sequence[dict]) -> tuple[str, str]:
+    """(metric, label) of the sharpness-diversity figure's x axis: the first of SHARPNESS_AXES
+    that some run holds a finite value of (the mean Fisher score when none does)."""
+    for key, label in SHARPNESS_AXES:
+        if any(_is_number(r["metrics"].get(key)) for r in runs):
+            return key, label
+    return SHARPNESS_AXES[-1]
+
+
 def _draw_sharpness_diversity(
-    methods: Sequence[str], seeds: Sequence[int], runs: Sequence[dict], path: str | Path
+    methods: Sequence[str], seeds: Sequence[int], runs: Sequence[dict], path: str | Path, diversity: str = "der"
 ) -> Path:
+    if diversity not in DIVERSITY_AXES:
+        raise ValueError(f"diversity must be one of {sorted(DIVERSITY_AXES)}, got {diversity!r}")
+    xkey, xlabel = sharpness_axis(runs)
+    ykey, ylabel = DIVERSITY_AXES[diversity]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     drawn = False
     for m in methods:
         c = _colour(m, methods)
-        pts = [(r["metrics"].get("sharpness"), r["metrics"].get("der")) for r in runs if r["method"] == m]
-        pts = [(x, y) for x, y in pts if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+        pts = [(r["metrics"].get(xkey), r["metrics"].get(ykey)) for r in runs if r["method"] == m]
+        pts = [(x, y) for x, y in pts if _is_number(x) and _is_number(y)]
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -389,13 +424,13 @@ def _draw_sharpness_diversity(
         ax.text(
             0.5,
             0.5,
-            "needs sharpness (sharpness_samples > 0)\nand DER (2 or more members)",
+            f"needs {xkey} (sharpness_samples > 0)\nand {ykey} (2 or more members)",
             ha="center",
             va="center",
             transform=ax.transAxes,
         )
-    ax.set_xlabel("sharpness: mean Fisher score of the members (flatter: left)")
-    ax.set_ylabel("diversity: DER (more diverse: up)")
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title("sharpness-diversity trade-off (small dots: one ensemble per seed)", fontsize=10)
     if drawn:
         ax.legend(fontsize=8, loc="best")
@@ -414,9 +449,10 @@ def plot_learning_curves(comparison: Any, path: str | Path) -> Path:
     return _draw_curves(comparison.methods, comparison.seeds, comparison.runs, path)
 
 
-def plot_sharpness_diversity(comparison: Any, path: str | Path) -> Path:
-    """PNG of a ``compare.Comparison``: sharpness (x) against DER (y), per run and per method."""
-    return _draw_sharpness_diversity(comparison.methods, comparison.seeds, comparison.runs, path)
+def plot_sharpness_diversity(comparison: Any, path: str | Path, diversity: str = "der") -> Path:
+    """PNG of a ``compare.Comparison``: sharpness (x: ``sharpness_axis``) against the diversity
+    measure ``diversity`` (y: "der", "disagreement", "kl" or "cka"), per run and per method."""
+    return _draw_sharpness_diversity(comparison.methods, comparison.seeds, comparison.runs, path, diversity)
 
 
 def _members_panel(ax: Any, runs: Sequence[dict]) -> None:

@@ -20,6 +20,12 @@ from sbfast.train.plots import plot_run_records
 UNDEFINED = "-"  # how a table shows a number that does not exist (DER of one member, sam_share of de)
 
 
+def _diversity(diversity: Mapping[str, Any] | None, key: str) -> float:
+    """A diversity value of the summary row: NaN where undefined (one member) or not measured."""
+    v = (diversity or {}).get(key)
+    return math.nan if v is None else float(v)
+
+
 def finite_or_none(v: Any) -> Any:
     """``v`` with NaN and infinities turned into None (JSON has no NaN: a reader that follows the
     standard, such as a browser's JSON.parse or jq, rejects a file that contains one)."""
@@ -67,12 +73,16 @@ class EnsembleResult:
         config: the TrainConfig that ran.
         metrics: ``metrics.ensemble_metrics`` on the test split (member_acc, ensemble_acc,
             ensemble_nll, ece, disagreement, der, eir, ...).
+        diversity: ``evaluate.diversity_measures`` of the same test pass: ``kl`` (mean pairwise
+            symmetric KL), ``cka`` (mean pairwise unbiased linear CKA of the logits) and their
+            M x M matrices; None for a results file written before they existed.
         ood: ``metrics.ood_metrics`` over the corrupted test sets, or None.
         history: one dict per epoch: epoch, phase ("sgd" | "sam" | "mixed"), lr, train_loss [M]
             (mean batch loss at w), test_acc [M] and ensemble_test_acc (None on epochs not
             evaluated), time_s (training, all members), score_s (scoring + selection, the T_d + 1
             epoch only), eval_s, samples_per_s.
-        sharpness: mean Fisher score of each member on a fixed training subset.
+        fisher_mean: mean Fisher score of each member on a fixed training subset (older results
+            files call it ``sharpness``; it is not the paper's worst-case sharpness).
         scores: float32 [M, N] Fisher scores (sharpbalance), masks: bool [M, N] (True = SAM).
         timing: total_s, train_s, score_s, eval_s and the evaluation's parts.
         components: which optimizer / scorer / selector ran; batching.
@@ -83,7 +93,8 @@ class EnsembleResult:
     metrics: dict[str, Any]
     ood: dict[str, Any] | None
     history: list[dict[str, Any]]
-    sharpness: list[float] = field(default_factory=list)
+    fisher_mean: list[float] = field(default_factory=list)
+    diversity: dict[str, Any] | None = None
     scores: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     timing: dict[str, float] = field(default_factory=dict)
@@ -102,8 +113,11 @@ class EnsembleResult:
             "ece": m["ece"],
             "der": m["der"],
             "eir": m["eir"],
+            "disagreement": m.get("mean_disagreement", math.nan),
+            "kl": _diversity(self.diversity, "kl"),
+            "cka": _diversity(self.diversity, "cka"),
             "ood_acc": self.ood["mean"]["ensemble_acc"] if self.ood else math.nan,
-            "sharpness": sum(self.sharpness) / len(self.sharpness) if self.sharpness else math.nan,
+            "fisher_mean": sum(self.fisher_mean) / len(self.fisher_mean) if self.fisher_mean else math.nan,
             "wall_s": self.timing.get("total_s", math.nan),
         }
 
@@ -112,9 +126,10 @@ class EnsembleResult:
         return {
             "config": self.config.to_dict(),
             "metrics": jsonable(self.metrics),
+            "diversity": jsonable(self.diversity),
             "ood": jsonable(self.ood),
             "history": jsonable(self.history),
-            "sharpness": list(self.sharpness),
+            "fisher_mean": list(self.fisher_mean),
             "scores": None if self.scores is None else self.scores.tolist(),
             "masks": None if self.masks is None else self.masks.to(torch.uint8).tolist(),
             "timing": jsonable(self.timing),
@@ -129,9 +144,11 @@ class EnsembleResult:
         return cls(
             config=TrainConfig.from_dict(d["config"]),
             metrics=dict(d["metrics"]),
+            diversity=None if d.get("diversity") is None else dict(d["diversity"]),
             ood=ood,
             history=list(d["history"]),
-            sharpness=list(d.get("sharpness", [])),
+            # results files written before the rename call the mean Fisher score "sharpness"
+            fisher_mean=list(d.get("fisher_mean", d.get("sharpness", []))),
             scores=None if d.get("scores") is None else torch.tensor(d["scores"], dtype=torch.float32),
             masks=None if d.get("masks") is None else torch.tensor(d["masks"], dtype=torch.uint8).bool(),
             timing=dict(d.get("timing", {})),
@@ -150,15 +167,15 @@ class EnsembleResult:
         return cls.from_dict(json.loads(text))
 
     def table(self) -> str:
-        """Plain-text summary: the comparison row, per-member accuracy, sharpness and SAM share,
+        """Plain-text summary: the comparison row, per-member accuracy, mean Fisher score and SAM share,
         OOD accuracy per severity. Undefined numbers show as "-" (sam_share of de and de_sam,
         which select nothing; DER of a single member)."""
         lines = [metrics_mod.format_table([{k: shown(v) for k, v in self.summary().items()}]), ""]
         members = []
         for j, a in enumerate(self.metrics["member_acc"]):
             share = float(self.masks[j].double().mean()) if self.masks is not None and self.masks.numel() else None
-            sharp = self.sharpness[j] if j < len(self.sharpness) else None
-            members.append({"member": j, "test_acc": shown(a), "sharpness": shown(sharp), "sam_share": shown(share)})
+            fisher = self.fisher_mean[j] if j < len(self.fisher_mean) else None
+            members.append({"member": j, "test_acc": shown(a), "fisher_mean": shown(fisher), "sam_share": shown(share)})
         lines += [metrics_mod.format_table(members), ""]
         if self.ood:
             sev = [{"severity": s, **{k: shown(x) for k, x in v.items()}} for s, v in self.ood["per_severity"].items()]
@@ -181,7 +198,7 @@ def run_record(result: EnsembleResult) -> dict[str, Any]:
     """A run in a few numbers: what a comparison aggregates and the figures draw.
 
     Keys: method, seed, ``metrics`` (the comparison row, undefined as None), member_acc [M],
-    member_sharpness [M], ``curve`` (epoch, ensemble and mean member test accuracy of every
+    member_fisher_mean [M], ``curve`` (epoch, ensemble and mean member test accuracy of every
     evaluated epoch), ``ood_per_severity`` {severity: ensemble accuracy}, swap_epoch (T_d,
     sharpbalance; else None), epochs, dataset, members, n_test, forked (phase 1 taken from
     another run).
@@ -202,7 +219,7 @@ def run_record(result: EnsembleResult) -> dict[str, Any]:
         "seed": c.seed,
         "metrics": summary,
         "member_acc": [finite_or_none(a) for a in result.metrics["member_acc"]],
-        "member_sharpness": [finite_or_none(v) for v in result.sharpness],
+        "member_fisher_mean": [finite_or_none(v) for v in result.fisher_mean],
         "curve": curve,
         "ood_per_severity": ood,
         "swap_epoch": c.swap_epoch if c.method == "sharpbalance" else None,

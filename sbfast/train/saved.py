@@ -20,7 +20,7 @@ from sbfast.train.results import EnsembleResult
 from sbfast.train.run_folder import data_fingerprint
 from sbfast.train.steps import get_components
 
-METRIC_KEYS: tuple[str, ...] = ("metrics", "ood", "sharpness")
+METRIC_KEYS: tuple[str, ...] = ("metrics", "diversity", "ood", "fisher_mean")
 
 
 def _members(payload: dict[str, Any], device: torch.device, run_dir: str | Path) -> list[nn.Module]:
@@ -68,7 +68,7 @@ def evaluate_run(
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Recompute a run's final metrics from its saved members: test metrics, accuracy on the
-    corrupted test sets and each member's sharpness, with the run's own config (data, subsets,
+    corrupted test sets, the members' diversity and each member's mean Fisher score, with the run's own config (data, subsets,
     corruptions, severities, batch sizes, backend, threads).
 
     Args:
@@ -77,7 +77,7 @@ def evaluate_run(
             evaluate; on the device the run used (and CPU with its thread count) the numbers
             are the run's own bit for bit.
     Returns:
-        {"metrics", "ood", "sharpness"} exactly as the run's results file (``EnsembleResult.save``)
+        {"metrics", "diversity", "ood", "fisher_mean"} exactly as the run's results file (``EnsembleResult.save``)
         holds them: the same JSON values.
     Raises:
         ValueError (CheckpointError included) for an unusable folder or data that is not the run's.
@@ -96,6 +96,13 @@ def evaluate_run(
     models = _members(payload, dev, run_dir)
     with thread_limit(config.num_threads, dev):
         ev = evaluate_ensemble(models, data, config, dev, get_components(config.backend).fisher)
-    result = EnsembleResult(config=config, metrics=ev["metrics"], ood=ev["ood"], history=[], sharpness=ev["sharpness"])
+    result = EnsembleResult(
+        config=config,
+        metrics=ev["metrics"],
+        ood=ev["ood"],
+        history=[],
+        fisher_mean=ev["fisher_mean"],
+        diversity=ev["diversity"],
+    )
     as_saved = json.loads(result.to_json())  # the results file's own conversion, so the values compare equal
     return {k: as_saved[k] for k in METRIC_KEYS}

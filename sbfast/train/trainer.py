@@ -647,7 +647,9 @@ class EnsembleTrainer:
             gather=self.plan.evaluation([m.index for m in evaluated], self.data.num_classes),
         )
         # the metrics, computed on rank 0, in every rank's result
-        ev["metrics"], ev["ood"] = self.plan.broadcast((ev["metrics"], ev["ood"]), "the final metrics")
+        ev["metrics"], ev["ood"], ev["diversity"] = self.plan.broadcast(
+            (ev["metrics"], ev["ood"], ev["diversity"]), "the final metrics"
+        )
         catcher.immediate = False
         timing = {
             "total_s": self.elapsed(),
@@ -670,7 +672,8 @@ class EnsembleTrainer:
             metrics=ev["metrics"],
             ood=ev["ood"],
             history=list(s.history),
-            sharpness=ev["sharpness"],
+            fisher_mean=ev["fisher_mean"],
+            diversity=ev["diversity"],
             scores=s.scores,
             masks=s.masks,
             timing=timing,
