@@ -140,7 +140,7 @@ def test_a_run_reports_the_columns_of_its_own_test_probabilities(tmp_path):
     assert saved["diversity"]["kl"] == res.diversity["kl"]
     again = T.evaluate_run(tmp_path / "run")
     assert again["diversity"] == saved["diversity"] and again["fisher_mean"] == saved["fisher_mean"]
-    assert "fisher_mean" in res.table() and "sharpness" not in res.table().split("\n")[0]
+    assert "fisher_mean" in res.table() and "sharpness" not in res.table().split("\n")[0].split()
 
 
 def test_an_old_results_file_loads_its_sharpness_as_the_fisher_mean(tmp_path):
@@ -191,7 +191,10 @@ def test_an_old_comparison_file_loads_reports_and_draws(tmp_path):
     assert comp.runs[0]["member_fisher_mean"] == [0.3, 0.3] and "member_sharpness" not in comp.runs[0]
     p = {(r["pair"], r["metric"]): r for r in comp.paired()}
     assert p[("sharpbalance - de", "fisher_mean")]["mean_diff"] == pytest.approx(-0.15, abs=1e-15)
-    assert "fisher_mean" in comp.report() and "sharpness" not in comp.table()
+    # no row named after the old key ("worst_case_sharpness" is the paper's measure, another row)
+    assert "fisher_mean" in comp.report() and all(
+        ln.split()[0] != "sharpness" for ln in comp.table().splitlines() if ln.strip()
+    )
     assert sharpness_axis(comp.runs)[0] == "fisher_mean"
     paths = comp.save(tmp_path / "again")
     assert paths["sharpness_diversity"].read_bytes()[:4] == b"\x89PNG"
@@ -235,3 +238,27 @@ def test_compare_takes_a_diversity_axis_and_refuses_others():
     # the CLI's parser raises its own one-line error (exit 2 in main) instead of argparse's exit
     with pytest.raises(Exception, match="--diversity: invalid choice: 'variance'"):
         parser.parse_args(["compare", "--diversity", "variance"])
+
+
+def test_a_run_reports_each_members_worst_case_sharpness_as_the_measure_gives_it(tmp_path):
+    """The worst_case_sharpness column is sbfast.measure.worst_case_sharpness of each member on the
+    fixed batches of 5 training samples (seed WORST_CASE_SUBSET_SEED), at the config's settings;
+    evaluate_run gives the same numbers; worst_case_batches=0 leaves it out."""
+    from sbfast.measure import worst_case_sharpness
+    from sbfast.train.config import WORST_CASE_SUBSET_SEED
+    from sbfast.train.data import load_data
+
+    cfg = _tiny(output_dir=str(tmp_path / "run"), worst_case_batches=3, worst_case_iters=4, worst_case_rho=0.3)
+    res = T.train_ensemble(cfg)
+    train = load_data(res.config).train
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(WORST_CASE_SUBSET_SEED))
+    _, x, y = train[perm[:15]]
+    batches = [(x[i : i + 5], y[i : i + 5]) for i in range(0, 15, 5)]
+    want = [worst_case_sharpness(m, batches, rho=0.3, n_iters=4).value for m in res.models]
+    assert res.worst_case_sharpness == want and all(v > 0 for v in want)
+    assert res.summary()["worst_case_sharpness"] == pytest.approx(sum(want) / 2, rel=1e-15)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["worst_case_sharpness"] == want
+    assert T.evaluate_run(tmp_path / "run")["worst_case_sharpness"] == want
+    none = T.train_ensemble(_tiny(worst_case_batches=0))
+    assert none.worst_case_sharpness == [] and math.isnan(none.summary()["worst_case_sharpness"])

@@ -41,6 +41,7 @@ METRICS: dict[str, str] = {
     "kl": "higher",
     "cka": "lower",
     "ood_acc": "higher",
+    "worst_case_sharpness": "lower",
     "fisher_mean": "lower",
     "wall_s": "lower",
 }
@@ -182,7 +183,17 @@ class Comparison:
 
     def paired_table(
         self,
-        metrics: Sequence[str] = ("ensemble_acc", "der", "eir", "disagreement", "kl", "cka", "ood_acc", "fisher_mean"),
+        metrics: Sequence[str] = (
+            "ensemble_acc",
+            "der",
+            "eir",
+            "disagreement",
+            "kl",
+            "cka",
+            "ood_acc",
+            "worst_case_sharpness",
+            "fisher_mean",
+        ),
     ) -> str:
         """One row per metric, one column per pair (a - b): the mean paired difference ± its
         standard error, and on how many seeds a is better than b."""

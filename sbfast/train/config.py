@@ -30,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.flo
 COMPILE_BACKENDS: tuple[str, ...] = ("inductor", "aot_eager", "eager")
 AUG_SEED_OFFSET = 1_000_003  # member j's augmentation generator: seed + j + this (independent of its order)
 SHARPNESS_SUBSET_SEED = 0  # the fixed training subset on which each member's mean Fisher score is taken
+WORST_CASE_SUBSET_SEED = 13  # the fixed training batches of the reported worst-case sharpness (the release seeds 13)
 SUBSET_SEED = 12_345  # train_subset / test_subset: a fixed draw, the same for every method and seed
 MAX_DIST_TIMEOUT = 365 * 24 * 3600.0  # a year: torch's process-group timeouts overflow long after, at ~1e13 s
 
@@ -267,6 +268,16 @@ class TrainConfig:
         "training samples (a fixed draw) on which each member's mean Fisher score (fisher_mean) is "
         "reported; 0 skips it",
         check=("int", 0, False),
+    )
+    worst_case_batches: int = option(
+        10,
+        "batches of 5 training samples (a fixed draw, test-time transforms) on which each member's "
+        "worst-case adaptive l2 sharpness (the paper's, APGD) is reported; 0 skips it",
+        check=("int", 0, False),
+    )
+    worst_case_iters: int = option(10, "APGD iterations of the reported worst-case sharpness", check=("int", 1, False))
+    worst_case_rho: float = option(
+        0.5, "radius (relative to |w|) of the reported worst-case sharpness", check=("real", 1e-6, None)
     )
     device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu")
     backend: str = option(

@@ -12,8 +12,8 @@ from torch import nn
 
 from sbfast import metrics as metrics_mod
 from sbfast.common import module_modes, restore_modes
-from sbfast.measure import cka_matrix, symmetric_kl_divergence
-from sbfast.train.config import SHARPNESS_SUBSET_SEED, TrainConfig
+from sbfast.measure import cka_matrix, symmetric_kl_divergence, worst_case_sharpness
+from sbfast.train.config import SHARPNESS_SUBSET_SEED, WORST_CASE_SUBSET_SEED, TrainConfig
 from sbfast.train.data import DeviceData, TrainData
 
 
@@ -156,6 +156,28 @@ def accuracies(probs: torch.Tensor, targets: torch.Tensor) -> tuple[list[float],
     return member, ens
 
 
+def worst_case_of(
+    models: Sequence[nn.Module], data: TrainData, config: TrainConfig, device: torch.device
+) -> list[float]:
+    """Each member's worst-case adaptive l2 sharpness (the paper's; ``sbfast.measure``) on
+    ``worst_case_batches`` batches of 5 training samples (a fixed draw, test-time transforms, the
+    release's batch size), ``worst_case_iters`` APGD iterations at ``worst_case_rho``; [] when
+    ``worst_case_batches`` is 0. Every member sees the same batches."""
+    k = config.worst_case_batches
+    if k <= 0:
+        return []
+    n = min(5 * k, len(data.train) - len(data.train) % 5)
+    perm = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(WORST_CASE_SUBSET_SEED))
+    _, x, y = data.train[perm[:n]]
+    x = x.to(device=device, dtype=config.torch_dtype)
+    batches = [(x[i : i + 5], y[i : i + 5].to(device)) for i in range(0, n, 5)]
+    out = []
+    for model in models:
+        r = worst_case_sharpness(model, batches, rho=config.worst_case_rho, n_iters=config.worst_case_iters)
+        out.append(float(r.value))
+    return out
+
+
 def evaluate_ensemble(
     models: Sequence[nn.Module],
     data: TrainData,
@@ -215,11 +237,21 @@ def evaluate_ensemble(
         if gather is not None:
             fisher_mean = gather.floats(fisher_mean)
     t3 = time.perf_counter()
+    worst_case = worst_case_of(models, data, config, device)
+    if gather is not None and config.worst_case_batches > 0:
+        worst_case = gather.floats(worst_case)
+    t4 = time.perf_counter()
     return {
         "metrics": metrics,
         "diversity": diversity,
         "ood": ood,
         "fisher_mean": fisher_mean,
+        "worst_case_sharpness": worst_case,
         "probs": probs,
-        "timing": {"eval_test_s": t1 - t0, "eval_ood_s": t2 - t1, "eval_sharpness_s": t3 - t2},
+        "timing": {
+            "eval_test_s": t1 - t0,
+            "eval_ood_s": t2 - t1,
+            "eval_sharpness_s": t3 - t2,
+            "eval_worst_case_s": t4 - t3,
+        },
     }

@@ -154,6 +154,7 @@ def train_ensemble_reference(config: Any, callbacks: Sequence[Any] | None = None
         ood=ev["ood"],
         history=history,
         fisher_mean=ev["fisher_mean"],
+        worst_case_sharpness=ev.get("worst_case_sharpness", []),
         diversity=ev["diversity"],
         scores=scores,
         masks=masks,

@@ -83,6 +83,8 @@ class EnsembleResult:
             epoch only), eval_s, samples_per_s.
         fisher_mean: mean Fisher score of each member on a fixed training subset (older results
             files call it ``sharpness``; it is not the paper's worst-case sharpness).
+        worst_case_sharpness: each member's worst-case adaptive l2 sharpness, the paper's measure
+            (``sbfast.measure.worst_case_sharpness`` at the config's ``worst_case_*`` settings).
         scores: float32 [M, N] Fisher scores (sharpbalance), masks: bool [M, N] (True = SAM).
         timing: total_s, train_s, score_s, eval_s and the evaluation's parts.
         components: which optimizer / scorer / selector ran; batching.
@@ -94,6 +96,7 @@ class EnsembleResult:
     ood: dict[str, Any] | None
     history: list[dict[str, Any]]
     fisher_mean: list[float] = field(default_factory=list)
+    worst_case_sharpness: list[float] = field(default_factory=list)
     diversity: dict[str, Any] | None = None
     scores: torch.Tensor | None = None
     masks: torch.Tensor | None = None
@@ -118,6 +121,11 @@ class EnsembleResult:
             "cka": _diversity(self.diversity, "cka"),
             "ood_acc": self.ood["mean"]["ensemble_acc"] if self.ood else math.nan,
             "fisher_mean": sum(self.fisher_mean) / len(self.fisher_mean) if self.fisher_mean else math.nan,
+            "worst_case_sharpness": (
+                sum(self.worst_case_sharpness) / len(self.worst_case_sharpness)
+                if self.worst_case_sharpness
+                else math.nan
+            ),
             "wall_s": self.timing.get("total_s", math.nan),
         }
 
@@ -130,6 +138,7 @@ class EnsembleResult:
             "ood": jsonable(self.ood),
             "history": jsonable(self.history),
             "fisher_mean": list(self.fisher_mean),
+            "worst_case_sharpness": list(self.worst_case_sharpness),
             "scores": None if self.scores is None else self.scores.tolist(),
             "masks": None if self.masks is None else self.masks.to(torch.uint8).tolist(),
             "timing": jsonable(self.timing),
@@ -149,6 +158,7 @@ class EnsembleResult:
             history=list(d["history"]),
             # results files written before the rename call the mean Fisher score "sharpness"
             fisher_mean=list(d.get("fisher_mean", d.get("sharpness", []))),
+            worst_case_sharpness=list(d.get("worst_case_sharpness", [])),
             scores=None if d.get("scores") is None else torch.tensor(d["scores"], dtype=torch.float32),
             masks=None if d.get("masks") is None else torch.tensor(d["masks"], dtype=torch.uint8).bool(),
             timing=dict(d.get("timing", {})),
@@ -175,7 +185,16 @@ class EnsembleResult:
         for j, a in enumerate(self.metrics["member_acc"]):
             share = float(self.masks[j].double().mean()) if self.masks is not None and self.masks.numel() else None
             fisher = self.fisher_mean[j] if j < len(self.fisher_mean) else None
-            members.append({"member": j, "test_acc": shown(a), "fisher_mean": shown(fisher), "sam_share": shown(share)})
+            worst = self.worst_case_sharpness[j] if j < len(self.worst_case_sharpness) else None
+            members.append(
+                {
+                    "member": j,
+                    "test_acc": shown(a),
+                    "worst_case_sharpness": shown(worst),
+                    "fisher_mean": shown(fisher),
+                    "sam_share": shown(share),
+                }
+            )
         lines += [metrics_mod.format_table(members), ""]
         if self.ood:
             sev = [{"severity": s, **{k: shown(x) for k, x in v.items()}} for s, v in self.ood["per_severity"].items()]
@@ -220,6 +239,7 @@ def run_record(result: EnsembleResult) -> dict[str, Any]:
         "metrics": summary,
         "member_acc": [finite_or_none(a) for a in result.metrics["member_acc"]],
         "member_fisher_mean": [finite_or_none(v) for v in result.fisher_mean],
+        "member_worst_case_sharpness": [finite_or_none(v) for v in result.worst_case_sharpness],
         "curve": curve,
         "ood_per_severity": ood,
         "swap_epoch": c.swap_epoch if c.method == "sharpbalance" else None,

@@ -20,7 +20,7 @@ from sbfast.train.results import EnsembleResult
 from sbfast.train.run_folder import data_fingerprint
 from sbfast.train.steps import get_components
 
-METRIC_KEYS: tuple[str, ...] = ("metrics", "diversity", "ood", "fisher_mean")
+METRIC_KEYS: tuple[str, ...] = ("metrics", "diversity", "ood", "fisher_mean", "worst_case_sharpness")
 
 
 def _members(payload: dict[str, Any], device: torch.device, run_dir: str | Path) -> list[nn.Module]:
@@ -77,7 +77,8 @@ def evaluate_run(
             evaluate; on the device the run used (and CPU with its thread count) the numbers
             are the run's own bit for bit.
     Returns:
-        {"metrics", "diversity", "ood", "fisher_mean"} exactly as the run's results file (``EnsembleResult.save``)
+        {"metrics", "diversity", "ood", "fisher_mean", "worst_case_sharpness"} exactly as the run's results
+        file (``EnsembleResult.save``)
         holds them: the same JSON values.
     Raises:
         ValueError (CheckpointError included) for an unusable folder or data that is not the run's.
@@ -102,6 +103,7 @@ def evaluate_run(
         ood=ev["ood"],
         history=[],
         fisher_mean=ev["fisher_mean"],
+        worst_case_sharpness=ev.get("worst_case_sharpness", []),
         diversity=ev["diversity"],
     )
     as_saved = json.loads(result.to_json())  # the results file's own conversion, so the values compare equal

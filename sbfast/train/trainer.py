@@ -673,6 +673,7 @@ class EnsembleTrainer:
             ood=ev["ood"],
             history=list(s.history),
             fisher_mean=ev["fisher_mean"],
+            worst_case_sharpness=ev.get("worst_case_sharpness", []),
             diversity=ev["diversity"],
             scores=s.scores,
             masks=s.masks,
