@@ -162,6 +162,7 @@ class Scale:
         self.inv = torch.where(nz, 1.0 / torch.where(nz, c, torch.ones_like(c)), torch.zeros_like(c))
         self.two_inv2 = 2 * self.inv**2
         self.nonzero = nz
+        self.has_zeros = not bool(nz.all())
 
 
 def _as_scale(c: Scale | Tensor | None) -> Scale | None:
@@ -181,7 +182,7 @@ def _ellipsoid(z: Tensor, scale: Scale, rho: float) -> Tensor:
 
     Each bisection step is one fused reduction, sum_j a_j / (1 + lambda b_j)^2 with a = (z/c)^2 and
     b = 2/c^2 computed once, instead of forming the candidate perturbation."""
-    a = (z * scale.inv) ** 2
+    a = torch.mul(z, scale.inv).square_()
     new = float(a.sum()) ** 0.5
     if new <= rho:
         return z
@@ -192,16 +193,18 @@ def _ellipsoid(z: Tensor, scale: Scale, rho: float) -> Tensor:
     tried = None
     while abs(new - rho) > 1e-5:
         tried = lmbd
-        torch.mul(b, lmbd, out=work).add_(1).pow_(-2).mul_(a)
-        new = float(work.sum()) ** 0.5
+        torch.mul(b, lmbd, out=work).add_(1).pow_(-2)
+        new = float(torch.dot(work, a)) ** 0.5
         if new > rho:
             lmbd, lo = (lmbd + hi) / 2, lmbd
         else:
             lmbd, hi = (lo + lmbd) / 2, lmbd
         if limit - hi < 1e-2:
             limit, hi = limit * 2, hi * 2
-    out = z / (1 + tried * b)
-    return torch.where(scale.nonzero, out, torch.zeros_like(out))
+    out = z / torch.mul(b, tried, out=work).add_(1)
+    if scale.has_zeros:  # a zero weight's set is {0} (in the measure its z is already 0)
+        out.masked_fill_(~scale.nonzero, 0)
+    return out
 
 
 def project(z: Tensor, c: Scale | Tensor | None, rho: float, norm: str) -> Tensor:

@@ -109,12 +109,12 @@ def _one_problem(
     for i in range(n_iters):
         g = flat.gradient(leaf, loss)
         with torch.no_grad():
-            if norm == "l2":
-                z = delta + step / (g.norm() + 1e-12) * g * (c.c if c is not None else 1.0)
-            else:
-                z = delta + step * g.sign() * (c.c if c is not None else 1.0)
+            # each line one fused pass over the flat buffers
+            d = g if norm == "l2" else g.sign()
+            value = step / (float(g.norm()) + 1e-12) if norm == "l2" else step
+            z = torch.addcmul(delta, d, c.c, value=value) if c is not None else delta.add(d, alpha=value)
             z = project(z, c, rho, norm)
-            delta, prev = 0.75 * z + 0.25 * prev, delta
+            delta, prev = z.mul_(0.75).add_(prev, alpha=0.25), delta
         point = w0 + delta
         last = i == n_iters - 1
         if last:
