@@ -232,3 +232,63 @@ def test_diversity_measures_equal_the_library_on_the_test_split(run_dir, capsys)
     cka = doc["cka"]["ensemble"]["cka"]["representations"]
     assert cka["input"]["mean"] == pytest.approx(1.0, abs=1e-6)
     assert 0.0 <= cka["logits"]["mean"] <= 1.0 + 1e-6
+
+
+def test_corrupted_sets_and_layers_through_the_cli(tmp_path, capsys):
+    """--corrupted adds the run's corrupted test sets to the diversity measures (the same numbers
+    as diversity_report on those sets), --layers adds a hidden layer's CKA; a layer the members
+    lack, and --corrupted on a run without corruptions, are one line with exit 2 before any work;
+    diversity measures need no training sample."""
+    from sbfast.measure import diversity_report
+    from sbfast.train.data import load_data
+    from sbfast.train.run_folder import read_config
+
+    run = tmp_path / "ood"
+    code = main(
+        ["train", "--dataset", "digits", "--method", "de", "--epochs", "1", "--members", "2", "--no-progress"]
+        + [
+            "--train-subset",
+            "40",
+            "--eval-corruptions",
+            "gaussian_noise",
+            "--eval-severities",
+            "2",
+            "--output",
+            str(run),
+        ]
+    )
+    assert code == 0
+    code = main(
+        ["measure", str(run), "--no-progress", "--measures", "disagreement", "cka", "--corrupted"]
+        + ["--layers", "features.3"]
+    )
+    assert code == 0, capsys.readouterr().err
+    doc = _strict(run / CM.MEASURES_FILE)["measures"]
+    assert set(doc["disagreement"]["ensemble"]["sets"]) == {"test", "gaussian_noise/2"}
+    assert set(doc["cka"]["ensemble"]["cka"]["representations"]) == {"input", "logits", "softmax", "features.3"}
+    config = read_config(run)
+    data = load_data(config)
+    ds = data.corrupted(config.eval_corruptions, config.eval_severities)[("gaussian_noise", 2)]
+    _, cx, cy = ds[torch.arange(len(ds))]
+    _, tx, ty = data.test[torch.arange(len(data.test))]
+    sets = {"test": (tx, ty), ("gaussian_noise", 2): (cx, cy)}
+    want = diversity_report(sbfast.load_ensemble(run), sets, measures=["disagreement"])
+    got = doc["disagreement"]["ensemble"]["sets"]["gaussian_noise/2"]["disagreement"]
+    assert got["matrix"] == want["sets"]["gaussian_noise/2"]["disagreement"]["matrix"]
+    capsys.readouterr()
+    before = _folder(run)
+    assert main(["measure", str(run), "--measures", "cka", "--layers", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--layers 'nope'" in err and "features.3" in err and "\n" not in err
+    assert _folder(run) == before
+    plain = tmp_path / "plain"
+    assert (
+        main(
+            ["train", "--dataset", "digits", "--method", "de", "--epochs", "1", "--members", "2"]
+            + ["--no-progress", "--eval-corruptions", "--output", str(plain)]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["measure", str(plain), "--measures", "kl", "--corrupted"]) == 2
+    assert "evaluates no corruptions" in capsys.readouterr().err

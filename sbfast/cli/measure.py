@@ -48,6 +48,8 @@ class MeasureData:
     batches: list[tuple[Any, Any]]
     positions: list[int]
     test: tuple[Any, Any]
+    corrupted: dict[tuple[str, int], tuple[Any, Any]] | None = None
+    layers: list[str] | None = None
 
 
 def _per_member(results: list[Any], sample: dict[str, Any]) -> dict[str, Any]:
@@ -141,10 +143,15 @@ def _diversity(name: str) -> Callable[..., dict[str, Any]]:
     def run(members: Sequence[Any], data: MeasureData, opts: argparse.Namespace, bar: Callable) -> dict[str, Any]:
         from sbfast.measure import diversity_report
 
-        report = diversity_report(list(members), {"test": data.test}, measures=[name])
+        sets: dict[Any, tuple[Any, Any]] = {"test": data.test, **(data.corrupted or {})}
+        layers: str | list[str] = "blocks" if data.layers == ["blocks"] else (data.layers or [])
+        report = diversity_report(list(members), sets, measures=[name], layers=layers)
         for _ in members:
             bar(None)
-        return {"ensemble": report, "settings": {"set": "test", "samples": int(data.test[1].shape[0])}}
+        settings = {"set": "test", "samples": int(data.test[1].shape[0]), "corrupted_sets": len(data.corrupted or {})}
+        if name == "cka" and data.layers:
+            settings["layers"] = list(data.layers)
+        return {"ensemble": report, "settings": settings}
 
     return run
 
@@ -213,6 +220,23 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--seed", type=int, default=RELEASE_SEED, help=f"seed of the sample and probes ({RELEASE_SEED})")
     p.add_argument("--device", default="cpu", help="device to measure on (default: cpu)")
     p.add_argument("--data-root", metavar="PATH", help="where the run's CIFAR data lives now, if it moved")
+    p.add_argument(
+        "--corrupted",
+        action="store_true",
+        help="the diversity measures also on the run's corrupted test sets (its eval corruptions x severities; "
+        "generated, or read from --corruption-root)",
+    )
+    p.add_argument(
+        "--corruption-root",
+        metavar="PATH",
+        help="a CIFAR-10-C/-100-C folder (<corruption>.npy, labels.npy) matching the run's test set; implies --corrupted",
+    )
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        metavar="NAME",
+        help="hidden layers whose CKA is measured besides input, logits and softmax: module names, or 'blocks'",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_measure)
 
@@ -245,6 +269,20 @@ def _resolve(args: argparse.Namespace) -> None:
         raise CliError(f"--tol {args.tol}: expected a finite number > 0")
     if not 0 <= args.seed < 2**63:
         raise CliError(f"--seed {args.seed}: expected an integer in [0, 2**63)")
+
+
+def _layers(raw: Sequence[str], members: Sequence[Any]) -> list[str]:
+    """The --layers names: "blocks", or module names every member has (one line naming a missing
+    one and listing the valid names)."""
+    names = [n for part in raw for n in part.split(",") if n]
+    if names == ["blocks"]:
+        return names
+    valid = [n for n, _ in members[0].named_modules() if n]
+    for n in names:
+        if n not in valid:
+            shown = ", ".join(valid[:12]) + (", ..." if len(valid) > 12 else "")
+            raise CliError(f"--layers {n!r}: the members have no such module; expected 'blocks' or one of {shown}")
+    return names
 
 
 def _device(name: str) -> str:
@@ -309,6 +347,11 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise CliError(f"RUN_DIR {args.run_dir!r}: {e}") from None
     if args.data_root is not None:
         config = config.replace(data_root=args.data_root)
+    if args.corruption_root is not None:
+        config = config.replace(corruption_root=args.corruption_root)
+    corrupted = args.corrupted or args.corruption_root is not None
+    if corrupted and not config.eval_corruptions:
+        raise CliError("--corrupted: the run evaluates no corruptions (its eval_corruptions is empty)")
     out = run / MEASURES_FILE
     old = _existing(out)
     with warnings.catch_warnings():
@@ -323,7 +366,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
         raise CliError(f"--measures: diversity measures need 2 members or more, the run has {len(members)}")
     data = load_checked_data(config)
     n_train = len(data.train)
-    need = args.batches * args.batch_size
+    # the training sample is for the sharpness measures; diversity runs on the test split only
+    sharp = any(MEASURES[n][2] != "diversity_report" for n in names)
+    need = args.batches * args.batch_size if sharp else 0
     if need > n_train:
         raise CliError(
             f"--batches {args.batches} x --batch-size {args.batch_size} = {need} samples, "
@@ -332,11 +377,23 @@ def cmd_measure(args: argparse.Namespace) -> int:
     dtype = next(members[0].parameters()).dtype
     positions = torch.randperm(n_train, generator=_generator(args.seed))[:need]
     batches = []
-    for b in range(args.batches):
+    for b in range(args.batches if sharp else 0):
         _, x, y = data.train[positions[b * args.batch_size : (b + 1) * args.batch_size]]
         batches.append((x.to(device, dtype), y.to(device)))
     _, tx, ty = data.test[torch.arange(len(data.test))]
-    measure_data = MeasureData(batches, positions.tolist(), (tx.to(device, dtype), ty.to(device)))
+    sets = None
+    if corrupted and any(MEASURES[n][2] == "diversity_report" for n in names):
+        from sbfast.cli.checks import check_corruption_root
+
+        check_corruption_root(config, data)
+        sets = {}
+        for key, ds in data.corrupted(config.eval_corruptions, config.eval_severities).items():
+            _, cx, cy = ds[torch.arange(len(ds))]
+            sets[key] = (cx.to(device, dtype), cy.to(device))
+    layers = _layers(args.layers, members) if args.layers else None
+    measure_data = MeasureData(
+        batches, positions.tolist(), (tx.to(device, dtype), ty.to(device)), corrupted=sets, layers=layers
+    )
 
     results: dict[str, Any] = {}
     with tqdm(total=len(names) * len(members), disable=args.no_progress, desc="sbfast measure", unit="member") as pb:
