@@ -676,7 +676,7 @@ def test_load_ensemble_and_evaluate_run_reproduce_the_runs_metrics(runs):
             assert torch.equal(x, y) and x.device.type == "cpu", k
     saved = json.loads(_results_file(d).read_text())
     got = T.evaluate_run(d)
-    assert set(got) == {"metrics", "diversity", "ood", "fisher_mean"}
+    assert set(got) == {"metrics", "diversity", "ood", "fisher_mean", "worst_case_sharpness"}
     assert got["ood"] is not None and got["ood"]["per_set"][0]["corruption"] == "gaussian_noise"
     for k in got:
         assert got[k] == saved[k], k
