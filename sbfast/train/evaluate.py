@@ -12,7 +12,7 @@ from torch import nn
 from sbfast import metrics as metrics_mod
 from sbfast.common import module_modes, restore_modes
 from sbfast.train.config import SHARPNESS_SUBSET_SEED, TrainConfig
-from sbfast.train.data import DeviceData, TrainData
+from sbfast.train.data import TrainData, device_data
 
 
 @torch.no_grad()
@@ -102,7 +102,7 @@ def evaluate_ensemble(
 
     t0 = time.perf_counter()
     if test_batches is None:
-        test_dev = DeviceData(data.test, device)
+        test_dev = device_data(data.test, device)
 
         def test_batches() -> Iterator[torch.Tensor]:
             return (x for x, _ in test_dev.slices(config.eval_batch_size))
@@ -115,7 +115,7 @@ def evaluate_ensemble(
         sets = data.corrupted(config.eval_corruptions, config.eval_severities)
         results = {}
         for key, ds in sets.items():
-            dd = DeviceData(ds, device)
+            dd = device_data(ds, device)
             p = probs_of(lambda dd=dd: (x for x, _ in dd.slices(config.eval_batch_size)), len(ds))
             if p is not None:
                 results[key] = (p, ds.y)
