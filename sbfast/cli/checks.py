@@ -140,8 +140,14 @@ def check_corruption_root(config: TrainConfig, data: Any) -> None:
         raise CliError(
             f"{flag}: no corruptions are evaluated ({flag_name('eval_corruptions')} is empty), so the folder would not be read"
         )
-    from sbfast.data import load_cifar_c
+    from sbfast.data import IMAGE_FOLDER_DATASETS, check_corruption_folder, load_cifar_c
 
+    if config.dataset in IMAGE_FOLDER_DATASETS:
+        try:
+            check_corruption_folder(root, data.test, list(config.eval_corruptions), list(config.eval_severities))
+        except _DATA_ERRORS as e:
+            raise CliError(f"{flag}: {e}") from None
+        return
     try:
         sets = load_cifar_c(root, list(config.eval_corruptions), list(config.eval_severities), lazy=True)
         first = sets[next(iter(sets))]

@@ -15,6 +15,8 @@ from sbfast import reference
 from sbfast.data import (
     CIFAR_C_BENCHMARK,
     CORRUPTIONS,
+    IMAGE_FOLDER_DATASETS,
+    STORAGES,
 )
 from sbfast.distributed.data_parallel import SAM_GRAD_SYNC
 from sbfast.distributed.placement import check_spec as check_placement
@@ -22,7 +24,8 @@ from sbfast.models import MODEL_NAMES
 from sbfast.optim.checks import is_real
 
 METHODS: tuple[str, ...] = ("de", "de_sam", "sharpbalance")
-DATASETS: tuple[str, ...] = ("digits", "synthetic", "cifar10", "cifar100")
+DATASETS: tuple[str, ...] = ("digits", "synthetic", "cifar10", "cifar100", *IMAGE_FOLDER_DATASETS)
+FILE_DATASETS: tuple[str, ...] = ("cifar10", "cifar100", *IMAGE_FOLDER_DATASETS)  # read from data_root
 BACKENDS: tuple[str, ...] = ("fast", "reference")
 BATCHINGS: tuple[str, ...] = ("static", "exact")
 LR_SCHEDULES: tuple[str, ...] = ("step", "cosine")
@@ -95,6 +98,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_threads=None,
     ),
 }
+# Tiny-ImageNet as the release trains it (utils.create_dataset / create_model, main.py defaults,
+# scripts/train's T_d = initial_epochs 100 of 200): 64x64 crop with padding 4 + flip, balance
+# selection (boost is CIFAR-10's only), and resnet18: the release's models/resnet_imgnet.py keeps
+# the CIFAR stem (3x3 stride 1, no max-pool). "folder" shares the preset.
+PRESETS["tiny_imagenet"] = dict(PRESETS["cifar100"])
+PRESETS["folder"] = dict(PRESETS["tiny_imagenet"])
 
 # Sizes of the synthetic set (train, test): a deterministic learnable toy for tests.
 SYNTHETIC_SIZES = (512, 256)
@@ -189,6 +198,20 @@ class TrainConfig:
         None,
         "CIFAR python archive (.tar.gz) or its extracted folder; required for cifar10/cifar100, refused for "
         "digits/synthetic (they read no files)",
+    )
+    image_size: tuple[int, ...] | None = option(
+        None,
+        "folder: resize every image to H W (one value: square); default: the one size all images share",
+    )
+    data_mean: tuple[float, ...] | None = option(
+        None, "folder / tiny_imagenet: per-channel mean in [0, 1]; default: computed from train (folder)"
+    )
+    data_std: tuple[float, ...] | None = option(None, "per-channel std in [0, 1], with data_mean")
+    data_storage: str = option(
+        "auto",
+        "tiny_imagenet / folder: memory (decoded once, on the device), stream (decoded per batch) or auto "
+        "(memory when the pixels take <= 1/4 of the free device and host memory)",
+        choices=STORAGES,
     )
     corruption_root: str | None = option(
         None,
@@ -413,7 +436,7 @@ class TrainConfig:
         check_placement(self.placement, self.members)
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
-        if self.dataset in ("cifar10", "cifar100") and not self.data_root:
+        if self.dataset in FILE_DATASETS and not self.data_root:
             raise ValueError(f"dataset {self.dataset!r} needs data_root (sbfast never downloads data)")
         if self.dataset in ("digits", "synthetic") and self.data_root is not None:
             # a folder given here would otherwise be silently ignored: the run would not use the user's data

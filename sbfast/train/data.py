@@ -9,11 +9,15 @@ import torch
 from torch.utils.data import RandomSampler
 
 from sbfast.data import (
+    IMAGE_FOLDER_DATASETS,
     IndexedTensorDataset,
+    StreamingImageDataset,
+    corrupted_test_sets,
     load_cifar10,
     load_cifar100,
     load_cifar_c,
     load_digits_splits,
+    load_image_splits,
     make_corrupted_sets,
     make_synthetic_images,
     normalize,
@@ -33,6 +37,7 @@ class TrainData:
     test: IndexedTensorDataset
     num_classes: int
     corruption_root: str | None = None
+    info: dict = field(default_factory=dict)  # image folders: ImageSplits.run_info(), saved with the run
     _corrupted: dict[tuple[str, int], IndexedTensorDataset] = field(default_factory=dict, repr=False)
 
     def corrupted(self, names: Sequence[str], severities: Sequence[int]) -> dict[tuple[str, int], IndexedTensorDataset]:
@@ -42,7 +47,9 @@ class TrainData:
         if missing:
             miss_names = list(dict.fromkeys(k[0] for k in missing))
             miss_sev = sorted({k[1] for k in missing})
-            if self.corruption_root is not None:
+            if self.name in IMAGE_FOLDER_DATASETS:
+                sets = corrupted_test_sets(self.test, miss_names, miss_sev, self.corruption_root)
+            elif self.corruption_root is not None:
                 stats = dict(mean=self.test.mean, std=self.test.std) if self.test.mean is not None else {}
                 sets = load_cifar_c(
                     self.corruption_root, miss_names, miss_sev, lazy=False, num_classes=self.num_classes, **stats
@@ -64,6 +71,7 @@ def fixed_subset(ds: IndexedTensorDataset, n: int | None) -> IndexedTensorDatase
 def load_data(config: TrainConfig) -> TrainData:
     """Train and test splits of ``config.dataset`` (digits' validation split is not used)."""
     config = as_config(config)
+    info: dict = {}
     if config.dataset == "digits":
         splits = load_digits_splits(seed=0)
         train, test = splits["train"], splits["test"]
@@ -71,6 +79,17 @@ def load_data(config: TrainConfig) -> TrainData:
         n_train, n_test = SYNTHETIC_SIZES
         full = make_synthetic_images(n_train + n_test, 10, (1, 8, 8), seed=0)
         train, test = full.subset(range(n_train)), full.subset(range(n_train, n_train + n_test))
+    elif config.dataset in IMAGE_FOLDER_DATASETS:
+        splits = load_image_splits(
+            config.dataset,
+            config.data_root,
+            image_size=config.image_size,
+            mean=config.data_mean,
+            std=config.data_std,
+            storage=config.data_storage,
+            device=config.resolved_device(),
+        )
+        train, test, info = splits.train, splits.test, splits.run_info()
     else:
         loader = load_cifar10 if config.dataset == "cifar10" else load_cifar100
         train, test = loader(config.data_root, train=True), loader(config.data_root, train=False)
@@ -82,7 +101,12 @@ def load_data(config: TrainConfig) -> TrainData:
     train = fixed_subset(train, config.train_subset)
     test = fixed_subset(test, config.test_subset)
     num_classes = max(train.num_classes, test.num_classes)
-    return TrainData(config.dataset, train, test, num_classes, corruption_root=config.corruption_root)
+    return TrainData(config.dataset, train, test, num_classes, corruption_root=config.corruption_root, info=info)
+
+
+def device_data(ds, device: torch.device):
+    """The split's on-device view: tensors on the device, or decoded per batch when streamed."""
+    return ds.on_device(device) if isinstance(ds, StreamingImageDataset) else DeviceData(ds, device)
 
 
 class DeviceData:

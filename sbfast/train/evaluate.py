@@ -14,7 +14,7 @@ from sbfast import metrics as metrics_mod
 from sbfast.common import module_modes, restore_modes
 from sbfast.measure import cka_matrix, symmetric_kl_divergence, worst_case_sharpness
 from sbfast.train.config import SHARPNESS_SUBSET_SEED, WORST_CASE_SUBSET_SEED, TrainConfig
-from sbfast.train.data import DeviceData, TrainData
+from sbfast.train.data import TrainData, device_data
 
 
 @torch.no_grad()
@@ -206,7 +206,7 @@ def evaluate_ensemble(
 
     t0 = time.perf_counter()
     if test_batches is None:
-        test_dev = DeviceData(data.test, device)
+        test_dev = device_data(data.test, device)
 
         def test_batches() -> Iterator[torch.Tensor]:
             return (x for x, _ in test_dev.slices(config.eval_batch_size))
@@ -220,7 +220,7 @@ def evaluate_ensemble(
         sets = data.corrupted(config.eval_corruptions, config.eval_severities)
         results = {}
         for key, ds in sets.items():
-            dd = DeviceData(ds, device)
+            dd = device_data(ds, device)
             p = probs_of(lambda dd=dd: (x for x, _ in dd.slices(config.eval_batch_size)), len(ds))
             if p is not None:
                 results[key] = (p, ds.y)

@@ -431,6 +431,9 @@ def data_fingerprint(data: TrainData) -> str:
     what ties a checkpoint to its data when the data's folder moves."""
     h = hashlib.sha256()
     for split in (data.train, data.test):
+        if hasattr(split, "fingerprint"):  # streamed: paths, sizes, labels, normalisation
+            h.update(split.fingerprint().encode())
+            continue
         for t in (split.x, split.y):
             t = t.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())

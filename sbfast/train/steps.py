@@ -19,7 +19,7 @@ from sbfast.optim import SharpBalanceSAM
 from sbfast.select import select_sam_masks
 from sbfast.sharpness import fisher_scores
 from sbfast.train.config import BACKENDS, TrainConfig
-from sbfast.train.data import DeviceBatches, DeviceData
+from sbfast.train.data import DeviceBatches, device_data
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -203,7 +203,7 @@ def fast_fisher(
 ) -> torch.Tensor:
     """Fisher scores [N] of ``ds`` under ``model``, batches gathered on the scoring device (no
     per-sample collation, no host copies)."""
-    batches = DeviceBatches(DeviceData(ds, device), config.scoring_batch_size)
+    batches = DeviceBatches(device_data(ds, device), config.scoring_batch_size)
     return fisher_scores(
         model,
         batches,

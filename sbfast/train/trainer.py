@@ -33,7 +33,15 @@ from sbfast.train.checkpoint import (
     PHASE1,
 )
 from sbfast.train.config import TrainConfig, as_config
-from sbfast.train.data import DeviceData, StaticBatcher, TrainData, augment_fill, load_data, member_seeds, release_order
+from sbfast.train.data import (
+    StaticBatcher,
+    TrainData,
+    augment_fill,
+    device_data,
+    load_data,
+    member_seeds,
+    release_order,
+)
 from sbfast.train.evaluate import accuracies, ensemble_probs, evaluate_ensemble
 from sbfast.train.events import (
     Callback,
@@ -114,8 +122,13 @@ class EnsembleTrainer:
                 f"with the host in first_step); this run would use {self.components.names['optimizer']}"
             )
         self.data = data if data is not None else load_data(config)
-        self.train_dev = DeviceData(self.data.train, self.device)
-        self.test_dev = DeviceData(self.data.test, self.device)
+        if self.data.info.get("stats") == "computed":  # a folder's own statistics: saved with the run
+            info = self.data.info
+            self.config = config = config.replace(
+                image_size=tuple(info["image_size"]), data_mean=tuple(info["mean"]), data_std=tuple(info["std"])
+            )
+        self.train_dev = device_data(self.data.train, self.device)
+        self.test_dev = device_data(self.data.test, self.device)
         self.fill = augment_fill(self.data.train)
         # one memory pool for every captured step of the run (see GraphedStep)
         self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
