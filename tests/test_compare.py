@@ -167,3 +167,23 @@ def test_result_json_is_strict_and_sam_share_is_a_dash(tmp_path):
     assert member_line.split()[-1] == "-" and "nan" not in table
     back = T.EnsembleResult.from_json(tmp_path / "r.json")
     assert back.metrics["der"] is None and back.summary()["der"] is None
+
+
+def test_strict_json_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A results file a reader finds is complete: a write that fails midway leaves the old file
+    as it was and no temporary file beside it."""
+    import os
+
+    from sbfast.train.results import write_strict_json
+
+    path = tmp_path / "results.json"
+    write_strict_json({"a": 1}, path)
+
+    def broken(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="No space"):
+        write_strict_json({"a": 2, "b": float("nan")}, path)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

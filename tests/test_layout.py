@@ -128,6 +128,7 @@ TRAIN_ORDER = (
     "trainer",
     "run",
     "compare",
+    "tradeoff",
 )
 
 

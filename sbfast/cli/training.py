@@ -1,10 +1,11 @@
-"""``sbfast compare`` (alias ``run``) and ``sbfast train``: build the configs from the flags,
-check everything before the first epoch, train, print and save."""
+"""``sbfast compare`` (alias ``run``), ``sbfast train`` and ``sbfast tradeoff`` (a sweep of rho): build the
+configs from the flags, check everything before the first epoch, train, print and save."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from sbfast.cli.errors import CliError
 from sbfast.cli.flags import add_config_flags, config_overrides, read_config_file
 from sbfast.train.compare import MAIN_JOB, MAIN_SEEDS, QUICK, QUICK_SEEDS
 from sbfast.train.config import METHODS
+from sbfast.train.tradeoff import TRADEOFF_JOB, TRADEOFF_RHOS, TRADEOFF_SB_RHOS, TRADEOFF_SEEDS
 
 COMPARE_HELP = f"""\
 Train and compare the methods (default: de, de_sam and sharpbalance) with the same seeds on one
@@ -72,10 +74,11 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
-    """Register ``compare`` (and its old name ``run``) and ``train`` (the CLI lists this module
+    """Register ``compare`` (and its old name ``run``), ``train`` and ``tradeoff`` (the CLI lists this module
     in ``sbfast.cli.SUBCOMMAND_MODULES``)."""
     add_compare_parser(sub, parents)
     add_train_parser(sub, parents)
+    add_tradeoff_parser(sub, parents)
 
 
 def add_compare_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -338,4 +341,132 @@ def _print_result(result: Any, out: Path) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["OLD_NAMES", "add_compare_parser", "add_parsers", "add_train_parser"]
+QUICK_TRADEOFF_RHOS = (0.05, 0.2)
+QUICK_TRADEOFF_SB_RHOS = (0.2,)
+QUICK_TRADEOFF_SEEDS = (0, 1)
+
+
+def _show_rhos(xs: Any) -> str:
+    return " ".join(f"{x:g}" for x in xs)
+
+
+TRADEOFF_HELP = f"""\
+Train de (rho 0), de_sam at each --rhos and sharpbalance at each --sharpbalance-rhos (its
+phase 1 is de_sam's at the same rho, trained once), with every seed; measure each member's
+worst-case adaptive sharpness (at --worst-case-rho, the same for every run) and each ensemble's
+DER, disagreement, KL, EIR and accuracy; print the table and write tradeoff.txt,
+tradeoff.json and tradeoff.png (sharpness x; DER, disagreement, KL, EIR y) into --output.
+
+Defaults on the embedded digits: rhos {_show_rhos(TRADEOFF_RHOS)}, sharpbalance rhos {_show_rhos(TRADEOFF_SB_RHOS)},
+seeds {_show_rhos(TRADEOFF_SEEDS)}, {", ".join(f"{k}={v}" for k, v in TRADEOFF_JOB.items())} (minutes on 2 CPU cores).
+--quick: rhos {_show_rhos(QUICK_TRADEOFF_RHOS)}, sharpbalance {_show_rhos(QUICK_TRADEOFF_SB_RHOS)}, seeds {_show_rhos(QUICK_TRADEOFF_SEEDS)} and the smoke config.
+
+Resumable: the same command on the same --output continues a stopped sweep (finished runs are
+read back, a stopped run resumes from its checkpoint); other settings on that folder are refused.
+Runs: <output>/de/seed<k>/, <output>/<method>/rho<r>/seed<k>/.
+"""
+
+
+def add_tradeoff_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "tradeoff",
+        parents=parents,
+        help="the sharpness-diversity trade-off over a sweep of rho, measured on trained ensembles",
+        description=TRADEOFF_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("sweep")
+    g.add_argument("--rhos", nargs="+", type=float, metavar="R", help="de_sam's SAM radii (> 0)")
+    g.add_argument(
+        "--sharpbalance-rhos",
+        nargs="*",
+        type=float,
+        metavar="R",
+        help="radii of sharpbalance runs, each one of --rhos (none: no sharpbalance)",
+    )
+    g.add_argument("--seeds", nargs="+", type=int, metavar="N", help="seeds; every point runs with each")
+    g.add_argument(
+        "--output",
+        default="runs/tradeoff",
+        metavar="DIR",
+        help="folder of the sweep (default runs/tradeoff; the same folder continues a stopped sweep)",
+    )
+    _common_run_flags(p)
+    add_config_flags(
+        p,
+        exclude=("method", "rho", "seed", "output_dir", "resume", "from_phase1"),
+        aliases=OLD_NAMES,
+        defaults={k: f"{v} on digits" for k, v in TRADEOFF_JOB.items()},
+    )
+    p.set_defaults(handler=cmd_tradeoff)
+
+
+def cmd_tradeoff(args: argparse.Namespace) -> int:
+    from sbfast.train.tradeoff import check_sweep, check_tradeoff_dir, run_tradeoff, sweep_runs
+    from sbfast.train.tradeoff import sweep_plan as plan_of
+
+    fields = _fields(args, dict(QUICK) if args.quick else {})
+    if fields.get("dataset", "digits") == "digits" and not args.quick:
+        for k, v in TRADEOFF_JOB.items():
+            fields.setdefault(k, v)
+    rhos = args.rhos if args.rhos is not None else list(QUICK_TRADEOFF_RHOS if args.quick else TRADEOFF_RHOS)
+    sb = args.sharpbalance_rhos
+    if sb is None:
+        sb = [r for r in (QUICK_TRADEOFF_SB_RHOS if args.quick else TRADEOFF_SB_RHOS) if r in rhos]
+    seeds = args.seeds if args.seeds is not None else list(QUICK_TRADEOFF_SEEDS if args.quick else TRADEOFF_SEEDS)
+    try:
+        check_sweep(rhos, sb, seeds)
+    except ValueError as e:
+        raise CliError(str(e).replace("rhos must", "--rhos must").replace("seeds must", "--seeds must")) from None
+    runs = sweep_runs(rhos, sb, seeds)
+    configs = [checks.build_config({**fields, "method": m, "rho": r, "seed": s}) for m, r, s in runs]
+    data = checks.preflight(configs)
+    out = Path(args.output)
+    base = configs[0]
+    try:
+        continuing = check_tradeoff_dir(out, plan_of(base, [float(r) for r in rhos], [float(r) for r in sb], seeds))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not continuing:
+        checks.check_output_dir(out, empty=True)
+    print(
+        f"sbfast tradeoff: de, de_sam at rho {_show_rhos(rhos)}"
+        + (f", sharpbalance at rho {_show_rhos(sb)}" if sb else "")
+        + f" x seeds {' '.join(map(str, seeds))}: {len(runs)} runs on {base.dataset}, model {base.model}, "
+        f"M = {base.members}, {base.epochs} epochs; worst-case sharpness at rho {base.worst_case_rho}"
+    )
+    print(f"{'continuing' if continuing else 'writing'} {out}/", flush=True)
+
+    def on_run(point: dict[str, Any], i: int, n: int) -> None:
+        m = point["metrics"]
+
+        def f(k: str) -> str:
+            v = m.get(k)
+            return "-" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+        print(
+            f"  [{i + 1}/{n}] {point['method']:<12} rho {point['rho']:<5g} seed {point['seed']}: {point['how']:<7} "
+            f"worst-case {f('worst_case_sharpness')}  der {f('der')}  disagreement {f('disagreement')}  "
+            f"kl {f('kl')}  eir {f('eir')}  ensemble_acc {f('ensemble_acc')}",
+            flush=True,
+        )
+
+    started = _Started()
+    trainer = _trainer(args)
+
+    def tracked(cfg: Any, **kw: Any) -> Any:
+        return trainer(cfg, [_callback(started)], **kw)
+
+    try:
+        with started.guard():
+            result = run_tradeoff(base, rhos, sb, seeds, out, data=data, trainer=tracked, on_run=on_run)
+    except KeyboardInterrupt:  # the stopped run has saved its checkpoint; the sweep goes on from it
+        print(f"sbfast tradeoff: stopped; the same command with --output {out} continues the sweep", file=sys.stderr)
+        raise
+    print()
+    print(result.report())
+    print(f"\nwrote {out}/ (tradeoff.txt, tradeoff.json, tradeoff.png, run folders); {result.timing['total_s']:.0f} s")
+    return 0
+
+
+__all__ = ["OLD_NAMES", "add_compare_parser", "add_parsers", "add_tradeoff_parser", "add_train_parser"]

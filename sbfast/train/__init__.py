@@ -61,6 +61,7 @@ The modules, bottom to top (each imports only the ones above it in this table;
 | ``trainer`` | ``EnsembleTrainer`` (one member loop, for one process and torchrun alike) |
 | ``run`` | ``train_ensemble``: prepare the run, join its world, run the trainer |
 | ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
+| ``tradeoff`` | ``run_tradeoff``, ``Tradeoff`` (de, de_sam over a sweep of rho, sharpbalance: worst-case sharpness against diversity, resumable) |
 """
 
 from sbfast.train.checkpoint import CheckpointError, load_checkpoint
@@ -106,6 +107,7 @@ from sbfast.train.run_folder import (
 from sbfast.train.run_state import build_member, make_lr_scheduler
 from sbfast.train.saved import evaluate_run, load_ensemble
 from sbfast.train.steps import Components, get_components, mixed_step_exact, mixed_step_static, sam_step, sgd_step
+from sbfast.train.tradeoff import Tradeoff, run_tradeoff
 from sbfast.train.trainer import EnsembleTrainer
 
 __all__ = [
@@ -122,6 +124,7 @@ __all__ = [
     "RESUME_SAFE_FIELDS",
     "Callback",
     "Comparison",
+    "Tradeoff",
     "CheckpointError",
     "Components",
     "DeviceBatches",
@@ -157,6 +160,7 @@ __all__ = [
     "predict_probs",
     "release_order",
     "run_comparison",
+    "run_tradeoff",
     "sam_step",
     "sgd_step",
     "static_batch_plan",

@@ -29,14 +29,14 @@ METHOD_COLOURS = {"de": "#1f77b4", "de_sam": "#ff7f0e", "sharpbalance": "#2ca02c
 _FALLBACK = ["#d62728", "#9467bd", "#8c564b", "#e377c2"]
 
 
-def _colour(method: str, methods: Sequence[str]) -> str:
+def method_colour(method: str, methods: Sequence[str]) -> str:
     if method in METHOD_COLOURS:
         return METHOD_COLOURS[method]
     others = [m for m in methods if m not in METHOD_COLOURS]
     return _FALLBACK[others.index(method) % len(_FALLBACK)]
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -72,7 +72,7 @@ def _dots(
     step = 0.7 / max(1, len(methods))
     lo, hi = math.inf, -math.inf
     for i, m in enumerate(methods):
-        c = _colour(m, methods)
+        c = method_colour(m, methods)
         for k, (key, _) in enumerate(metrics):
             x = k - 0.35 + step * (i + 0.5)
             pts = _finite([r["metrics"].get(key) for r in groups[m]])
@@ -113,7 +113,7 @@ def _ood_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> None:
     groups = _by_method(methods, runs)
     drawn = False
     for i, m in enumerate(methods):
-        c = _colour(m, methods)
+        c = method_colour(m, methods)
         per_sev: dict[int, list[float]] = {}
         for r in groups[m]:
             per_sev.setdefault(0, []).append(r["metrics"].get("ensemble_acc"))
@@ -189,7 +189,7 @@ def _ood_paired_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> 
         ax.set_yticks([])
         return
     xs = [0, *severities]
-    ax.axhline(0.0, color=_colour(base, methods), linewidth=1.5, label=f"{base} (baseline)")
+    ax.axhline(0.0, color=method_colour(base, methods), linewidth=1.5, label=f"{base} (baseline)")
     for i, m in enumerate(methods[1:], start=1):
         pts = []
         for s in xs:
@@ -209,7 +209,7 @@ def _ood_paired_panel(ax: Any, methods: Sequence[str], runs: Sequence[dict]) -> 
             [x + shift for x, _, _ in pts],
             [mu for _, mu, _ in pts],
             yerr=[sd for _, _, sd in pts],
-            color=_colour(m, methods),
+            color=method_colour(m, methods),
             marker="o",
             markersize=5,
             capsize=3,
@@ -252,14 +252,21 @@ def _legend(fig: Any, methods: Sequence[str]) -> None:
 
     handles = [
         Line2D(
-            [], [], color=_colour(m, methods), marker="o", markeredgecolor="black", markersize=7, linewidth=1.5, label=m
+            [],
+            [],
+            color=method_colour(m, methods),
+            marker="o",
+            markeredgecolor="black",
+            markersize=7,
+            linewidth=1.5,
+            label=m,
         )
         for m in methods
     ]
     fig.legend(handles=handles, loc="upper center", ncol=len(methods), bbox_to_anchor=(0.5, 0.955), frameon=False)
 
 
-def _save(fig: Any, plt: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, plt: Any, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -267,7 +274,7 @@ def _save(fig: Any, plt: Any, path: str | Path) -> Path:
 
 
 def _draw_comparison(methods: Sequence[str], seeds: Sequence[int], runs: Sequence[dict], path: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     _dots(axes[0, 0], methods, runs, ACCURACY, "in-distribution accuracy (higher is better)")
     axes[0, 0].set_ylabel("test accuracy")
@@ -281,7 +288,7 @@ def _draw_comparison(methods: Sequence[str], seeds: Sequence[int], runs: Sequenc
     fig.suptitle(_describe(runs, seeds), fontsize=11)
     _legend(fig, methods)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def _error_curves(ax: Any, methods: Sequence[str], runs: Sequence[dict], key: str, title: str) -> None:
@@ -297,7 +304,7 @@ def _error_curves(ax: Any, methods: Sequence[str], runs: Sequence[dict], key: st
         rs = [r for r in groups[m] if r.get("curve") and r["curve"]["epoch"]]
         if not rs:
             continue
-        c = _colour(m, methods)
+        c = method_colour(m, methods)
         epochs = rs[0]["curve"]["epoch"]
         n_test = max(1, int(round(1 / _smallest_step(rs))))
         zero = 0.5 / n_test
@@ -356,7 +363,7 @@ def _smallest_step(runs: Sequence[dict]) -> float:
 
 
 def _draw_curves(methods: Sequence[str], seeds: Sequence[int], runs: Sequence[dict], path: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.8))
     _error_curves(a1, methods, runs, "ensemble_acc", "ensemble test error (lower is better)")
     _error_curves(a2, methods, runs, "member_acc", "mean member test error (lower is better)")
@@ -370,7 +377,7 @@ def _draw_curves(methods: Sequence[str], seeds: Sequence[int], runs: Sequence[di
         fontsize=11,
     )
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def _is_number(v: Any) -> bool:
@@ -393,11 +400,11 @@ def _draw_sharpness_diversity(
         raise ValueError(f"diversity must be one of {sorted(DIVERSITY_AXES)}, got {diversity!r}")
     xkey, xlabel = sharpness_axis(runs)
     ykey, ylabel = DIVERSITY_AXES[diversity]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     drawn = False
     for m in methods:
-        c = _colour(m, methods)
+        c = method_colour(m, methods)
         pts = [(r["metrics"].get(xkey), r["metrics"].get(ykey)) for r in runs if r["method"] == m]
         pts = [(x, y) for x, y in pts if _is_number(x) and _is_number(y)]
         if not pts:
@@ -436,7 +443,7 @@ def _draw_sharpness_diversity(
         ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_comparison(comparison: Any, path: str | Path) -> Path:
@@ -465,7 +472,7 @@ def _members_panel(ax: Any, runs: Sequence[dict]) -> None:
             xs,
             accs,
             "o",
-            color=_colour(r["method"], methods),
+            color=method_colour(r["method"], methods),
             markeredgecolor="black",
             markersize=7,
             label=f"{r['method']} seed {r['seed']}",
@@ -484,7 +491,7 @@ def plot_run_records(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     comparison's panels, each family of metrics on its own axis."""
     methods = list(dict.fromkeys(r["method"] for r in runs))
     seeds = sorted({r["seed"] for r in runs})
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     _error_curves(axes[0, 0], methods, runs, "ensemble_acc", "ensemble test error (lower is better)")
     _dots(axes[0, 1], methods, runs, ACCURACY, "in-distribution accuracy (higher is better)")
@@ -495,4 +502,4 @@ def plot_run_records(runs: Sequence[dict[str, Any]], path: str | Path) -> Path:
     fig.suptitle(_describe(runs, seeds), fontsize=11)
     _legend(fig, methods)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,18 @@ def dumps_strict(obj: Any) -> str:
 
 
 def write_strict_json(obj: Any, path: str | Path | None = None) -> str:
-    """:func:`dumps_strict` of ``obj``; also written to ``path`` (with a final newline) if given."""
+    """:func:`dumps_strict` of ``obj``; also written to ``path`` (with a final newline) if given,
+    whole or not at all: into a temporary file beside it, then ``os.replace`` (a reader that
+    finds the file, e.g. a trade-off sweep deciding a run is finished, never reads half of one)."""
     text = dumps_strict(obj)
     if path is not None:
-        Path(path).write_text(text + "\n")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(text + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return text
 
 
