@@ -6,6 +6,9 @@
 * ``resnet18_imagenet``: the same body with the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2
   max-pool) for 64x64 inputs. Note: the release's Tiny-ImageNet model (models/resnet_imgnet.py)
   in fact keeps a 3x3 stride-1 stem without max-pool, i.e. ``resnet18`` at width 64 on 64x64.
+* ``resnet18_tiny``: the release's Tiny-ImageNet ResNet18 as it is (models/resnet_imgnet.py):
+  the CIFAR stem, widths 64-512, identity shortcuts with a learnable per-channel scale, He
+  initialisation; the preset model of ``tiny_imagenet`` and ``folder``.
 * ``wrn40_2``: pre-activation Wide ResNet, depth 40, widen factor 2, dropout 0 (the release's
   models/wideResnet.py, names and initialisation alike).
 * ``cnn``, ``mlp``: small models sized for the 8x8 digits (in_channels=1 by default).
@@ -393,12 +396,119 @@ def _check_pos(name: str, v: object) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {v!r}")
 
 
+class ScaledIdentity(nn.Conv2d):
+    """x * w[c] with w [C, 1, 1, 1] initialised to 1: the release's ``layers.Identity2d`` shortcut
+    (a learnable per-channel scale), written as a depthwise 1x1 convolution so that the
+    per-sample scores treat it as the convolution it is (their grouped-conv rule)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, 1, groups=channels, bias=False)
+
+    def reset_parameters(self) -> None:
+        # ones, drawing nothing from the RNG (as Identity2d): a seeded model is the release's, bit for bit
+        nn.init.ones_(self.weight)
+
+
+class TinyBasicBlock(nn.Module):
+    """The release's Tiny-ImageNet BasicBlock: relu(residual_function(x) + shortcut(x)) with
+    residual_function = conv3x3-BN-ReLU-conv3x3-BN and shortcut = 1x1 strided conv + BN when the
+    shape changes, else the per-channel scale (attribute names as the release's)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.residual_function = nn.Sequential(
+            nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+        )
+        if stride != 1 or in_planes != planes:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        else:
+            self.shortcut = ScaledIdentity(in_planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.residual_function(x) + self.shortcut(x))
+
+
+class TinyImageNetResNet18(nn.Module):
+    """The release's Tiny-ImageNet ResNet18 (models/resnet_imgnet.py, ``resnet18(width)``).
+
+    Stem conv3x3(3 -> w) stride 1 + BN + ReLU, no max-pool (the release keeps the CIFAR stem on
+    64x64 images); four stages of two TinyBasicBlocks, w, 2w, 4w, 8w channels, strides 1, 2, 2,
+    2; global average pool; fc. Every convolution but the shortcut scales He-initialised
+    (fan_out, ReLU), BN weight 1 and bias 0, fc PyTorch's default, as the release. The release's
+    ``width`` argument changes only its BottleNeck blocks, so its ResNet18 is always w = 64; w is
+    a parameter here for small test models. Seeded alike, the two modules start from the same
+    weights bit for bit. 11,272,456 parameters for 200 classes at w = 64, as the release's (less its masks).
+
+    Shapes: [B, in_channels, H, W] -> [B, num_classes] (H = W = 64 for Tiny-ImageNet).
+    Differences from the release's module: the shortcut scale is a [C, 1, 1, 1] depthwise
+    convolution weight (the release's ``Identity2d.weight`` is [C, 1, 1]), and there are no
+    ``weight_mask`` buffers (the release's pruning masks, all ones). ``load_state_dict`` takes
+    the release's state_dicts as they are (masks folded into the weights, scales reshaped).
+    """
+
+    def __init__(self, num_classes: int, width: int = 64, in_channels: int = 3) -> None:
+        super().__init__()
+        _check_pos("width", width)
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        self.in_planes = width
+        self.conv2_x = self._make_layer(width, 1)
+        self.conv3_x = self._make_layer(2 * width, 2)
+        self.conv4_x = self._make_layer(4 * width, 2)
+        self.conv5_x = self._make_layer(8 * width, 2)
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width, num_classes)
+        self._register_load_state_dict_pre_hook(self._from_release_layout)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and not isinstance(m, ScaledIdentity):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _from_release_layout(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """Let a state_dict of the release's module load: its pruning masks (``*_mask``
+        buffers, which its layers multiply into the weights at every forward) are folded into
+        the weights, and its [C, 1, 1] shortcut scales take this module's [C, 1, 1, 1] shape."""
+        for key in [k for k in state_dict if k.startswith(prefix) and k.endswith("_mask")]:
+            mask = state_dict.pop(key)
+            target = key[: -len("_mask")]
+            if target in state_dict:
+                state_dict[target] = state_dict[target] * mask
+        for name, m in self.named_modules():
+            key = f"{prefix}{name}.weight"
+            if isinstance(m, ScaledIdentity) and key in state_dict and state_dict[key].dim() == 3:
+                state_dict[key] = state_dict[key].reshape(m.weight.shape)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        blocks = []
+        for s in (stride, 1):
+            blocks.append(TinyBasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv5_x(self.conv4_x(self.conv3_x(self.conv2_x(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avg_pool(out), 1))
+
+
 def _resnet18(num_classes: int, width: int = 64, in_channels: int = 3) -> nn.Module:
     return ResNet18(num_classes, width, in_channels, stem="cifar")
 
 
 def _resnet18_imagenet(num_classes: int, width: int = 64, in_channels: int = 3) -> nn.Module:
     return ResNet18(num_classes, width, in_channels, stem="imagenet")
+
+
+def _resnet18_tiny(num_classes: int, width: int = 64, in_channels: int = 3) -> nn.Module:
+    return TinyImageNetResNet18(num_classes, width, in_channels)
 
 
 def _wrn40_2(num_classes: int, in_channels: int = 3, drop_rate: float = 0.0) -> nn.Module:
@@ -420,6 +530,7 @@ def _vit_tiny(num_classes: int, **kw) -> nn.Module:
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _resnet18,
     "resnet18_imagenet": _resnet18_imagenet,
+    "resnet18_tiny": _resnet18_tiny,
     "wrn40_2": _wrn40_2,
     "cnn": _cnn,
     "mlp": _mlp,
@@ -434,6 +545,7 @@ def create_model(name: str, num_classes: int, **kw) -> nn.Module:
     Names and keywords (defaults in brackets):
       * "resnet18": width [64], in_channels [3]. The release's CIFAR ResNet18.
       * "resnet18_imagenet": width [64], in_channels [3]. ImageNet stem, for 64x64 inputs.
+      * "resnet18_tiny": width [64], in_channels [3]. The release's Tiny-ImageNet ResNet18.
       * "wrn40_2": in_channels [3], drop_rate [0.0].
       * "cnn": in_channels [1], width [16]. For 8x8 digits.
       * "mlp": in_channels [1], image_size [8], hidden [128], depth [2]. For 8x8 digits.

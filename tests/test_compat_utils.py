@@ -136,7 +136,8 @@ def test_create_model_the_release_models():
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
     assert isinstance(compat.create_model(compat.release_args(model="wrn-40-2"), 100), models.WideResNet)
     tiny = compat.create_model(compat.release_args(data="tiny_imgnet", width=8), 200)
-    assert tiny.linear.in_features == 512  # the release's Tiny-ImageNet model ignores width
+    assert isinstance(tiny, models.TinyImageNetResNet18)  # models/resnet_imgnet.py's, not the CIFAR one
+    assert tiny.fc.in_features == 512  # the release's Tiny-ImageNet model ignores width
     with pytest.raises(ValueError, match="unknown args.model 'vgg'"):
         compat.create_model(compat.release_args(model="vgg"), 10)
     with pytest.raises(ValueError, match="save_features"):

@@ -14,6 +14,8 @@ CASES = [
     ("resnet18", {"width": 4, "in_channels": 1}, (3, 1, 8, 8)),
     ("resnet18_imagenet", {"width": 4}, (3, 3, 64, 64)),
     ("resnet18_imagenet", {"width": 4}, (3, 3, 32, 32)),
+    ("resnet18_tiny", {"width": 4}, (3, 3, 64, 64)),
+    ("resnet18_tiny", {"width": 4, "in_channels": 1}, (3, 1, 8, 8)),
     ("wrn40_2", {}, (2, 3, 8, 8)),
     ("cnn", {}, (3, 1, 8, 8)),
     ("cnn", {"in_channels": 3, "width": 4}, (3, 3, 32, 32)),
@@ -167,3 +169,71 @@ def test_count_parameters_trainable_only():
     assert total == 64 * 4 + 4 + 4 * 10 + 10
     model.net[0].weight.requires_grad_(False)
     assert count_parameters(model) == total - 256 and count_parameters(model, trainable_only=False) == total
+
+
+def _tiny_count(classes: int, w: int = 64) -> int:
+    # By hand: stem 3x3 conv + BN; per stage two blocks of two 3x3 convs + two BNs, the first
+    # block of stages 2-4 with a 1x1 conv + BN shortcut, every other block a per-channel scale
+    # (C weights); fc.
+    total = 3 * w * 9 + 2 * w
+    cin = w
+    for s, c in enumerate((w, 2 * w, 4 * w, 8 * w)):
+        for b in range(2):
+            c_in = cin if b == 0 else c
+            total += c_in * c * 9 + 2 * c + c * c * 9 + 2 * c
+            total += c_in * c + 2 * c if (b == 0 and s > 0) else c
+        cin = c
+    return total + 8 * w * classes + classes
+
+
+def test_the_release_tiny_imagenet_resnet18():
+    """models/resnet_imgnet.py's resnet18: its parameter count for 200 classes, its state_dict
+    names, identity shortcuts that scale each channel by a learnable weight starting at 1, the
+    CIFAR stem (64x64 in, 8x8 after the last stage) and He-initialised convolutions."""
+    model = create_model("resnet18_tiny", 200)
+    assert count_parameters(model) == _tiny_count(200) == 11_272_456
+    keys = list(model.state_dict())
+    assert keys[:2] == ["conv1.0.weight", "conv1.1.weight"]
+    assert "conv2_x.0.residual_function.3.weight" in keys and "conv3_x.0.shortcut.0.weight" in keys
+    assert "conv2_x.0.shortcut.weight" in keys and keys[-2:] == ["fc.weight", "fc.bias"]
+    small = create_model("resnet18_tiny", 5, width=4).eval()
+    scale = small.conv3_x[1].shortcut
+    assert torch.equal(scale.weight, torch.ones(8, 1, 1, 1))
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(scale(x), x)
+    with torch.no_grad():
+        scale.weight.copy_(torch.arange(1.0, 9.0).view(8, 1, 1, 1))
+    torch.testing.assert_close(scale(x), x * torch.arange(1.0, 9.0).view(1, 8, 1, 1))
+    feats = {}
+    small.conv5_x.register_forward_hook(lambda m, i, o: feats.update(out=o.shape))
+    small(torch.randn(2, 3, 64, 64))
+    assert feats["out"] == (2, 32, 8, 8)  # strides 1, 1, 2, 2, 2: no stem down-sampling
+    torch.manual_seed(0)
+    w = create_model("resnet18_tiny", 10).conv4_x[0].residual_function[0].weight
+    assert abs(w.std().item() - (2 / (256 * 9)) ** 0.5) < 0.002  # He, fan_out = 256 x 3 x 3
+
+
+def test_the_tiny_imagenet_model_loads_a_release_state_dict():
+    """The release's state_dict layout: every conv / linear / BN with ``*_mask`` buffers that its
+    forward multiplies into the weights, shortcut scales of shape [C, 1, 1]. Loading it folds
+    the masks in: the forward equals the masked weights' forward."""
+    torch.manual_seed(0)
+    src = create_model("resnet18_tiny", 6, width=4).eval()
+    with torch.no_grad():
+        src.conv2_x[0].shortcut.weight.uniform_(0.5, 1.5)
+    release = {}
+    for k, v in src.state_dict().items():
+        if k.endswith("shortcut.weight") and v.dim() == 4 and v.shape[1:] == (1, 1, 1):
+            v = v.reshape(-1, 1, 1)
+        release[k] = v
+        if k.endswith(".weight") and "running" not in k:
+            release[k[: -len("weight")] + "weight_mask"] = torch.ones_like(v)
+    mask = (torch.rand_like(release["conv3_x.0.residual_function.0.weight"]) < 0.7).float()
+    release["conv3_x.0.residual_function.0.weight_mask"] = mask
+    dst = create_model("resnet18_tiny", 6, width=4).eval()
+    dst.load_state_dict(release)
+    with torch.no_grad():
+        src.conv3_x[0].residual_function[0].weight.mul_(mask)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(dst(x), src(x))
+    assert dst.conv2_x[0].shortcut.weight.shape == (4, 1, 1, 1)

@@ -191,6 +191,8 @@ MODELS = {
     "norm_net": lambda: (randomise_norms(NormNet()), torch.randn(7, 2, 5, 5)),
     "embed_net": lambda: (randomise_norms(EmbedNet()), _tokens(7, 9)),
     "resnet18": lambda: (randomise_norms(create_model("resnet18", 5, width=4)), torch.randn(5, 3, 16, 16)),
+    # the release's Tiny-ImageNet model: its shortcut scales are depthwise 1x1 convolutions
+    "resnet18_tiny": lambda: (randomise_norms(create_model("resnet18_tiny", 5, width=4)), torch.randn(5, 3, 16, 16)),
 }
 
 

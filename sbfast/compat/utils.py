@@ -38,7 +38,7 @@ from sbfast.data import (
     load_cifar100,
     load_image_folder,
 )
-from sbfast.models import ResNet18, WideResNet
+from sbfast.models import ResNet18, TinyImageNetResNet18, WideResNet
 
 __all__ = [
     "CustomDataset",
@@ -235,8 +235,8 @@ class _ReleaseWideResNet(WideResNet):
 
 def create_model(args: Any, num_classes: int, softmax: bool = False) -> nn.Module:
     """The release's ``create_model``: ``args.model`` 'resnet18' (width ``args.width``; with
-    ``softmax`` its probabilities; for ``args.data == 'tiny_imgnet'`` width 64 as the release's
-    model, which keeps the CIFAR stem) or 'wrn-40-2'.
+    ``softmax`` its probabilities; for ``args.data == 'tiny_imgnet'`` the release's
+    models/resnet_imgnet.py ResNet18, ``sbfast.models.TinyImageNetResNet18``, always width 64) or 'wrn-40-2'.
 
     Raises:
         ValueError: another model name (the release fails with UnboundLocalError), or
@@ -252,7 +252,7 @@ def create_model(args: Any, num_classes: int, softmax: bool = False) -> nn.Modul
     if args.model == "resnet18" and softmax:
         return _ReleaseResNet18Softmax(num_classes, args.width)
     if args.model == "resnet18" and args.data == "tiny_imgnet":
-        return ResNet18(num_classes, 64)
+        return TinyImageNetResNet18(num_classes, 64)
     if args.model == "resnet18":
         return _ReleaseResNet18(num_classes, args.width)
     raise ValueError(f"create_model: unknown args.model {args.model!r}; expected 'resnet18' or 'wrn-40-2'")
