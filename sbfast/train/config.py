@@ -100,9 +100,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Tiny-ImageNet as the release trains it (utils.create_dataset / create_model, main.py defaults,
 # scripts/train's T_d = initial_epochs 100 of 200): 64x64 crop with padding 4 + flip, balance
-# selection (boost is CIFAR-10's only), and resnet18: the release's models/resnet_imgnet.py keeps
-# the CIFAR stem (3x3 stride 1, no max-pool). "folder" shares the preset.
-PRESETS["tiny_imagenet"] = dict(PRESETS["cifar100"])
+# selection (boost is CIFAR-10's only), and the release's models/resnet_imgnet.py ResNet18
+# (resnet18_tiny: the CIFAR stem, 3x3 stride 1 without max-pool, on 64x64 images; scaled identity
+# shortcuts; He init). "folder" shares the preset.
+PRESETS["tiny_imagenet"] = dict(PRESETS["cifar100"], model="resnet18_tiny")
 PRESETS["folder"] = dict(PRESETS["tiny_imagenet"])
 
 # Sizes of the synthetic set (train, test): a deterministic learnable toy for tests.
@@ -392,6 +393,30 @@ class TrainConfig:
             self.eval_severities = tuple(self.eval_severities)
         self._validate()
 
+    def _validate_image_fields(self) -> None:
+        """image_size, data_mean and data_std: their shapes and values, and only for the data
+        sets that read them (elsewhere they would be silently ignored)."""
+        for name in ("image_size", "data_mean", "data_std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if self.dataset not in IMAGE_FOLDER_DATASETS:
+                raise ValueError(
+                    f"{name} {v!r} is not read by dataset {self.dataset!r}; it is for {', '.join(IMAGE_FOLDER_DATASETS)}"
+                )
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v:
+                raise TypeError(f"{name} must be a non-empty sequence of numbers, got {v!r}")
+            if name == "image_size":
+                if len(v) > 2 or any(not is_int(x) or x < 1 for x in v):
+                    raise ValueError(f"image_size must be H W or one size (ints >= 1), got {' '.join(map(str, v))}")
+                setattr(self, name, tuple(int(x) for x in v))
+                continue
+            if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v):
+                raise ValueError(f"{name} must be finite numbers, one per channel, got {' '.join(map(str, v))}")
+            if name == "data_std" and any(x <= 0 for x in v):
+                raise ValueError(f"data_std must be > 0 per channel, got {' '.join(map(str, v))}")
+            setattr(self, name, tuple(float(x) for x in v))
+
     def _validate(self) -> None:
         if not isinstance(self.model_kwargs, Mapping):
             raise TypeError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
@@ -442,8 +467,9 @@ class TrainConfig:
             # a folder given here would otherwise be silently ignored: the run would not use the user's data
             raise ValueError(
                 f"data_root {self.data_root!r} is not read by dataset {self.dataset!r} (built in); "
-                "data_root is for cifar10 / cifar100"
+                f"data_root is for {', '.join(FILE_DATASETS)}"
             )
+        self._validate_image_fields()
         if isinstance(self.eval_corruptions, str) or not all(isinstance(c, str) for c in self.eval_corruptions):
             raise TypeError(f"eval_corruptions must be a sequence of names, got {self.eval_corruptions!r}")
         unknown = [c for c in self.eval_corruptions if c not in CORRUPTIONS]
