@@ -248,3 +248,27 @@ def preflight(configs: Sequence[TrainConfig]) -> Any:
         check_model(c, data)
     check_corruption_root(first, data)
     return data
+
+
+def fit_quick_subsets(fields: dict[str, Any], chosen: set[str]) -> dict[str, Any]:
+    """--quick's ``train_subset`` / ``test_subset`` are a smoke run's sizes, not the user's: on an
+    image folder with fewer images they become the split's size (the folder is listed, nothing
+    decoded). A subset the user chose (flag or --config) is kept, and refused later if too large;
+    a folder that cannot be listed is left to the data check, which names what is wrong."""
+    from sbfast.data import DataError
+    from sbfast.data.layouts import find_split_dirs, scan_class_folders, scan_eval_split
+    from sbfast.train.config import IMAGE_FOLDER_DATASETS
+
+    if fields.get("dataset") not in IMAGE_FOLDER_DATASETS or not fields.get("data_root"):
+        return fields
+    try:
+        train_dir, test_dir = find_split_dirs(fields["data_root"])
+        train = scan_class_folders(train_dir)
+        sizes = {"train_subset": len(train), "test_subset": len(scan_eval_split(test_dir, train.classes))}
+    except (OSError, DataError, ValueError):
+        return fields
+    out = dict(fields)
+    for key, n in sizes.items():
+        if key not in chosen and out.get(key) is not None and out[key] > n:
+            out[key] = n
+    return out

@@ -256,9 +256,9 @@ def _names(raw: Sequence[str]) -> list[str]:
 def _resolve(args: argparse.Namespace) -> None:
     """Fill the presets in and check every number, before any work."""
     preset = QUICK if args.quick else DEFAULTS
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args.from_preset = {key for key in preset if getattr(args, key) is None}
+    for key in args.from_preset:
+        setattr(args, key, preset[key])
     for key in ("iters", "draws", "batches", "batch_size", "probes", "k"):
         v = getattr(args, key)
         if v < 1:
@@ -368,6 +368,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     n_train = len(data.train)
     # the training sample is for the sharpness measures; diversity runs on the test split only
     sharp = any(MEASURES[n][2] != "diversity_report" for n in names)
+    if args.quick and "batches" in args.from_preset and sharp and args.batch_size <= n_train:
+        # --quick's batch count is a smoke run's, not the user's: a small training split gets fewer
+        args.batches = min(args.batches, n_train // args.batch_size)
     need = args.batches * args.batch_size if sharp else 0
     if need > n_train:
         raise CliError(

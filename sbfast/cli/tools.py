@@ -104,7 +104,7 @@ def _device(name: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sbfast import train as T
     from sbfast.metrics import format_table
-    from sbfast.train.results import dumps_strict, shown
+    from sbfast.train.results import shown, write_strict_json
 
     device = _device(args.device)
     if args.json:
@@ -122,6 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CliError(f"RUN_DIR {args.run_dir!r}: {e}") from None
     m = ev["metrics"]
     fisher = ev.get("fisher_mean") or []
+    worst = ev.get("worst_case_sharpness") or []
     div = ev.get("diversity") or {}
     ood = ev.get("ood")
     row = {
@@ -136,12 +137,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "kl": div.get("kl"),
         "cka": div.get("cka"),
         "ood_acc": ood["mean"]["ensemble_acc"] if ood else None,
+        "worst_case_sharpness": sum(worst) / len(worst) if worst else None,
         "fisher_mean": sum(fisher) / len(fisher) if fisher else None,
     }
     print(f"sbfast eval: {args.run_dir} ({config.method}, {config.dataset}, M = {config.members}) on {device}")
     print(format_table([{k: shown(v) for k, v in row.items()}]))
     if args.json:
-        Path(args.json).write_text(dumps_strict({"run_dir": str(args.run_dir), "summary": row, **ev}) + "\n")
+        write_strict_json({"run_dir": str(args.run_dir), "summary": row, **ev}, args.json)
         print(f"wrote {args.json}")
     return 0
 

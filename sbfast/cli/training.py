@@ -64,7 +64,10 @@ def _common_run_flags(p: argparse.ArgumentParser) -> None:
         help="a smoke run in seconds: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
     )
     g.add_argument(
-        "--width", type=int, metavar="N", help="shortcut for --model-kwargs '{\"width\": N}' (cnn, resnet18)"
+        "--width",
+        type=int,
+        metavar="N",
+        help="shortcut for --model-kwargs '{\"width\": N}' (cnn, resnet18, resnet18_tiny, resnet18_imagenet)",
     )
     g.add_argument(
         "--reference-trainer",
@@ -155,12 +158,18 @@ def _fields(args: argparse.Namespace, base: dict[str, Any]) -> dict[str, Any]:
     """base (quick / main job) < --config file < flags; --width into model_kwargs. A
     comparison's file is a config only for ``compare`` (its runs' shared config)."""
     fields = dict(base)
+    chosen: set[str] = set()
     if args.config:
-        fields.update(read_config_file(args.config, comparison=args.command in ("compare", "run")))
+        from_file = read_config_file(args.config, comparison=args.command in ("compare", "run"))
+        fields.update(from_file)
+        chosen |= set(from_file)
     given = config_overrides(args)
     fields.update(given)
+    chosen |= set(given)
     if args.width is not None:
         fields["model_kwargs"] = {**dict(fields.get("model_kwargs") or {}), "width": args.width}
+    if args.quick:
+        fields = checks.fit_quick_subsets(fields, chosen)
     return fields
 
 
@@ -202,6 +211,22 @@ def _trainer(args: argparse.Namespace) -> Any:
     return T.train_ensemble_reference if args.reference_trainer else T.train_ensemble
 
 
+def _tracked_trainer(args: argparse.Namespace) -> tuple[_Started, Any]:
+    """The trainer the flags pick, wrapped so that ``started`` knows when training began."""
+    started = _Started()
+    trainer = _trainer(args)
+
+    def tracked(cfg: Any, **kw: Any) -> Any:
+        return trainer(cfg, [_callback(started)], **kw)
+
+    return started, tracked
+
+
+def _cell(v: Any) -> str:
+    """A number in a progress line: 4 decimals, "-" where undefined."""
+    return "-" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
 def _describe(cfg: Any, data: Any) -> str:
     td = f", T_d {cfg.swap_epoch}" if cfg.method == "sharpbalance" or cfg.method == "de_sam" else ""
     return (
@@ -235,22 +260,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     def on_run(record: dict[str, Any], result: Any) -> None:
         m = record["metrics"]
-
-        def f(k: str) -> str:
-            return "-" if m.get(k) is None else f"{m[k]:.4f}"
-
+        cells = "  ".join(f"{k} {_cell(m.get(k))}" for k in ("ensemble_acc", "member_acc", "der", "eir", "kl", "cka"))
         print(
-            f"  {record['method']:<13} seed {record['seed']}: ensemble_acc {f('ensemble_acc')}  member_acc "
-            f"{f('member_acc')}  der {f('der')}  eir {f('eir')}  kl {f('kl')}  cka {f('cka')}  ood_acc {f('ood_acc')}  ({m.get('wall_s') or 0:.1f} s)",
+            f"  {record['method']:<13} seed {record['seed']}: {cells}  ood_acc {_cell(m.get('ood_acc'))}  "
+            f"({m.get('wall_s') or 0:.1f} s)",
             flush=True,
         )
 
-    started = _Started()
-    trainer = _trainer(args)
-
-    def tracked(cfg: Any, **kw: Any) -> Any:
-        return trainer(cfg, [_callback(started)], **kw)
-
+    started, tracked = _tracked_trainer(args)
     with started.guard():
         comp = run_comparison(
             base_cfg,
@@ -439,24 +456,14 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
 
     def on_run(point: dict[str, Any], i: int, n: int) -> None:
         m = point["metrics"]
-
-        def f(k: str) -> str:
-            v = m.get(k)
-            return "-" if v is None or not math.isfinite(v) else f"{v:.4f}"
-
+        cells = "  ".join(f"{k} {_cell(m.get(k))}" for k in ("der", "disagreement", "kl", "eir", "ensemble_acc"))
         print(
             f"  [{i + 1}/{n}] {point['method']:<12} rho {point['rho']:<5g} seed {point['seed']}: {point['how']:<7} "
-            f"worst-case {f('worst_case_sharpness')}  der {f('der')}  disagreement {f('disagreement')}  "
-            f"kl {f('kl')}  eir {f('eir')}  ensemble_acc {f('ensemble_acc')}",
+            f"worst-case {_cell(m.get('worst_case_sharpness'))}  {cells}",
             flush=True,
         )
 
-    started = _Started()
-    trainer = _trainer(args)
-
-    def tracked(cfg: Any, **kw: Any) -> Any:
-        return trainer(cfg, [_callback(started)], **kw)
-
+    started, tracked = _tracked_trainer(args)
     try:
         with started.guard():
             result = run_tradeoff(base, rhos, sb, seeds, out, data=data, trainer=tracked, on_run=on_run)
