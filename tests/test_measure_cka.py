@@ -227,3 +227,19 @@ def test_member_cka_blocks_and_errors():
     with pytest.raises(ValueError, match="has no blocks"):
         measure.block_names(mlp)
     assert not members[0].training  # modes untouched by refused calls
+
+
+@pytest.mark.parametrize("n", [1, 7, 129, 255, 256, 257, 1001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_linear_by_triangle_blocks_is_the_full_product(n, dtype):
+    """From 2 x GRAM_BLOCK rows on, the Gram is formed by row blocks of its upper triangle: the
+    same matrix as X X^T (float64 within round-off, float32 within its own)."""
+    from sbfast.measure.cka import gram_linear
+
+    torch.manual_seed(n)
+    x = torch.randn(n, 37, dtype=dtype)
+    got = gram_linear(x)
+    want = x.double() @ x.double().T
+    assert got.dtype == torch.float64 and got.shape == (n, n)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * 37)
