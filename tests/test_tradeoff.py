@@ -10,6 +10,7 @@ import math
 import statistics
 
 import pytest
+from test_cli import TINY
 
 from sbfast import train as T
 from sbfast.train.tradeoff import (
@@ -199,32 +200,8 @@ def test_a_folder_of_another_sweep_or_other_files_is_refused_before_any_run(swep
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
-TINY_CLI = [
-    "--dataset",
-    "synthetic",
-    "--epochs",
-    "2",
-    "--swap-epoch",
-    "0",
-    "--train-subset",
-    "48",
-    "--test-subset",
-    "24",
-    "--members",
-    "2",
-    "--width",
-    "2",
-    "--batch-size",
-    "16",
-    "--sharpness-samples",
-    "8",
-    "--worst-case-batches",
-    "1",
-    "--worst-case-iters",
-    "2",
-    "--eval-corruptions",
-    "--no-progress",
-]
+# test_cli's tiny run, shorter: sharpbalance scores at the start of epoch 1, a cheap worst-case
+TINY_CLI = [*TINY, "--epochs", "2", "--swap-epoch", "0", "--worst-case-batches", "1", "--worst-case-iters", "2"]
 
 
 def test_the_command_prints_and_writes_the_sweep(tmp_path, capsys):
