@@ -229,6 +229,7 @@ def test_the_command_prints_and_writes_the_sweep(tmp_path, capsys):
         (["--rhos", "0", "0.1"], "--rhos must be a non-empty list of finite numbers > 0"),
         (["--seeds", "1", "1"], "--seeds must be a non-empty list of distinct"),
         (["--epochs", "0"], "--epochs"),
+        (["--reference-trainer"], "--reference-trainer: sbfast tradeoff forks sharpbalance"),
     ],
 )
 def test_the_command_refuses_bad_input_in_one_line_before_any_folder(tmp_path, capsys, flags, match):

@@ -422,6 +422,11 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     from sbfast.train.tradeoff import check_sweep, check_tradeoff_dir, run_tradeoff, sweep_runs
     from sbfast.train.tradeoff import sweep_plan as plan_of
 
+    if args.reference_trainer:
+        raise CliError(
+            "--reference-trainer: sbfast tradeoff forks sharpbalance from de_sam's phase 1 and resumes stopped "
+            "runs, which the reference twin cannot; it is for compare and train"
+        )
     fields = _fields(args, dict(QUICK) if args.quick else {})
     if fields.get("dataset", "digits") == "digits" and not args.quick:
         for k, v in TRADEOFF_JOB.items():
