@@ -165,3 +165,16 @@ def test_bad_image_folders_are_one_line_before_any_run_folder(tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_one_image_size_value_is_a_square(tmp_path):
+    """`--image-size 8` (one value, as the flag's help says) resizes every image to 8 x 8."""
+    from sbfast.data.images import as_size
+
+    assert as_size((8,)) == as_size([8]) == as_size(8) == (8, 8)
+    root, out = tmp_path / "data", tmp_path / "run"
+    make_folder(root, h=16, w=12)
+    args = ["train", "--dataset", "folder", "--data-root", str(root), "--image-size", "8", "--method", "de"]
+    args += ["--quick", "--epochs", "1", "--eval-corruptions", "--output", str(out), *SMALL]
+    assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["config"]["image_size"] == [8, 8]

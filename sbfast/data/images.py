@@ -36,9 +36,12 @@ def check_mode(mode: str) -> int:
 
 
 def as_size(size: int | Sequence[int] | None, what: str = "image_size") -> Size | None:
-    """``size`` as (H, W): an int is square; None stays None. ValueError for anything else."""
+    """``size`` as (H, W): an int, or a sequence of one int (a flag given one value), is square;
+    None stays None. ValueError for anything else."""
     if size is None:
         return None
+    if isinstance(size, (tuple, list)) and len(size) == 1:
+        size = size[0]
     if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         size = (int(size), int(size))
     if (

@@ -18,6 +18,7 @@ from sbfast.data import (
     IMAGE_FOLDER_DATASETS,
     STORAGES,
 )
+from sbfast.data.images import as_size
 from sbfast.distributed.data_parallel import SAM_GRAD_SYNC
 from sbfast.distributed.placement import check_spec as check_placement
 from sbfast.models import MODEL_NAMES
@@ -406,10 +407,8 @@ class TrainConfig:
                 )
             if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v:
                 raise TypeError(f"{name} must be a non-empty sequence of numbers, got {v!r}")
-            if name == "image_size":
-                if len(v) > 2 or any(not is_int(x) or x < 1 for x in v):
-                    raise ValueError(f"image_size must be H W or one size (ints >= 1), got {' '.join(map(str, v))}")
-                setattr(self, name, tuple(int(x) for x in v))
+            if name == "image_size":  # the data layer's rule, so that a config it accepts loads
+                setattr(self, name, as_size(tuple(v)))
                 continue
             if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v):
                 raise ValueError(f"{name} must be finite numbers, one per channel, got {' '.join(map(str, v))}")
