@@ -22,11 +22,16 @@ def predict_outputs(
     models: Sequence[nn.Module],
     batches: Callable[[], Iterator[torch.Tensor]],
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    *,
+    logits: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax outputs and logits of every member from one forward pass: two float32 [M, n, C]
-    tensors on the CPU (probs, logits). The probabilities are those of ``predict_probs`` bit for
-    bit (the softmax of each batch in the model's dtype, then float32)."""
-    probs, logits = [], []
+    tensors on the CPU (probs, logits; logits None when not asked for). The probabilities are the
+    softmax of each batch in the model's dtype, then float32.
+
+    ``batches()`` yields float32 inputs on the models' device, in sample order; each member is
+    put in eval mode and its mode restored after."""
+    probs, outs = [], []
     for model in models:
         modes = module_modes(model)
         model.eval()
@@ -35,35 +40,24 @@ def predict_outputs(
             for x in batches():
                 out = model(x.to(dtype))
                 p_parts.append(torch.softmax(out, dim=1).float())
-                l_parts.append(out.float())
+                if logits:
+                    l_parts.append(out.float())
         finally:
             restore_modes(modes)
         probs.append(torch.cat(p_parts).cpu())
-        logits.append(torch.cat(l_parts).cpu())
-    return torch.stack(probs), torch.stack(logits)
+        if logits:
+            outs.append(torch.cat(l_parts).cpu())
+    return torch.stack(probs), (torch.stack(outs) if logits else None)
 
 
-@torch.no_grad()
 def predict_probs(
     models: Sequence[nn.Module],
     batches: Callable[[], Iterator[torch.Tensor]],
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Softmax outputs of every member: float32 [M, n, C] on the CPU.
-
-    ``batches()`` yields float32 inputs on the models' device, in sample order; each member is
-    put in eval mode and its mode restored after.
-    """
-    out = []
-    for model in models:
-        modes = module_modes(model)
-        model.eval()
-        try:
-            parts = [torch.softmax(model(x.to(dtype)), dim=1).float() for x in batches()]
-        finally:
-            restore_modes(modes)
-        out.append(torch.cat(parts).cpu())
-    return torch.stack(out)
+    """Softmax outputs of every member: float32 [M, n, C] on the CPU (``predict_outputs``
+    without the logits)."""
+    return predict_outputs(models, batches, dtype, logits=False)[0]
 
 
 def _off_diagonal_mean(matrix: torch.Tensor) -> float:
@@ -113,6 +107,28 @@ class Gather(Protocol):
         ...
 
 
+def ensemble_outputs(
+    models: Sequence[nn.Module],
+    batches: Callable[[], Iterator[torch.Tensor]],
+    dtype: torch.dtype,
+    n: int,
+    num_classes: int,
+    gather: Gather | None = None,
+    *,
+    logits: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(probs, logits), each float32 [M, n, C], from one forward per member: ``predict_outputs``
+    of ``models``, or with ``gather`` (a distributed run) this rank's members' completed where
+    ``gather.probs`` returns them (None on the other ranks). logits is None when not asked for."""
+    if gather is None:
+        return predict_outputs(models, batches, dtype, logits=logits)
+    if models:
+        local_p, local_l = predict_outputs(models, batches, dtype, logits=logits)
+    else:
+        local_p = local_l = torch.zeros(0, n, num_classes)
+    return gather.probs(local_p, n), (gather.probs(local_l, n) if logits else None)
+
+
 def ensemble_probs(
     models: Sequence[nn.Module],
     batches: Callable[[], Iterator[torch.Tensor]],
@@ -121,32 +137,8 @@ def ensemble_probs(
     num_classes: int,
     gather: Gather | None = None,
 ) -> torch.Tensor | None:
-    """Every member's softmax outputs float32 [M, n, C]: ``predict_probs`` of ``models``, or with
-    ``gather`` (a distributed run) this rank's members' completed where ``gather.probs`` returns
-    them (None on the other ranks)."""
-    if gather is None:
-        return predict_probs(models, batches, dtype)
-    local = predict_probs(models, batches, dtype) if models else torch.zeros(0, n, num_classes)
-    return gather.probs(local, n)
-
-
-def ensemble_outputs(
-    models: Sequence[nn.Module],
-    batches: Callable[[], Iterator[torch.Tensor]],
-    dtype: torch.dtype,
-    n: int,
-    num_classes: int,
-    gather: Gather | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(probs, logits), each float32 [M, n, C], from one forward per member: as
-    ``ensemble_probs``, with the logits of the same pass gathered the same way."""
-    if gather is None:
-        return predict_outputs(models, batches, dtype)
-    if models:
-        local_p, local_l = predict_outputs(models, batches, dtype)
-    else:
-        local_p = local_l = torch.zeros(0, n, num_classes)
-    return gather.probs(local_p, n), gather.probs(local_l, n)
+    """Every member's softmax outputs float32 [M, n, C]: ``ensemble_outputs`` without the logits."""
+    return ensemble_outputs(models, batches, dtype, n, num_classes, gather, logits=False)[0]
 
 
 def accuracies(probs: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], float]:
