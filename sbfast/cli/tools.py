@@ -104,7 +104,7 @@ def _device(name: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sbfast import train as T
     from sbfast.metrics import format_table
-    from sbfast.train.results import shown, write_strict_json
+    from sbfast.train.results import shown, summary_row, write_strict_json
 
     device = _device(args.device)
     if args.json:
@@ -120,26 +120,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         except ValueError as e:
             raise CliError(f"RUN_DIR {args.run_dir!r}: {e}") from None
-    m = ev["metrics"]
-    fisher = ev.get("fisher_mean") or []
-    worst = ev.get("worst_case_sharpness") or []
-    div = ev.get("diversity") or {}
-    ood = ev.get("ood")
-    row = {
-        "method": config.method,
-        "member_acc": m.get("member_acc_mean"),
-        "ensemble_acc": m.get("ensemble_acc"),
-        "nll": m.get("ensemble_nll"),
-        "ece": m.get("ece"),
-        "der": m.get("der"),
-        "eir": m.get("eir"),
-        "disagreement": m.get("mean_disagreement"),
-        "kl": div.get("kl"),
-        "cka": div.get("cka"),
-        "ood_acc": ood["mean"]["ensemble_acc"] if ood else None,
-        "worst_case_sharpness": sum(worst) / len(worst) if worst else None,
-        "fisher_mean": sum(fisher) / len(fisher) if fisher else None,
-    }
+    row = summary_row(
+        config.method,
+        ev["metrics"],
+        ev.get("diversity"),
+        ev.get("ood"),
+        ev.get("fisher_mean") or [],
+        ev.get("worst_case_sharpness") or [],
+    )
     print(f"sbfast eval: {args.run_dir} ({config.method}, {config.dataset}, M = {config.members}) on {device}")
     print(format_table([{k: shown(v) for k, v in row.items()}]))
     if args.json:

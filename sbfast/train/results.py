@@ -74,6 +74,38 @@ def shown(v: Any) -> Any:
     return v
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def summary_row(
+    method: str,
+    metrics: Mapping[str, Any],
+    diversity: Mapping[str, Any] | None,
+    ood: Mapping[str, Any] | None,
+    fisher_mean: Sequence[float],
+    worst_case_sharpness: Sequence[float],
+) -> dict[str, Any]:
+    """One row of the comparison table from an evaluation's parts (``evaluate_ensemble``'s, or a
+    saved result's): the metrics, diversity, OOD accuracy and the members' means; NaN where a
+    value is undefined (one member) or was not measured."""
+    return {
+        "method": method,
+        "member_acc": metrics["member_acc_mean"],
+        "ensemble_acc": metrics["ensemble_acc"],
+        "nll": metrics["ensemble_nll"],
+        "ece": metrics["ece"],
+        "der": metrics["der"],
+        "eir": metrics["eir"],
+        "disagreement": metrics.get("mean_disagreement", math.nan),
+        "kl": _diversity(diversity, "kl"),
+        "cka": _diversity(diversity, "cka"),
+        "ood_acc": ood["mean"]["ensemble_acc"] if ood else math.nan,
+        "fisher_mean": _mean(fisher_mean),
+        "worst_case_sharpness": _mean(worst_case_sharpness),
+    }
+
+
 @dataclass
 class EnsembleResult:
     """What a run produced.
@@ -115,28 +147,11 @@ class EnsembleResult:
     probs: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict[str, Any]:
-        """One row of the comparison table."""
-        m = self.metrics
-        return {
-            "method": self.config.method,
-            "member_acc": m["member_acc_mean"],
-            "ensemble_acc": m["ensemble_acc"],
-            "nll": m["ensemble_nll"],
-            "ece": m["ece"],
-            "der": m["der"],
-            "eir": m["eir"],
-            "disagreement": m.get("mean_disagreement", math.nan),
-            "kl": _diversity(self.diversity, "kl"),
-            "cka": _diversity(self.diversity, "cka"),
-            "ood_acc": self.ood["mean"]["ensemble_acc"] if self.ood else math.nan,
-            "fisher_mean": sum(self.fisher_mean) / len(self.fisher_mean) if self.fisher_mean else math.nan,
-            "worst_case_sharpness": (
-                sum(self.worst_case_sharpness) / len(self.worst_case_sharpness)
-                if self.worst_case_sharpness
-                else math.nan
-            ),
-            "wall_s": self.timing.get("total_s", math.nan),
-        }
+        """One row of the comparison table (``summary_row``) with the run's wall time."""
+        row = summary_row(
+            self.config.method, self.metrics, self.diversity, self.ood, self.fisher_mean, self.worst_case_sharpness
+        )
+        return {**row, "wall_s": self.timing.get("total_s", math.nan)}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: tensors as nested lists, undefined numbers (NaN) as None."""
