@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.harness import BenchCase, pytest_params, run_pytest_benchmark, time_ms
+from bench.harness import BenchCase, print_cases, pytest_params, run_pytest_benchmark
 from sbfast import reference
 from sbfast.measure import fisher_trace, hessian_trace, measuring, ntk_logdet
 from sbfast.measure.hvp import HessianOperator
@@ -154,13 +154,7 @@ def cases(device: torch.device) -> list[BenchCase]:
 
 
 def main() -> int:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for case in cases(device):
-        ref = time_ms(case.reference, device, 0.5)
-        for face, fn in case.faces.items():
-            ms = time_ms(fn, device, 0.5)
-            print(f"{case.op:24s} {face:30s} {ms:10.1f} ms  reference {ref:10.1f} ms  ratio {ref / ms:6.2f}")
-    return 0
+    return print_cases(cases)
 
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

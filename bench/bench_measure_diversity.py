@@ -36,7 +36,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.harness import BenchCase, pytest_params, run_pytest_benchmark
+from bench.harness import BenchCase, print_cases, pytest_params, run_pytest_benchmark
 from sbfast import measure
 from sbfast.measure.predictions import stacked_forward
 from sbfast.models import create_model
@@ -241,15 +241,7 @@ def cases(device: torch.device) -> list[BenchCase]:
 
 
 def main() -> int:
-    from bench.harness import time_ms
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for case in cases(device):
-        ref_ms = time_ms(case.reference, device, 0.5)
-        for face, fn in case.faces.items():
-            ms = time_ms(fn, device, 0.5)
-            print(f"{case.op} [{case.shape}] {face}: {ms:.1f} ms vs reference {ref_ms:.1f} ms ({ref_ms / ms:.2f}x)")
-    return 0
+    return print_cases(cases)
 
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

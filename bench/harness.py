@@ -262,6 +262,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def print_cases(cases_fn: Callable[[torch.device], list[BenchCase]], min_run_time: float = 0.5) -> int:
+    """A bench module run as a script: every case of ``cases_fn`` on the default device (CUDA when
+    present), timed by ``run_case`` and printed as ``format_table``; nothing is written."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(format_table([row for case in cases_fn(device) for row in run_case(case, device, min_run_time)]))
+    return 0
+
+
 # Where a run writes unless asked to --save: the committed results/<device>.json are the
 # published numbers and change only on purpose (scratch/ is git-ignored).
 SCRATCH_DIR = RESULTS_DIR / "scratch"
