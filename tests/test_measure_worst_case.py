@@ -181,3 +181,21 @@ def test_bad_batches_and_draws_are_refused():
         average_sharpness(model, _batches(torch.float64), rho=0.5, n_draws=0)
     with pytest.raises(ValueError, match=r"noise\[0\] has shape"):
         average_sharpness(model, _batches(torch.float64, sizes=(5,)), rho=0.5, n_draws=2, noise=[torch.zeros(3, 3)])
+
+
+@pytest.mark.parametrize("measure", ["worst_case", "average_case"])
+def test_a_batch_without_a_finite_starting_loss_is_refused_before_any_measuring(measure):
+    """Both measures check every batch's loss at w0 first: a bad third batch is named before the
+    first batch is measured (average-case: no noise drawn from the generator)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).double()
+    batches = _batches(torch.float64)
+    batches[2] = (torch.full_like(batches[2][0], float("nan")), batches[2][1])
+    g = torch.Generator().manual_seed(7)
+    before = g.get_state()
+    with pytest.raises(ValueError, match=r"not finite on batch 2 \(nan\): nothing to measure") as info:
+        if measure == "worst_case":
+            worst_case_sharpness(model, batches, rho=0.5, n_iters=3)
+        else:
+            average_sharpness(model, batches, rho=0.5, n_draws=4, generator=g)
+    assert "\n" not in str(info.value)
+    assert torch.equal(g.get_state(), before)

@@ -124,12 +124,8 @@ def average_sharpness(
     with measuring(model):
         flat = FlatModel(model)
         scale = rho * (flat.w0.abs() if adaptive else torch.ones_like(flat.w0))
-        for k, (x, y) in enumerate(data):
-            l0, e0 = flat.evaluate(flat.w0, x, y)
-            if not torch.isfinite(torch.tensor(l0)):
-                raise ValueError(
-                    f"the loss at the starting point is not finite on batch {k} ({l0}): nothing to measure"
-                )
+        starts = flat.starting_points(data)
+        for k, ((x, y), (l0, e0)) in enumerate(zip(data, starts, strict=True)):
             u = noise[k] if noise is not None else draw_noise(model, n_draws, norm, generator)
             points = u.to(flat.w0, copy=noise is not None).mul_(scale).add_(flat.w0)
             losses, errs = _losses(flat, points, x, y, stack, chunk)

@@ -137,6 +137,18 @@ class FlatModel:
             loss, err = self.loss_and_error(self.logits(point, x), y)
         return float(loss), float(err)
 
+    def starting_points(self, data: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[float, float]]:
+        """Loss and error of every batch at w0, all before any measuring: a batch whose loss is
+        not finite there is refused (ValueError naming it), since it has nothing to measure."""
+        starts = [self.evaluate(self.w0, x, y) for x, y in data]
+        bad = next((k for k, (loss, _) in enumerate(starts) if not math.isfinite(loss)), None)
+        if bad is not None:
+            raise ValueError(
+                f"the loss at the starting point is not finite on batch {bad} ({starts[bad][0]}): "
+                "nothing to measure (check the model and the data)"
+            )
+        return starts
+
     def graph(self, point: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, float]:
         """A forward at ``point`` that keeps its graph: the leaf [P], the loss (0-d, with graph)
         and the error; :meth:`gradient` of it is the backward."""

@@ -208,13 +208,7 @@ def worst_case_sharpness(
     with measuring(model):
         flat = FlatModel(model, mask_list)
         c = Scale(flat.w0.abs()) if adaptive else None
-        starts = [flat.evaluate(flat.w0, x, y) for x, y in data]
-        bad = [k for k, (loss, _) in enumerate(starts) if not math.isfinite(loss)]
-        if bad:
-            raise ValueError(
-                f"the loss at the starting point is not finite on batch {bad[0]} ({starts[bad[0]][0]}): "
-                "nothing to measure (check the model and the data)"
-            )
+        starts = flat.starting_points(data)
         for (x, y), (l0, e0) in zip(data, starts, strict=True):
             best = (l0, e0, torch.zeros_like(flat.w0))
             for _ in range(restarts):
