@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <optional>
 
 namespace sbfast {
@@ -83,6 +84,26 @@ inline void global_sq_norm_inputs(at::TensorList tensors, c10::DeviceType device
     same_device(t, tensors[0], op, "a tensor", "tensors[0]");
     strided(t, op, "every tensor");
     TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected floating tensors, got ", t.scalar_type());
+  }
+}
+
+// ellipsoid_sq_norms: z and inv_scale floating, of one shape, dtype and device (any strides: the
+// kernels read contiguous copies); 1 to 64 finite lambdas >= 0.
+constexpr int64_t kMaxEllipsoidLambdas = 64;
+inline void ellipsoid_sq_norms_inputs(const at::Tensor& z, const at::Tensor& inv_scale, at::ArrayRef<double> lambdas,
+                                      c10::DeviceType device_type, const char* op) {
+  on_device(z, device_type, op, "z");
+  same_device(inv_scale, z, op, "inv_scale", "z");
+  strided(z, op, "z");
+  strided(inv_scale, op, "inv_scale");
+  floating(z, op, "z");
+  dtype_is(inv_scale, z.scalar_type(), op, "inv_scale");
+  TORCH_CHECK(inv_scale.sizes() == z.sizes(), op, ": inv_scale has shape ", inv_scale.sizes(), ", z has ", z.sizes());
+  TORCH_CHECK(!lambdas.empty() && static_cast<int64_t>(lambdas.size()) <= kMaxEllipsoidLambdas, op, ": ",
+              lambdas.size(), " lambdas, expected 1 to ", kMaxEllipsoidLambdas);
+  for (double lam : lambdas) {
+    TORCH_CHECK(lam >= 0 && lam <= std::numeric_limits<double>::max(), op, ": lambda ", lam,
+                ", expected a finite number >= 0");
   }
 }
 

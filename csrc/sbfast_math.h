@@ -292,5 +292,26 @@ SBFAST_HD acc_t product_accumulate(acc_t acc, acc_t x, acc_t y) {
   return add_rn(acc, mul_rn(x, y));
 }
 
+// ---- ellipsoid projection norms (csrc/cpu/ellipsoid_sq_norms.cpp, csrc/cuda/ellipsoid_sq_norms.cu) --
+//
+// out[k] = sum_j a_j / (1 + lambda_k b_j)^2 with a_j = (z_j s_j)^2 and b_j = 2 s_j^2 (s = 1/c):
+// the squared weighted norm of the candidate z / (1 + 2 lambda / c^2). a and b are formed once
+// per element and reused for every lambda. Each step rounds once, as the reference's tensor ops
+// do (IEEE division on both sides: the CUDA build does not use fast math).
+template <typename acc_t>
+SBFAST_HD acc_t ellipsoid_a(acc_t z, acc_t s) {
+  const acc_t t = mul_rn(z, s);
+  return mul_rn(t, t);
+}
+template <typename acc_t>
+SBFAST_HD acc_t ellipsoid_b(acc_t s) {
+  return mul_rn(acc_t(2), mul_rn(s, s));
+}
+template <typename acc_t>
+SBFAST_HD acc_t ellipsoid_term(acc_t a, acc_t b, acc_t lambda) {
+  const acc_t d = add_rn(acc_t(1), mul_rn(lambda, b));
+  return a / mul_rn(d, d);
+}
+
 }  // namespace math
 }  // namespace sbfast

@@ -12,7 +12,8 @@ The C++/CUDA kernels check the same contract in ``csrc/checks.h`` (raising Runti
 called directly, without the wrapper).
 
 Contiguity, op by op: ``global_sq_norm``, ``ksmallest_mask`` and ``sharpbalance_masks`` take any
-strides (their kernels read through a contiguous copy); the per-sample norm ops take any
+strides (their kernels read through a contiguous copy), and so do ``ellipsoid_sq_norms``'s z and
+inv_scale; the per-sample norm ops take any
 strides (their kernels index with the strides); the fused SAM passes work in place on flat runs
 and refuse a non-contiguous array (``momentum_ready`` included). A one-element scalar (lr, skip,
 scale, inv_scale) may have any strides.
@@ -20,6 +21,7 @@ scale, inv_scale) may have any strides.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -74,6 +76,35 @@ def global_sq_norm(tensors: Sequence[torch.Tensor]) -> None:
         _tensor(op, f"element {i}", t)
         _floating(op, f"tensor {i}", t)
         _same_device(op, f"tensor {i}", t, "tensor 0", first)
+
+
+# ---- ellipsoid_sq_norms -----------------------------------------------------------------
+
+# Multipliers per call: the CUDA kernel keeps them in its argument struct.
+MAX_ELLIPSOID_LAMBDAS = 64
+
+
+def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequence[float]) -> None:
+    """z and inv_scale dense floating tensors of one shape, dtype and device (any strides);
+    lambdas 1 to 64 finite numbers >= 0."""
+    op = "ellipsoid_sq_norms"
+    _tensor(op, "z", z)
+    _tensor(op, "inv_scale", inv_scale)
+    _floating(op, "z", z)
+    _same_device(op, "inv_scale", inv_scale, "z", z)
+    if inv_scale.dtype != z.dtype:
+        raise TypeError(f"{op}: inv_scale has dtype {inv_scale.dtype}, z has {z.dtype}; expected one dtype")
+    if inv_scale.shape != z.shape:
+        raise ValueError(f"{op}: inv_scale has shape {tuple(inv_scale.shape)}, z has {tuple(z.shape)}")
+    if isinstance(lambdas, torch.Tensor) or not isinstance(lambdas, Sequence):
+        raise TypeError(f"{op}: lambdas is a {type(lambdas).__name__}, expected a list of floats")
+    if not 1 <= len(lambdas) <= MAX_ELLIPSOID_LAMBDAS:
+        raise ValueError(f"{op}: {len(lambdas)} lambdas, expected 1 to {MAX_ELLIPSOID_LAMBDAS}")
+    for k, lam in enumerate(lambdas):
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+            raise TypeError(f"{op}: lambdas[{k}] = {lam!r} ({type(lam).__name__}), expected a float")
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"{op}: lambdas[{k}] = {lam!r}, expected a finite number >= 0")
 
 
 # ---- per-sample gradient norms ----------------------------------------------------------
@@ -283,6 +314,7 @@ def sam_restore_sgd_(
 
 CHECKS = {
     "global_sq_norm": global_sq_norm,
+    "ellipsoid_sq_norms": ellipsoid_sq_norms,
     "per_sample_grad_sq_norm_direct": per_sample_grad_sq_norm_direct,
     "per_sample_grad_sq_norm_gram": per_sample_grad_sq_norm_gram,
     "per_sample_conv_grad_sq_norm": per_sample_conv_grad_sq_norm,

@@ -32,6 +32,22 @@ def global_sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return registry.op_for("global_sq_norm", tensors[0].device)(tensors)
 
 
+def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
+    """``out[k] = sum_j (z_j s_j)^2 / (1 + 2 lambda_k s_j^2)^2`` for s = ``inv_scale``: the squared
+    weighted norms ``||u_k / c||^2`` of the candidates ``u_k = z / (1 + 2 lambda_k / c^2)`` of a
+    projection of z onto the ellipsoid ``||u / c|| <= rho`` (s = 1/c, 0 where c = 0), all K in
+    one pass over z and s.
+
+    Args:
+        z, inv_scale: floating tensors of one shape, dtype and device, e.g. [P] (any strides).
+        lambdas: 1 to 64 finite multipliers >= 0 (0 gives ``||z / c||^2``).
+    Returns:
+        [K] on z's device, float64 if z is float64, else float32; a host read of it is a sync.
+    """
+    op_checks.ellipsoid_sq_norms(z, inv_scale, lambdas)
+    return registry.op_for("ellipsoid_sq_norms", z.device)(z, inv_scale, [float(v) for v in lambdas])
+
+
 # ---- per-sample squared norms of a layer's weight gradient ------------------------------------
 
 

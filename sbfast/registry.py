@@ -211,6 +211,24 @@ def _per_sample_conv_grad_sq_norm_fake(x, g, weight_size, stride, padding, dilat
     return x.new_empty((x.shape[0],), dtype=acc)
 
 
+# The squared weighted norms of several candidate projections onto an ellipsoid in one pass over
+# z and 1/c, so the sharpness measure's bisection on lambda decides several levels per pass.
+_define(
+    OpSpec(
+        name="ellipsoid_sq_norms",
+        schema="(Tensor z, Tensor inv_scale, float[] lambdas) -> Tensor",
+        reference=reference.ellipsoid_sq_norms,
+        triton_module="ellipsoid_sq_norms",
+    )
+)
+
+
+@torch.library.register_fake("sbfast::ellipsoid_sq_norms")
+def _ellipsoid_sq_norms_fake(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: list[float]) -> torch.Tensor:
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return z.new_empty((len(lambdas),), dtype=acc)
+
+
 # (new ops: add their OpSpec and fake above this line, one block per op)
 
 # ----------------------------------------------------------------------------------------

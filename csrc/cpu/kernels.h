@@ -10,6 +10,10 @@ namespace cpu {
 // sum over tensors of sum_i t_i^2; float64 if any input is float64, else float32.
 at::Tensor global_sq_norm(at::TensorList tensors);
 
+// [K] out[k] = sum_j (z_j s_j)^2 / (1 + 2 lambda_k s_j^2)^2 for s = inv_scale (z's shape and
+// dtype); float64 if z is float64, else float32.
+at::Tensor ellipsoid_sq_norms(const at::Tensor& z, const at::Tensor& inv_scale, at::ArrayRef<double> lambdas);
+
 // Bool [M, N]: per row of floating scores [M, N], the k smallest (0 <= k <= N), ties
 // by ascending index (a stable sort's first k; -0.0 == +0.0, NaN largest).
 at::Tensor ksmallest_mask(const at::Tensor& scores, int64_t k);

@@ -1,6 +1,6 @@
 """Plain-PyTorch twins of the element-level ops: ``global_sq_norm``, the per-sample gradient
-norms behind the fast Fisher scores, and the fused optimizer's two passes ``sam_perturb_`` and
-``sam_restore_sgd_``.
+norms behind the fast Fisher scores, the fused optimizer's two passes ``sam_perturb_`` and
+``sam_restore_sgd_``, and ``ellipsoid_sq_norms`` behind the sharpness measure's projection.
 
 Each is the meaning of its op and the CPU implementation where ``sbfast._C`` was not built. The SAM
 passes run, line for line, the torch ops that ``SAM.first_step`` / ``SAM.second_step`` +
@@ -32,6 +32,30 @@ def global_sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for t in tensors:
         total = total + t.detach().to(acc_dtype).pow(2).sum()
     return total
+
+
+def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
+    """Squared weighted norms of ``z``'s candidate projections onto an ellipsoid, one per multiplier.
+
+    With s = ``inv_scale`` (1/c, 0 where a coordinate cannot move) and each lambda_k of ``lambdas``:
+
+        out[k] = sum_j (z_j s_j)^2 / (1 + 2 lambda_k s_j^2)^2
+
+    the squared norm ||u_k / c||^2 of u_k = z / (1 + 2 lambda_k / c^2), the candidate that a
+    bisection on lambda tests when it projects z onto sum_j (u_j / c_j)^2 <= rho^2.
+
+    Args:
+        z, inv_scale: floating tensors of one shape, dtype and device (any strides, empty allowed).
+        lambdas: K >= 1 finite multipliers >= 0.
+    Returns:
+        [K] on z's device: float64 if z is float64, else float32 (half and bfloat16 in float32).
+    """
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    zs = z.detach().to(acc).reshape(-1)
+    s = inv_scale.detach().to(acc).reshape(-1)
+    a = (zs * s).square()
+    b = 2 * s.square()
+    return torch.stack([(a / (1 + lam * b).square()).sum() for lam in lambdas])
 
 
 def _per_sample_acc_dtype(a: torch.Tensor, g: torch.Tensor) -> torch.dtype:
