@@ -23,8 +23,9 @@ et al. (2023) as the SharpBalance release runs it, iteration k (step size eta, s
 
 The batch contributes worst - initial loss (>= 0: delta = 0 is a candidate) and the error change
 at the worst point. Cost per batch: one forward + n_iters x (forward + backward): the loss of step
-5 is the forward of the next gradient, so a forward is added only where a step halves (the
-release spends one more forward per iteration and copies the state dict at every improvement).
+5 is the forward of the next gradient, and a halving step reuses the gradient kept at the worst
+point, so it costs a backward less (the release spends one more forward per iteration, another
+forward at every halving, and copies the state dict at every improvement).
 One host read per iteration (the comparison of step 5 decides the control flow).
 """
 
@@ -46,6 +47,7 @@ from .perturbation import (
     check_positive_int,
     check_rho,
     project,
+    project_,
     weighted_norm,
 )
 from .results import MeasureResult
@@ -99,31 +101,50 @@ def _one_problem(
     init_err: float,
     restart_from_best: bool,
 ) -> tuple[float, float, Tensor]:
-    """APGD on one batch from ``delta``; returns the worst loss, its error and its delta."""
+    """APGD on one batch from ``delta``; returns the worst loss, its error and its delta.
+
+    Every [P] vector lives in one of eight buffers allocated here and rewritten in place (a fresh
+    [P] tensor per step would cost page faults larger than the pass that fills it). The gradient
+    at the worst point is kept (written to its own buffer), so a halving step that restarts from
+    the worst point reuses it instead of a forward and backward there."""
     w0 = flat.w0
+    delta = delta.clone()
     prev = delta.clone()
+    free = torch.empty_like(w0)  # the next z; rotates with delta and prev
+    work = torch.empty_like(w0)  # scratch: linf's signs, the projection's denominators
+    grad, worst_grad = torch.empty_like(w0), torch.empty_like(w0)
     worst_loss, worst_err, worst_delta = init_loss, init_err, delta.clone()
     prev_step, prev_worst, prev_cp, n_upd = step, init_loss, 0, 0
-    point = w0 + delta  # where the next gradient is taken
-    leaf, loss, _ = flat.graph(point, x, y)
+    point = torch.add(w0, delta)  # where the next gradient is taken
+    leaves, loss, _ = flat.graph(point, x, y)
+    graph_at_worst, from_worst = True, False  # the pending graph is at the worst point; reuse worst_grad
     for i in range(n_iters):
-        g = flat.gradient(leaf, loss)
+        if from_worst:
+            g = worst_grad
+        else:
+            g = flat.gradient(leaves, loss, out=worst_grad if graph_at_worst else grad)
         with torch.no_grad():
             # each line one fused pass over the flat buffers
-            d = g if norm == "l2" else g.sign()
+            d = g if norm == "l2" else torch.sign(g, out=work)
             value = step / (float(g.norm()) + 1e-12) if norm == "l2" else step
-            z = torch.addcmul(delta, d, c.c, value=value) if c is not None else delta.add(d, alpha=value)
-            z = project(z, c, rho, norm)
-            delta, prev = z.mul_(0.75).add_(prev, alpha=0.25), delta
-        point = w0 + delta
+            if c is not None:
+                z = torch.addcmul(delta, d, c.c, value=value, out=free)
+            else:
+                z = torch.add(delta, d, alpha=value, out=free)
+            project_(z, c, rho, norm, work, zero_fixed=False)  # z = 0 where c = 0: delta starts so
+            torch.lerp(prev, z, 0.75, out=z)  # 0.75 z + 0.25 prev in one pass
+            delta, prev, free = z, delta, prev
+            torch.add(w0, delta, out=point)
         last = i == n_iters - 1
         if last:
             cur_loss, cur_err = flat.evaluate(point, x, y)
         else:
-            leaf, loss, cur_err = flat.graph(point, x, y)
+            leaves, loss, cur_err = flat.graph(point, x, y)
             cur_loss = float(loss.detach())
-        if cur_loss > worst_loss:
-            worst_loss, worst_err, worst_delta = cur_loss, cur_err, delta.clone()
+        graph_at_worst, from_worst = cur_loss > worst_loss, False
+        if graph_at_worst:
+            worst_loss, worst_err = cur_loss, cur_err
+            worst_delta.copy_(delta)
             n_upd += 1
         if i in checkpoints:
             cond1 = n_upd < 0.75 * (i - prev_cp)
@@ -132,9 +153,10 @@ def _one_problem(
             if cond1 or cond2:
                 step *= 0.5
                 if restart_from_best:
-                    delta, prev = worst_delta.clone(), worst_delta.clone()
-                if not last:  # the next gradient at the worst point
-                    leaf, loss, _ = flat.graph(w0 + worst_delta, x, y)
+                    delta.copy_(worst_delta)
+                    prev.copy_(worst_delta)
+                # the next gradient at the worst point: the pending graph's, or the one kept
+                from_worst = not graph_at_worst
     return worst_loss, worst_err, worst_delta
 
 
