@@ -373,7 +373,7 @@ def test_resume_refuses_a_changed_field(compared, tmp_path, capsys):
 
 
 def test_a_folder_another_process_writes_is_refused_naming_it(compared, tmp_path, capsys):
-    from sbfast.train.lock import LOCK_FILE, RunFolderLocked
+    from sbfast.train.checkpoint import LOCK_FILE, RunFolderLocked
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:

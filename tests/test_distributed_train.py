@@ -157,7 +157,7 @@ def _run_folder_job(ctx, config, snapshot):
 
 def _lock_job(ctx, config):
     """Train ``config``, reading the folder's lock at every epoch's end on every rank."""
-    from sbfast.train.lock import LOCK_FILE, read_holder
+    from sbfast.train.checkpoint import LOCK_FILE, read_holder
 
     cfg = TrainConfig(**config)
     seen = []
@@ -166,7 +166,7 @@ def _lock_job(ctx, config):
 
 
 def test_rank0_holds_the_folders_lock_and_a_held_folder_stops_every_rank(tmp_path):
-    from sbfast.train.lock import LOCK_FILE, RunLock
+    from sbfast.train.checkpoint import LOCK_FILE, RunLock
 
     folder = tmp_path / "run"
     config = dict(BASE, epochs=2, swap_epoch=0, eval_corruptions=(), sharpness_samples=0, output_dir=str(folder))
@@ -283,7 +283,7 @@ def test_a_single_process_checkpoint_from_inside_an_epoch_resumes_on_ranks(tmp_p
     import os
     import signal
 
-    import sbfast.train.trainer as trainer_mod
+    import sbfast.train.steps as steps_mod
     from sbfast.train import RunInterrupted
 
     config = dict(BASE, epochs=4, swap_epoch=1)
@@ -291,7 +291,7 @@ def test_a_single_process_checkpoint_from_inside_an_epoch_resumes_on_ranks(tmp_p
     # one process, stopped by SIGINT in the first mixed epoch (2) after member 1's first step
     # (3 steps per member and epoch): member 0 has finished the epoch, member 1 is inside it
     calls = {"n": 0}
-    original = trainer_mod.mixed_step_exact
+    original = steps_mod.mixed_step_exact
 
     def step(*args, **kwargs):
         calls["n"] += 1
@@ -301,7 +301,7 @@ def test_a_single_process_checkpoint_from_inside_an_epoch_resumes_on_ranks(tmp_p
 
     folder = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(trainer_mod, "mixed_step_exact", step)
+        m.setattr(steps_mod, "mixed_step_exact", step)
         with pytest.raises(RunInterrupted):
             train_ensemble(dict(config, output_dir=str(folder)))
     pos = load_checkpoint(folder / "checkpoints" / "last.pt")["position"]

@@ -118,12 +118,8 @@ TRAIN_ORDER = (
     "plots",
     "results",
     "checkpoint",
-    "lock",
     "run_folder",
-    "prepare",
     "run_state",
-    "saved",
-    "events",
     "reference_trainer",
     "trainer",
     "run",
@@ -134,7 +130,8 @@ TRAIN_ORDER = (
 
 def test_train_modules_import_only_down_the_trainer_order():
     """sbfast.train reads top to bottom: config, data, step, evaluate, plots, results, the disk
-    (checkpoint, lock, run folder, prepare, run state, saved runs), events, the trainers, the run, compare; no cycle."""
+    (checkpoint files and the folder lock, the run folder and saved runs), the run state and what
+    watches it, the trainers, the run, compare, the trade-off sweep; no cycle."""
     folder = PACKAGE / "train"
     found = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
     assert found == sorted(TRAIN_ORDER), f"sbfast/train modules not in TRAIN_ORDER (or gone): {found}"

@@ -23,7 +23,7 @@ TRAIN = Path(__file__).resolve().parents[1] / "sbfast" / "train"
 def _plan_attributes() -> set[str]:
     """Every ``plan.<name>`` / ``self.plan.<name>`` the trainer's modules read."""
     names = set()
-    for path in (TRAIN / "trainer.py", TRAIN / "run.py", TRAIN / "run_folder.py", TRAIN / "prepare.py"):
+    for path in (TRAIN / "trainer.py", TRAIN / "run.py", TRAIN / "run_folder.py", TRAIN / "steps.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute):
                 inner = node.value

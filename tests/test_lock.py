@@ -1,4 +1,4 @@
-"""The run folder's lock (sbfast.train.lock): one writer at a time, the holder named in one line,
+"""The run folder's lock (sbfast.train.checkpoint): one writer at a time, the holder named in one line,
 released on exit, taken over only when stale (a dead pid, or a reused one, on this host) with a
 warning that says whose it was; never taken from another host."""
 
@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 
-from sbfast.train import lock as L
+from sbfast.train import checkpoint as L
 
 
 @pytest.fixture

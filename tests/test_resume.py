@@ -61,7 +61,7 @@ def cfg(**kw) -> dict:
 
 
 # The child: trains cfg (argv[1], JSON) into its output_dir, with one hook (argv[2]):
-#   kill:<step fn>:<k>          at the k-th call of trainer.<step fn>, print PAUSED and wait
+#   kill:<step fn>:<k>          at the k-th call of steps.<step fn>, print PAUSED and wait
 #   signal:<step fn>:<k>:<SIG>  at the k-th call, send itself SIG, then do the step
 #   write:<k>                   write half of the k-th last.pt, print PAUSED and wait
 #   rotate:<k>                  after the k-th last.pt -> prev.pt rename, print PAUSED and wait
@@ -71,7 +71,7 @@ CHILD = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 import sbfast.train as T
-from sbfast.train import checkpoint as C, trainer as TR
+from sbfast.train import checkpoint as C, steps as S, trainer as TR
 
 cfg, hook = json.loads(sys.argv[1]), sys.argv[2].split(":")
 calls = [0]
@@ -81,7 +81,7 @@ def pause():
     time.sleep(600)
 
 if hook[0] in ("kill", "signal"):
-    real = getattr(TR, hook[1])
+    real = getattr(S, hook[1])
     def step(*a, **kw):
         calls[0] += 1
         if calls[0] == int(hook[2]):
@@ -89,7 +89,7 @@ if hook[0] in ("kill", "signal"):
                 pause()
             os.kill(os.getpid(), getattr(signal, hook[3]))
         return real(*a, **kw)
-    setattr(TR, hook[1], step)
+    setattr(S, hook[1], step)
 elif hook[0] == "write":
     real_write = C._write_bytes
     def write(f, data):
@@ -367,7 +367,7 @@ def test_two_resumes_at_once_the_second_is_refused_naming_the_holder(runs, data,
     # the report: two `sbfast train --resume D` at once both trained to the end, log.csv got every
     # epoch after the resume point twice. Now the second is refused in one line naming the first.
     from sbfast.cli import main
-    from sbfast.train.lock import LOCK_FILE, RunFolderLocked
+    from sbfast.train.checkpoint import LOCK_FILE, RunFolderLocked
 
     d = tmp_path / "run"
     child = run_child(cfg(batching="static", output_dir=str(d)), f"kill:sam_step:{PHASE1_STEPS // 2 + 2}", True)
@@ -467,7 +467,7 @@ def test_a_full_disk_names_the_file_and_the_run_resumes_exactly(runs, data, tmp_
     import errno
 
     from sbfast.cli import main
-    from sbfast.train.lock import LOCK_FILE
+    from sbfast.train.checkpoint import LOCK_FILE
 
     d = tmp_path / "full"
     real, calls = C._write_bytes, [0]

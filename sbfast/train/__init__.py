@@ -46,25 +46,21 @@ The modules, bottom to top (each imports only the ones above it in this table;
 |---|---|
 | ``config`` | ``TrainConfig`` (each field's help, accepted names and checks in its metadata), presets, accepted names, the thread limit |
 | ``data`` | ``load_data``, ``TrainData``, ``DeviceData`` (tensors on the training device); member seeds and batch order; ``static_batch_plan``, ``StaticBatcher`` (static shapes in the mixed phase) |
-| ``steps`` | ``sgd_step``, ``sam_step``, ``mixed_step_static``, ``mixed_step_exact``; the CUDA graph of a step; the fast or reference optimizer, scorer, selector (``get_components``) |
+| ``steps`` | ``sgd_step``, ``sam_step``, ``mixed_step_static``, ``mixed_step_exact``; the CUDA graph of a step; ``StepRunner`` (a member's batches and steps over an epoch); the fast or reference optimizer, scorer, selector (``get_components``) |
 | ``evaluate`` | ``predict_probs``, ``predict_outputs`` (probabilities and logits of one pass), ``diversity_measures``, ``evaluate_ensemble`` |
 | ``plots`` | ``plot_comparison``, ``plot_learning_curves``, ``plot_sharpness_diversity``, ``plot_run_records``: figures from plain run records |
 | ``results`` | ``EnsembleResult``, run records, strict JSON, ``plot_results`` |
-| ``checkpoint`` | checkpoint files: atomic checksummed write, safe read, ``load_latest`` |
-| ``lock`` | ``RunLock``: one writer per run folder (``run.lock`` names its holder; a stale one is taken over) |
-| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes; a full disk is one ``RunFolderFull`` line); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change) |
-| ``prepare`` | ``prepare_run`` (config, device, starting checkpoint; a resume's checkpoint checked against config.json; a folder without a checkpoint starts again), ``claim_folder`` (rank 0 creates and locks the folder) |
-| ``run_state`` | ``Member`` (built from the config), ``build_member``, ``make_lr_scheduler``; ``RunState`` (position, history, clocks, scores, masks) |
-| ``saved`` | ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
-| ``events`` | ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, ``RunDiverged`` (a member's loss not finite, or all its steps skipped), the progress bar |
+| ``checkpoint`` | checkpoint files (atomic checksummed write, safe read, ``load_latest``); ``RunLock``: one writer per run folder (``run.lock`` names its holder; a stale one is taken over) |
+| ``run_folder`` | ``check_output_dir``, ``default_run_dir``, config.json, log.csv, ``RunFolder`` (what a run writes; a full disk is one ``RunFolderFull`` line); ``RESUME_SAFE_FIELDS``, ``PHASE1_FIELDS`` (what a resume or fork may change); a finished run used again: ``load_ensemble``, ``evaluate_run`` (docs/runs.md) |
+| ``run_state`` | ``Member`` (built from the config), ``build_member``, ``make_lr_scheduler``; ``RunState`` (position, history, clocks, scores, masks); what watches a run: ``Callback``, ``RunInterrupted`` and the SIGINT/SIGTERM handling, ``RunDiverged`` (a member's loss not finite, or all its steps skipped), the progress bar |
 | ``reference_trainer`` | ``train_ensemble_reference`` (the slow twin) |
 | ``trainer`` | ``EnsembleTrainer`` (one member loop, for one process and torchrun alike) |
-| ``run`` | ``train_ensemble``: prepare the run, join its world, run the trainer |
+| ``run`` | ``train_ensemble``: prepare the run (``prepare_run``: config, device, starting checkpoint, a resume's checkpoint checked against config.json; ``claim_folder``: rank 0 creates and locks the folder), join its world, run the trainer |
 | ``compare`` | ``run_comparison``, ``Comparison`` (several methods over several seeds: mean ± std, paired differences) |
 | ``tradeoff`` | ``run_tradeoff``, ``Tradeoff`` (de, de_sam over a sweep of rho, sharpbalance: worst-case sharpness against diversity, resumable) |
 """
 
-from sbfast.train.checkpoint import CheckpointError, load_checkpoint
+from sbfast.train.checkpoint import CheckpointError, RunFolderLocked, load_checkpoint
 from sbfast.train.compare import Comparison, run_comparison
 from sbfast.train.config import (
     BACKENDS,
@@ -91,8 +87,6 @@ from sbfast.train.data import (
     static_batch_plan,
 )
 from sbfast.train.evaluate import evaluate_ensemble, predict_probs
-from sbfast.train.events import Callback, RunDiverged, RunInterrupted
-from sbfast.train.lock import RunFolderLocked
 from sbfast.train.plots import plot_comparison, plot_learning_curves, plot_sharpness_diversity
 from sbfast.train.reference_trainer import train_ensemble_reference
 from sbfast.train.results import EnsembleResult, plot_results
@@ -103,9 +97,10 @@ from sbfast.train.run_folder import (
     RunFolderFull,
     check_output_dir,
     default_run_dir,
+    evaluate_run,
+    load_ensemble,
 )
-from sbfast.train.run_state import build_member, make_lr_scheduler
-from sbfast.train.saved import evaluate_run, load_ensemble
+from sbfast.train.run_state import Callback, RunDiverged, RunInterrupted, build_member, make_lr_scheduler
 from sbfast.train.steps import Components, get_components, mixed_step_exact, mixed_step_static, sam_step, sgd_step
 from sbfast.train.tradeoff import Tradeoff, run_tradeoff
 from sbfast.train.trainer import EnsembleTrainer

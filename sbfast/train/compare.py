@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sbfast.train.checkpoint import RunLock
 from sbfast.train.config import METHODS, TrainConfig
-from sbfast.train.lock import RunLock
 from sbfast.train.results import EnsembleResult, finite_or_none, run_record, write_strict_json
 
 # The comparison's metrics, each with the direction that is better (docs/cli.md explains them).

@@ -20,9 +20,8 @@ from sbfast.reference import select_sam_masks, train_member_epoch
 from sbfast.train.config import as_config, thread_limit
 from sbfast.train.data import load_data, member_seeds
 from sbfast.train.evaluate import accuracies, evaluate_ensemble, predict_probs
-from sbfast.train.events import CallbackList, progress_bar
 from sbfast.train.results import EnsembleResult
-from sbfast.train.run_state import build_member, make_lr_scheduler
+from sbfast.train.run_state import CallbackList, build_member, make_lr_scheduler, progress_bar
 from sbfast.train.steps import reference_fisher, reference_optimizer
 
 

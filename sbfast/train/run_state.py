@@ -1,13 +1,21 @@
-"""What a trainer holds: its members (built from the config: initialisation, LR schedule,
-generators) and its run state (position in the schedule, history, clocks, scores and masks),
-each with the part of the checkpoint payload it owns."""
+"""What a trainer holds and what watches it: its members (built from the config:
+initialisation, LR schedule, generators) and its run state (position in the schedule, history,
+clocks, scores and masks), each with the part of the checkpoint payload it owns; the hooks
+(``Callback``), SIGINT / SIGTERM (``RunInterrupted`` and the handler that defers a signal to the
+end of the current training step), ``RunDiverged`` and the epoch progress bar."""
 
 from __future__ import annotations
 
+import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +26,9 @@ from sbfast.models import create_model
 from sbfast.train.config import TrainConfig
 from sbfast.train.data import StaticBatcher, TrainData, member_seeds
 from sbfast.train.steps import Forward, GraphedStep
+
+if TYPE_CHECKING:
+    from sbfast.train.results import EnsembleResult
 
 # the run-state entries of a checkpoint payload, in the order the payload has always listed them
 RUN_STATE_KEYS: tuple[str, ...] = ("position", "scores", "masks", "history", "clock", "forked_from")
@@ -278,3 +289,179 @@ def check_same_tensors(expected: Mapping[str, torch.Tensor], saved: Mapping[str,
         if not isinstance(s, torch.Tensor) or s.shape != t.shape or s.dtype != t.dtype:
             got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
             raise ValueError(f"{where}: {k} is {got} in the checkpoint, {t.dtype} {tuple(t.shape)} in the model")
+
+
+# ---- what watches a run: callbacks, signals, divergence, warnings, the progress bar --------------
+
+_WARNED: set[str] = set()
+
+
+def warn_once(msg: str) -> None:
+    """Warn with ``msg`` once per process."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+class Callback:
+    """Hooks into a run; override what you need. Plain callables are accepted too and are called
+    as ``fn(epoch, record)`` at the end of every epoch."""
+
+    def on_train_start(self, config: TrainConfig, models: Sequence[nn.Module]) -> None:
+        pass
+
+    def on_epoch_start(self, epoch: int, phase: str) -> None:
+        pass
+
+    def on_scores(self, epoch: int, scores: torch.Tensor, masks: torch.Tensor) -> None:
+        """Right after scoring and selection (sharpbalance, start of epoch T_d + 1): scores
+        float32 [M, N], masks bool [M, N] (True = SAM), both on the CPU."""
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, result: EnsembleResult) -> None:
+        pass
+
+
+class CallbackList:
+    def __init__(self, callbacks: Sequence[Callback | Callable[[int, dict], Any]] | None) -> None:
+        self.items = list(callbacks or [])
+        for c in self.items:
+            if not isinstance(c, Callback) and not callable(c):
+                raise TypeError(f"callbacks must be Callback instances or callables, got {type(c).__name__}")
+
+    def call(self, hook: str, *args: Any) -> None:
+        for c in self.items:
+            if isinstance(c, Callback):
+                getattr(c, hook)(*args)
+            elif hook == "on_epoch_end":
+                c(*args)
+
+
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after writing a resumable checkpoint.
+
+    A KeyboardInterrupt, so ``except Exception`` does not swallow it. ``str(e)`` is the one line
+    that ``train_ensemble`` prints (how to resume); a command line turns it into ``exit_code``
+    (128 + the signal number: 130 for SIGINT, 143 for SIGTERM) without a traceback.
+
+    Attributes:
+        signum: the signal. run_dir: the run folder. exit_code: 128 + signum.
+    """
+
+    def __init__(self, signum: int, run_dir: str | Path, detail: str) -> None:
+        self.signum = int(signum)
+        self.run_dir = Path(run_dir)
+        self.exit_code = 128 + self.signum
+        self.detail = detail
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        super().__init__(f"sbfast: stopped by {name} ({detail}); resume with: sbfast train --resume {self.run_dir}")
+
+
+class RunDiverged(RuntimeError):
+    """A run stopped at the end of an epoch in which a member diverged: its training loss is not
+    finite, or every one of its steps was skipped for a non-finite gradient (the fused optimizer
+    skips such a step on the device, so the run would otherwise go on without learning).
+    ``str(e)`` is one line naming the epoch, the member and the likely cause.
+
+    Attributes:
+        epoch, member: where. reason: what was seen ("has training loss nan", ...).
+    """
+
+    one_line = True  # a command line prints str(e) alone: it says what to do
+
+    def __init__(self, epoch: int, member: int, reason: str, cause: str) -> None:
+        self.epoch, self.member, self.reason = epoch, member, reason
+        super().__init__(
+            f"the run diverged in epoch {epoch}: member {member} {reason}; {cause}. The run stopped before this "
+            "epoch's checkpoint; start a new run with a smaller value"
+        )
+
+
+def find_divergence(
+    config: TrainConfig,
+    epoch: int,
+    phase: str,
+    train_loss: Sequence[float],
+    steps: Sequence[int],
+    skipped: Sequence[int] | None,
+    skipped_before: Sequence[int] | None,
+) -> RunDiverged | None:
+    """The first member that diverged in ``epoch`` (None: none did): its training loss is not
+    finite, or it skipped every one of its ``steps`` for a non-finite gradient (``skipped``: the
+    optimizers' running counts after the epoch, ``skipped_before`` before it; None without them)."""
+    c = config
+    sam = phase != "sgd"
+    for j, loss in enumerate(train_loss):
+        if not math.isfinite(loss):
+            cause = f"the learning rate (lr {c.lr:g}) is likely too large" + (
+                f", or SAM's radius (rho {c.rho:g})" if sam else ""
+            )
+            return RunDiverged(epoch, j, f"has training loss {loss}", cause)
+        if skipped is not None and steps[j] > 0:
+            new = skipped[j] - (skipped_before[j] if skipped_before else 0)
+            if new >= steps[j]:
+                cause = (
+                    f"SAM's radius (rho {c.rho:g}) is likely too large (the gradient at the perturbed weights is "
+                    f"not finite), or the learning rate (lr {c.lr:g})"
+                    if sam
+                    else f"the learning rate (lr {c.lr:g}) is likely too large"
+                )
+                return RunDiverged(epoch, j, f"skipped all {steps[j]} of its steps for non-finite gradients", cause)
+    return None
+
+
+class SignalCatcher:
+    """While active (a context manager), SIGINT and SIGTERM are caught.
+
+    In deferred mode (the default) the first signal only sets ``requested``: the trainer checks it
+    after every step, writes a checkpoint and raises :class:`RunInterrupted`. In immediate mode
+    (``immediate = True``: phases whose state is already on disk, such as the scoring at T_d + 1
+    or the final evaluation) and for a second signal, the handler raises RunInterrupted at once
+    with ``describe()`` as its detail. Only the main thread can install handlers; elsewhere (or
+    with ``enabled=False``) this does nothing and signals keep their usual effect.
+    """
+
+    def __init__(self, run_dir: str | Path | None, describe: Callable[[], str], enabled: bool = True) -> None:
+        self.run_dir = run_dir
+        self.describe = describe
+        self.enabled = enabled and run_dir is not None and threading.current_thread() is threading.main_thread()
+        self.requested: int | None = None
+        self.immediate = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.immediate or self.requested is not None:
+            raise RunInterrupted(signum, self.run_dir or ".", self.describe())
+        self.requested = signum
+
+    def __enter__(self) -> SignalCatcher:
+        if self.enabled:
+            for s in _SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+
+
+def fmt_acc(a: float | None) -> str:
+    return "-" if a is None else f"{a:.4f}"
+
+
+def progress_bar(it: Any, enabled: bool, desc: str, start: int = 0) -> Any:
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    total = start + len(it) if hasattr(it, "__len__") else None
+    return tqdm(it, desc=desc, unit="epoch", leave=True, dynamic_ncols=True, initial=start, total=total)

@@ -1,4 +1,7 @@
-"""One training step of each kind (SGD, SAM, mixed) as functions of a forward and a batch, the CUDA graph that replays a step, and which optimizer, scorer and selector the steps use (the fast ones or the plain-PyTorch reference: ``get_components``)."""
+"""One training step of each kind (SGD, SAM, mixed) as functions of a forward and a batch, the
+CUDA graph that replays a step, a member's steps over an epoch (``StepRunner``: its batches,
+augmented, through the phase's step), and which optimizer, scorer and selector the steps use
+(the fast ones or the plain-PyTorch reference: ``get_components``)."""
 
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ from torch import nn
 from sbfast import reference
 from sbfast.data import (
     IndexedTensorDataset,
+    augment_batch,
     make_loader,
 )
 from sbfast.optim import SharpBalanceSAM
 from sbfast.select import select_sam_masks
 from sbfast.sharpness import fisher_scores
 from sbfast.train.config import BACKENDS, TrainConfig
-from sbfast.train.data import DeviceBatches, device_data
+from sbfast.train.data import DeviceBatches, device_data, release_order
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -141,6 +145,87 @@ class GraphedStep:
             dst.copy_(src, non_blocking=True)
         graph.replay()
         return static_out.clone()
+
+
+class StepRunner:
+    """One member's training steps: its epoch's batches, each batch fetched from the device data
+    and augmented with the member's generator, the phase's step, replayed through a CUDA graph
+    where the run captures them (``config.cuda_graphs``) and the batch has the run's full size.
+
+    A member here is anything with ``forward``, ``opt``, ``mask``, ``batcher``, ``graphs``,
+    ``order_gen``, ``aug_gen`` and ``index`` (``sbfast.train.run_state.Member``); ``plan`` runs a
+    data-parallel member's step across its ranks.
+    """
+
+    def __init__(self, config: TrainConfig, train_dev: Any, fill: Any, plan: Any) -> None:
+        self.config, self.train_dev, self.fill, self.plan = config, train_dev, fill, plan
+        self.device = plan.device
+        # one memory pool for every captured step of the run (see GraphedStep)
+        self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
+
+    def epoch_batches(self, m: Any, phase: str) -> list[Any]:
+        """The epoch's batches of member m: index tensors [b], or (sam [k_s], normal [k_n]) pairs
+        (static mixed phase). Draws the epoch's order from m.order_gen, all of it up front, so
+        that a resumed epoch draws the same order from the same generator state."""
+        c = self.config
+        if phase == "mixed":
+            if m.mask is None:
+                raise RuntimeError("mixed phase before selection: call score_and_select() first")
+            if m.batcher is not None:
+                return list(m.batcher.epoch())
+        order = release_order(self.train_dev.n, m.order_gen).to(self.device, non_blocking=True)
+        return [order[s : s + c.batch_size] for s in range(0, self.train_dev.n, c.batch_size)]
+
+    def batch(self, member: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples ``idx`` [b] of the training data, augmented, in the run's dtype."""
+        x, y = self.train_dev.fetch(idx)
+        if member.aug_gen is not None:
+            x = augment_batch(x, member.aug_gen, self.config.augment_pad, flip=self.config.augment_flip, fill=self.fill)
+        return x.to(self.config.torch_dtype), y
+
+    def _lr_key(self, member: Any) -> tuple[float, ...] | None:
+        # a float lr may be baked into a capture: re-capture when it changes; a tensor lr is read
+        # by the kernels at replay (and float() of it would synchronise), so it needs no key
+        if any(isinstance(g["lr"], torch.Tensor) for g in member.opt.param_groups):
+            return None
+        return tuple(float(g["lr"]) for g in member.opt.param_groups)
+
+    def _run(self, member: Any, kind: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """Run a step, through a CUDA graph when enabled and the batch has the run's full size."""
+        full = inputs[0].shape[0] + (inputs[2].shape[0] if kind == "mixed" else 0) == self.config.batch_size
+        if not (self.config.cuda_graphs and full):
+            return fn(*inputs)
+        g = member.graphs.get(kind)
+        if g is None:
+            g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
+        return g(self._lr_key(member), *inputs)
+
+    def __call__(self, m: Any, phase: str, batch: Any) -> torch.Tensor:
+        """One step of member m in ``phase`` on ``batch`` (an item of :meth:`epoch_batches`);
+        returns the loss (0-d, on the device)."""
+        fwd, opt = m.forward, m.opt
+        if self.plan.data_parallel(m.index):
+            return self.plan.step(m.index, fwd, opt, phase, batch, lambda idx: self.batch(m, idx), m.mask)
+        if isinstance(batch, tuple):  # the static mixed phase: (sam, normal) index parts
+            sam_idx, nor_idx = batch
+            x, y = self.batch(m, torch.cat([nor_idx, sam_idx]))
+            k_n = nor_idx.shape[0]
+            return self._run(
+                m,
+                "mixed",
+                lambda a, b, s, t: mixed_step_static(fwd, opt, a, b, s, t),
+                x[:k_n],
+                y[:k_n],
+                x[k_n:],
+                y[k_n:],
+            )
+        x, y = self.batch(m, batch)
+        if phase == "sgd":
+            return self._run(m, "sgd", lambda a, b: sgd_step(fwd, opt, a, b), x, y)
+        if phase == "sam":
+            return self._run(m, "sam", lambda a, b: sam_step(fwd, opt, a, b), x, y)
+        assert m.mask is not None  # epoch_batches refused the mixed phase without one
+        return mixed_step_exact(fwd, opt, x, y, m.mask[batch])
 
 
 @dataclass(frozen=True)

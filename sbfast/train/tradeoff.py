@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sbfast.train.checkpoint import LOCK_FILE, RunLock
 from sbfast.train.compare import fmt_mean_std, mean_std
 from sbfast.train.config import TrainConfig
-from sbfast.train.lock import LOCK_FILE, RunLock
 from sbfast.train.results import EnsembleResult, run_record, write_strict_json
 from sbfast.train.run_folder import resumable
 

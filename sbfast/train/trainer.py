@@ -11,10 +11,8 @@ its record, the finish). ``sbfast.train.run.train_ensemble`` prepares a run and 
 
 from __future__ import annotations
 
-import math
 import signal
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from sbfast.data import augment_batch
 from sbfast.distributed.ensemble import check_resume_placement
 from sbfast.distributed.local_plan import LocalPlan, Plan
 from sbfast.select import sam_index_split
@@ -40,42 +37,30 @@ from sbfast.train.data import (
     device_data,
     load_data,
     member_seeds,
-    release_order,
 )
 from sbfast.train.evaluate import accuracies, ensemble_probs, evaluate_ensemble
-from sbfast.train.events import (
-    Callback,
-    CallbackList,
-    RunDiverged,
-    RunInterrupted,
-    SignalCatcher,
-    fmt_acc,
-    progress_bar,
-)
 from sbfast.train.results import EnsembleResult
 from sbfast.train.run_folder import (
     RunFolder,
     data_fingerprint,
     versions,
 )
-from sbfast.train.run_state import RUN_STATE_KEYS, Member, RunState, model_spec
-from sbfast.train.steps import (
-    GraphedStep,
-    get_components,
-    mixed_step_exact,
-    mixed_step_static,
-    sam_step,
-    sgd_step,
+from sbfast.train.run_state import (
+    RUN_STATE_KEYS,
+    Callback,
+    CallbackList,
+    Member,
+    RunDiverged,
+    RunInterrupted,
+    RunState,
+    SignalCatcher,
+    find_divergence,
+    fmt_acc,
+    model_spec,
+    progress_bar,
+    warn_once,
 )
-
-_WARNED: set[str] = set()
-
-
-def warn_once(msg: str) -> None:
-    """Warn with ``msg`` once per process."""
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+from sbfast.train.steps import StepRunner, get_components
 
 
 class _StopAt(Exception):  # noqa: N818 - control flow inside the trainer, never escapes it
@@ -129,9 +114,7 @@ class EnsembleTrainer:
             )
         self.train_dev = device_data(self.data.train, self.device)
         self.test_dev = device_data(self.data.test, self.device)
-        self.fill = augment_fill(self.data.train)
-        # one memory pool for every captured step of the run (see GraphedStep)
-        self.graph_pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
+        self.steps = StepRunner(config, self.train_dev, augment_fill(self.data.train), self.plan)
         self.members = [
             Member.build(config, self.data, j, self.device, self.plan, self.components.make_optimizer)
             for j in self.plan.local
@@ -163,71 +146,6 @@ class EnsembleTrainer:
             self._fingerprint = data_fingerprint(self.data)
         return self._fingerprint
 
-    # -- data --------------------------------------------------------------------------------
-
-    def _batch(self, member: Member, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.train_dev.fetch(idx)
-        if member.aug_gen is not None:
-            x = augment_batch(x, member.aug_gen, self.config.augment_pad, flip=self.config.augment_flip, fill=self.fill)
-        return x.to(self.config.torch_dtype), y
-
-    def _epoch_batches(self, m: Member, phase: str) -> list[Any]:
-        """The epoch's batches of member m: index tensors [b], or (sam [k_s], normal [k_n]) pairs
-        (static mixed phase). Draws the epoch's order from m.order_gen, all of it up front, so
-        that a resumed epoch draws the same order from the same generator state."""
-        c = self.config
-        if phase == "mixed":
-            if m.mask is None:
-                raise RuntimeError("mixed phase before selection: call score_and_select() first")
-            if m.batcher is not None:
-                return list(m.batcher.epoch())
-        order = release_order(self.train_dev.n, m.order_gen).to(self.device, non_blocking=True)
-        return [order[s : s + c.batch_size] for s in range(0, self.train_dev.n, c.batch_size)]
-
-    # -- steps -------------------------------------------------------------------------------
-
-    def _lr_key(self, member: Member) -> tuple[float, ...] | None:
-        # a float lr may be baked into a capture: re-capture when it changes; a tensor lr is read
-        # by the kernels at replay (and float() of it would synchronise), so it needs no key
-        if any(isinstance(g["lr"], torch.Tensor) for g in member.opt.param_groups):
-            return None
-        return tuple(float(g["lr"]) for g in member.opt.param_groups)
-
-    def _run(self, member: Member, kind: str, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        """Run a step, through a CUDA graph when enabled and the batch has the run's full size."""
-        full = inputs[0].shape[0] + (inputs[2].shape[0] if kind == "mixed" else 0) == self.config.batch_size
-        if not (self.config.cuda_graphs and full):
-            return fn(*inputs)
-        g = member.graphs.get(kind)
-        if g is None:
-            g = member.graphs[kind] = GraphedStep(fn, self.graph_pool)
-        return g(self._lr_key(member), *inputs)
-
-    def _step(self, m: Member, phase: str, batch: Any) -> torch.Tensor:
-        fwd, opt = m.forward, m.opt
-        if self.plan.data_parallel(m.index):
-            return self.plan.step(m.index, fwd, opt, phase, batch, lambda idx: self._batch(m, idx), m.mask)
-        if isinstance(batch, tuple):  # the static mixed phase: (sam, normal) index parts
-            sam_idx, nor_idx = batch
-            x, y = self._batch(m, torch.cat([nor_idx, sam_idx]))
-            k_n = nor_idx.shape[0]
-            return self._run(
-                m,
-                "mixed",
-                lambda a, b, s, t: mixed_step_static(fwd, opt, a, b, s, t),
-                x[:k_n],
-                y[:k_n],
-                x[k_n:],
-                y[k_n:],
-            )
-        x, y = self._batch(m, batch)
-        if phase == "sgd":
-            return self._run(m, "sgd", lambda a, b: sgd_step(fwd, opt, a, b), x, y)
-        if phase == "sam":
-            return self._run(m, "sam", lambda a, b: sam_step(fwd, opt, a, b), x, y)
-        assert m.mask is not None  # _epoch_batches refused the mixed phase without one
-        return mixed_step_exact(fwd, opt, x, y, m.mask[batch])
-
     def train_epoch(
         self, j: int, phase: str, *, start_step: int = 0, loss_sum: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -241,12 +159,12 @@ class EnsembleTrainer:
         m = self.member(j)
         m.model.train()
         m.order_start = m.order_gen.get_state()
-        batches = self._epoch_batches(m, phase)
+        batches = self.steps.epoch_batches(m, phase)
         total = torch.zeros((), device=self.device, dtype=torch.float64) if loss_sum is None else loss_sum
         stop = self._catcher if self.plan.stops_inside_epoch else None
         self._epoch_steps[j] = len(batches)
         for k in range(start_step, len(batches)):
-            total += self._step(m, phase, batches[k])
+            total += self.steps(m, phase, batches[k])
             if stop is not None and stop.requested is not None:
                 raise _StopAt(k + 1, total)  # the step is done: a resume continues with step k + 1
         m.sched.step()
@@ -614,32 +532,14 @@ class EnsembleTrainer:
         return record
 
     def _divergence(self, epoch: int, phase: str, record: Mapping[str, Any]) -> RunDiverged | None:
-        """The stop of a run whose member diverged in this epoch (None: none did): its training
-        loss is not finite, or it skipped every one of its steps for a non-finite gradient. The
-        same on every process (the losses and counts are every rank's)."""
-        c = self.config
+        """The stop of a run whose member diverged in this epoch (None: none did), the same on
+        every process (the losses and counts are every rank's)."""
         steps = self.plan.member_counts({m.index: self._epoch_steps.get(m.index, 0) for m in self.members})
         self._epoch_steps.clear()
-        skipped = record.get("skipped_steps")
         before = self.state.history[-1].get("skipped_steps") if self.state.history else None
-        sam = phase != "sgd"
-        for j, loss in enumerate(record["train_loss"]):
-            if not math.isfinite(loss):
-                cause = f"the learning rate (lr {c.lr:g}) is likely too large" + (
-                    f", or SAM's radius (rho {c.rho:g})" if sam else ""
-                )
-                return RunDiverged(epoch, j, f"has training loss {loss}", cause)
-            if skipped is not None and steps[j] > 0:
-                new = skipped[j] - (before[j] if before else 0)
-                if new >= steps[j]:
-                    cause = (
-                        f"SAM's radius (rho {c.rho:g}) is likely too large (the gradient at the perturbed weights is "
-                        f"not finite), or the learning rate (lr {c.lr:g})"
-                        if sam
-                        else f"the learning rate (lr {c.lr:g}) is likely too large"
-                    )
-                    return RunDiverged(epoch, j, f"skipped all {steps[j]} of its steps for non-finite gradients", cause)
-        return None
+        return find_divergence(
+            self.config, epoch, phase, record["train_loss"], steps, record.get("skipped_steps"), before
+        )
 
     def _finish(self) -> EnsembleResult:
         """The final evaluation (its metrics the same on every process) and the result."""
