@@ -169,7 +169,7 @@ def check_output_dir(path: Path, *, resume: bool = False, empty: bool = False) -
     the folder and writes a probe file, so that an
     unwritable place (``/proc/x``) fails now and not after the first method has trained."""
     from sbfast import train as T
-    from sbfast.train.lock import RunFolderLocked, check_unlocked
+    from sbfast.train.checkpoint import RunFolderLocked, check_unlocked
 
     flag = f"output folder {str(path)!r}"
     if path.is_dir():
