@@ -2,7 +2,8 @@
 CIFAR ResNet18 at width 16 in eval mode, batches of 5 (the release's protocol), float32.
 
 Cases:
-* worst_case_sharpness, 4 batches of 5, 20 iterations, l2 adaptive rho 0.5: reference = the plain
+* worst_case_sharpness, 4 batches of 5, 20 iterations, l2 adaptive rho 0.5, problems one by one
+  (the CPU's default) and the 4 side by side (CUDA's): reference = the plain
   twin (``sbfast.reference.measures_apgd``), which runs the release's algorithm the release's way
   (an extra forward per iteration, a parameter copy at every improvement, a loop over parameter
   tensors). The release's own ``eval_APGD_sharpness`` was timed beside it on the same CPU outside
@@ -55,7 +56,12 @@ def _worst_case(device: torch.device) -> BenchCase:
         op="worst_case_sharpness",
         shape=f"resnet18 w{WIDTH}, {BATCHES} batches of 5, {ITERS} iters, l2 adaptive rho 0.5",
         reference=lambda: reference_worst_case_sharpness(model, batches, rho=0.5, n_iters=ITERS),
-        faces={"sbfast worst_case_sharpness": lambda: worst_case_sharpness(model, batches, rho=0.5, n_iters=ITERS)},
+        faces={
+            "sbfast worst_case_sharpness": lambda: worst_case_sharpness(model, batches, rho=0.5, n_iters=ITERS),
+            "stacked (4 problems per vmapped pass)": lambda: worst_case_sharpness(
+                model, batches, rho=0.5, n_iters=ITERS, stack=True
+            ),
+        },
         samples=5 * BATCHES,
         notes="reference = the plain twin (the release's algorithm, its extra forward and state copies)",
     )

@@ -164,6 +164,7 @@ def test_the_model_leaves_as_it_came_also_after_an_error():
         (dict(rho=0.5, restarts=2), "needs init='random'"),
         (dict(rho=0.5, masks={"nope": torch.ones(1)}), "not a parameter"),
         (dict(rho=0.5, masks={"1.weight": torch.ones(7, 3)}), r"mask of '1.weight' has shape \(7, 3\)"),
+        (dict(rho=0.5, chunk=0), "chunk must be a positive integer, got 0"),
     ],
 )
 def test_bad_input_is_one_line_before_work(kwargs, match):
@@ -171,6 +172,71 @@ def test_bad_input_is_one_line_before_work(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         worst_case_sharpness(model, _batches(torch.float64), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_stack_must_be_a_bool_or_none():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5)).double()
+    with pytest.raises(TypeError, match="stack must be True, False or None, got 'yes'"):
+        worst_case_sharpness(model, _batches(torch.float64), rho=0.5, stack="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# Problems side by side (worst_case_stacked): the same steps per problem as one by one.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn, _resnet], ids=["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(rho=0.5),
+        dict(rho=0.01, norm="linf"),
+        dict(rho=0.3, adaptive=False),
+        dict(rho=0.5, restart_from_best=True),
+        dict(rho=0.5, init="random", restarts=3),
+    ],
+    ids=["l2-adaptive", "linf", "l2-plain", "restart-from-best", "random-restarts"],
+)
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+def test_stacked_problems_take_the_sequential_steps(make, kwargs, chunk):
+    # batches of 5, 5, 1, 7, 5: shapes change mid-list, so groups break there and at the chunk
+    model = make(torch.float64)
+    data = _batches(torch.float64, sizes=(5, 5, 1, 7, 5), hw=4)
+    gens = [torch.Generator().manual_seed(11) for _ in range(2)]
+    one = worst_case_sharpness(model, data, n_iters=10, stack=False, generator=gens[0], **kwargs)
+    side = worst_case_sharpness(model, data, n_iters=10, stack=True, chunk=chunk, generator=gens[1], **kwargs)
+    assert not one.settings["stacked"] and side.settings["stacked"]
+    torch.testing.assert_close(torch.tensor(side.per_batch), torch.tensor(one.per_batch), rtol=1e-9, atol=1e-12)
+    assert side.per_batch_error == one.per_batch_error
+    assert math.isclose(side.extra["max_delta_norm"], one.extra["max_delta_norm"], rel_tol=1e-9)
+    assert torch.equal(gens[0].get_state(), gens[1].get_state())  # the same draws, in the same order
+
+
+def test_stacked_problems_with_masks_equal_the_twin():
+    model, data = _resnet(torch.float64), _batches(torch.float64, sizes=(5, 5, 2), hw=8)
+    named = list(model.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    masks = {n: (torch.rand(p.shape, generator=g) > 0.5).double() for n, p in named if p.dim() > 1}
+    ref = reference_worst_case_sharpness(model, data, rho=0.5, n_iters=6, masks=[masks.get(n) for n, _ in named])
+    got = worst_case_sharpness(model, data, rho=0.5, n_iters=6, masks=masks, stack=True)
+    assert math.isclose(got.value, ref[0], rel_tol=1e-9)
+
+
+def test_the_cpu_solves_one_by_one_by_default():
+    model = _mlp(torch.float64)
+    assert worst_case_sharpness(model, _batches(torch.float64), rho=0.5, n_iters=3).settings["stacked"] is False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_stacks_by_default_and_equals_the_cpu():
+    model = _cnn(torch.float64)
+    data = _batches(torch.float64, sizes=(5, 5, 5))
+    cpu = worst_case_sharpness(model, data, rho=0.5, n_iters=8)
+    gpu_model = _cnn(torch.float64).cuda()
+    got = worst_case_sharpness(gpu_model, [(x.cuda(), y.cuda()) for x, y in data], rho=0.5, n_iters=8)
+    assert got.settings["stacked"] is True
+    torch.testing.assert_close(torch.tensor(got.per_batch), torch.tensor(cpu.per_batch), rtol=1e-8, atol=1e-12)
 
 
 def test_bad_batches_and_draws_are_refused():

@@ -261,7 +261,9 @@ def _predicted_path(state: _Bisection, known: dict[float, float], rho: float, le
     return path
 
 
-def ellipsoid_multiplier(z: Tensor, scale: Scale, rho: float, speculation: int | None = None) -> float | None:
+def ellipsoid_multiplier(
+    z: Tensor, scale: Scale, rho: float, speculation: int | None = None, memory: dict[float, float] | None = None
+) -> float | None:
     """The lambda at which the release's bisection stops projecting z onto sum((u/c)^2) <= rho^2
     (u = z / (1 + 2 lambda / c^2)), or None when z stays as it is (inside, or outside by at most
     the tolerance: the release's loop then does not start).
@@ -276,9 +278,10 @@ def ellipsoid_multiplier(z: Tensor, scale: Scale, rho: float, speculation: int |
     the stop are the sequential loop's; a good prediction only saves passes (2-3 per projection)."""
     speculation = speculation or SPECULATION.get(z.device.type, 24)
     root = _Bisection(0.1, 0.0, 10.0, 10.0)
-    if scale.last_norms:
+    memory = scale.last_norms if memory is None else memory
+    if memory:
         # the last projection's norms predict this one's walk (APGD's z moves little per step)
-        first = [0.0] + [n.lmbd for n in _predicted_path(root, scale.last_norms, rho, speculation)]
+        first = [0.0] + [n.lmbd for n in _predicted_path(root, memory, rho, speculation)]
         first = sorted(set(first))
     else:
         first = _GRID
@@ -286,7 +289,9 @@ def ellipsoid_multiplier(z: Tensor, scale: Scale, rho: float, speculation: int |
     known = {lam: v**0.5 for lam, v in zip(first, values, strict=True)}
     if known[0.0] <= rho or abs(known[0.0] - rho) <= _TOLERANCE:
         return None
-    scale.last_norms = known
+    memory.clear()
+    memory.update(known)
+    known = memory
     state = root
     while True:
         path = _predicted_path(state, known, rho, speculation)
@@ -302,10 +307,12 @@ def ellipsoid_multiplier(z: Tensor, scale: Scale, rho: float, speculation: int |
                 break  # mispredicted: walk on from the true child
 
 
-def _ellipsoid_(z: Tensor, scale: Scale, rho: float, work: Tensor, zero_fixed: bool) -> Tensor:
+def _ellipsoid_(
+    z: Tensor, scale: Scale, rho: float, work: Tensor, zero_fixed: bool, memory: dict[float, float] | None
+) -> Tensor:
     """z projected in place onto sum((z/c)^2) <= rho^2, as the release computes it:
     z / (1 + 2 lambda / c^2) with lambda from :func:`ellipsoid_multiplier` (``work``: a [P] buffer)."""
-    lmbd = ellipsoid_multiplier(z, scale, rho)
+    lmbd = ellipsoid_multiplier(z, scale, rho, memory=memory)
     if lmbd is None:
         return z
     z.div_(torch.mul(scale.two_inv2, lmbd, out=work).add_(1))
@@ -315,11 +322,18 @@ def _ellipsoid_(z: Tensor, scale: Scale, rho: float, work: Tensor, zero_fixed: b
 
 
 def project_(
-    z: Tensor, c: Scale | Tensor | None, rho: float, norm: str, work: Tensor | None = None, zero_fixed: bool = True
+    z: Tensor,
+    c: Scale | Tensor | None,
+    rho: float,
+    norm: str,
+    work: Tensor | None = None,
+    zero_fixed: bool = True,
+    memory: dict[float, float] | None = None,
 ) -> Tensor:
     """z [P] projected in place onto the perturbation set of radius rho (c = |w0| when adaptive,
     else None); ``work`` is an optional [P] buffer like z. Returns z. ``zero_fixed=False`` skips
     zeroing z where c = 0, for a caller whose z is 0 there already (APGD's: its steps scale by c).
+    ``memory``: the ellipsoid's predictions for this problem (see :func:`ellipsoid_multiplier`).
 
     In place because at 11M parameters a fresh [P] tensor costs more than the pass that fills it
     (the allocator hands such sizes back to the system, so each new one is zero pages to fault in)."""
@@ -333,7 +347,7 @@ def project_(
     if scale is None:
         n = float(z.norm())
         return z.mul_(rho / n) if n > rho else z
-    return _ellipsoid_(z, scale, rho, work if work is not None else torch.empty_like(z), zero_fixed)
+    return _ellipsoid_(z, scale, rho, work if work is not None else torch.empty_like(z), zero_fixed, memory)
 
 
 def project(z: Tensor, c: Scale | Tensor | None, rho: float, norm: str) -> Tensor:

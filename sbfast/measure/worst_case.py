@@ -51,10 +51,28 @@ from .perturbation import (
     weighted_norm,
 )
 from .results import MeasureResult
+from .worst_case_stacked import stacked_problems
 
-__all__ = ["INITS", "apgd_checkpoints", "worst_case_sharpness"]
+__all__ = ["INITS", "STACK_BY_DEVICE", "apgd_checkpoints", "worst_case_sharpness"]
 
 INITS = ("zero", "random")
+# Whether a device solves problems side by side by default: on CUDA batches of 5 are
+# launch-bound, so K of them share one vmapped pass; on this project's 2-core CPU a vmapped
+# forward + backward of 4 batches was 1.15x faster at width 16 and 1.3x slower at width 64 than
+# four passes (docs/measure.md), so the CPU goes one by one.
+STACK_BY_DEVICE = {"cuda": True, "cpu": False}
+
+
+def _groups(problems: list[tuple], chunk: int) -> list[list[tuple]]:
+    """Consecutive problems whose batches have one shape, at most ``chunk`` per group."""
+    out: list[list[tuple]] = []
+    for p in problems:
+        last = out[-1] if out else None
+        if last and len(last) < chunk and last[0][1].shape == p[1].shape and last[0][2].shape == p[2].shape:
+            last.append(p)
+        else:
+            out.append([p])
+    return out
 
 
 def apgd_checkpoints(n_iters: int) -> list[int]:
@@ -176,6 +194,8 @@ def worst_case_sharpness(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     n_batches: int | None = None,
+    stack: bool | None = None,
+    chunk: int = 16,
 ) -> MeasureResult:
     """Worst-case sharpness: the mean over batches of max_{delta in D(rho)} L(w0 + delta) - L(w0).
 
@@ -196,6 +216,9 @@ def worst_case_sharpness(
             with ``named_parameters()``): masked weights' gradients are zeroed.
         restart_from_best: at a step halving, also move the iterate back to the worst point
             (APGD's restart; the release moves only the model's parameters).
+        stack: solve up to ``chunk`` problems (batches and restarts of one shape) side by side,
+            one vmapped forward + backward for all (:mod:`worst_case_stacked`; the same steps per
+            problem). None: per device (``STACK_BY_DEVICE``: CUDA stacks, the CPU does not).
 
     Returns:
         ``MeasureResult``: ``value`` the mean loss gap, ``per_batch`` each batch's gap,
@@ -219,6 +242,9 @@ def worst_case_sharpness(
         or step_multiplier <= 0
     ):
         raise ValueError(f"step_multiplier must be a finite number > 0, got {step_multiplier!r}")
+    chunk = check_positive_int(chunk, "chunk")
+    if stack is not None and not isinstance(stack, bool):
+        raise TypeError(f"stack must be True, False or None, got {stack!r}")
     mask_list = check_masks(masks, named)
     device = named[0][1].device
     data = as_batches(batches, batch_size=batch_size, n_batches=n_batches, device=device)
@@ -231,27 +257,42 @@ def worst_case_sharpness(
         flat = FlatModel(model, mask_list)
         c = Scale(flat.w0.abs()) if adaptive else None
         starts = flat.starting_points(data)
-        for (x, y), (l0, e0) in zip(data, starts, strict=True):
-            best = (l0, e0, torch.zeros_like(flat.w0))
-            for _ in range(restarts):
-                delta = _initial_delta(init, flat, c, rho, norm, generator)
-                found = _one_problem(
+        if stack is None:
+            stack = STACK_BY_DEVICE.get(device.type, False)
+        settings = dict(
+            rho=rho,
+            norm=norm,
+            n_iters=n_iters,
+            step=2 * rho * step_multiplier,
+            checkpoints=checkpoints,
+            restart_from_best=restart_from_best,
+        )
+        # every (batch, restart) problem, in the order the sequential loop draws their deltas
+        problems = [(b, x, y, l0, e0) for b, ((x, y), (l0, e0)) in enumerate(zip(data, starts, strict=True))]
+        problems = [p for p in problems for _ in range(restarts)]
+        found: list[tuple[float, float, Tensor]] = []
+        if stack:
+            for group in _groups(problems, chunk):
+                deltas = torch.stack([_initial_delta(init, flat, c, rho, norm, generator) for _ in group])
+                found += stacked_problems(
                     flat,
-                    x,
-                    y,
-                    delta,
+                    torch.stack([p[1] for p in group]),
+                    torch.stack([p[2] for p in group]),
+                    deltas,
                     c,
-                    rho=rho,
-                    norm=norm,
-                    n_iters=n_iters,
-                    step=2 * rho * step_multiplier,
-                    checkpoints=checkpoints,
-                    init_loss=l0,
-                    init_err=e0,
-                    restart_from_best=restart_from_best,
+                    init_losses=[p[3] for p in group],
+                    init_errs=[p[4] for p in group],
+                    **settings,
                 )
-                if found[0] > best[0]:
-                    best = found
+        else:
+            for _, x, y, l0, e0 in problems:
+                delta = _initial_delta(init, flat, c, rho, norm, generator)
+                found.append(_one_problem(flat, x, y, delta, c, init_loss=l0, init_err=e0, **settings))
+        for b, (l0, e0) in enumerate(starts):
+            best = (l0, e0, torch.zeros_like(flat.w0))
+            for candidate in found[b * restarts : (b + 1) * restarts]:
+                if candidate[0] > best[0]:
+                    best = candidate
             gaps.append(best[0] - l0)
             err_gaps.append(best[1] - e0)
             init_losses.append(l0)
@@ -274,6 +315,7 @@ def worst_case_sharpness(
             "step_multiplier": float(step_multiplier),
             "masked": mask_list is not None,
             "restart_from_best": bool(restart_from_best),
+            "stacked": bool(stack),
             "batches": n,
             "batch_sizes": sorted({int(x.shape[0]) for x, _ in data}),
         },
