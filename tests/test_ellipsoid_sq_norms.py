@@ -12,6 +12,7 @@ from helpers import assert_within_plain_error
 
 from sbfast import ops, reference, registry
 from sbfast.measure.perturbation import Scale, ellipsoid_multiplier, project
+from sbfast.reference.measures_apgd import release_bisection
 
 # (dtype, atol relative to the largest output): atol covers outputs plain PyTorch gets exactly.
 DTYPES = [
@@ -178,22 +179,12 @@ def test_cuda_kernel_agrees_with_cpu_kernel():
 
 def _sequential_multiplier(z: torch.Tensor, scale: Scale, rho: float) -> float | None:
     """The release's loop, one lambda per evaluation, on the same norms."""
-    new = float(ops.ellipsoid_sq_norms(z, scale.inv, [0.0])) ** 0.5
-    if new <= rho or abs(new - rho) <= 1e-5:
-        return None
-    lmbd, limit = 0.1, 10.0
-    lo, hi = 0.0, limit
-    tried = None
-    while abs(new - rho) > 1e-5:
-        tried = lmbd
-        new = float(ops.ellipsoid_sq_norms(z, scale.inv, [lmbd])) ** 0.5
-        if new > rho:
-            lmbd, lo = (lmbd + hi) / 2, lmbd
-        else:
-            lmbd, hi = (lo + lmbd) / 2, lmbd
-        if limit - hi < 1e-2:
-            limit, hi = limit * 2, hi * 2
-    return tried
+
+    def norm_at(lam: float) -> float:
+        return float(ops.ellipsoid_sq_norms(z, scale.inv, [lam])) ** 0.5
+
+    start = norm_at(0.0)
+    return None if start <= rho else release_bisection(norm_at, start, rho)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -181,7 +181,7 @@ def test_stack_must_be_a_bool_or_none():
 
 
 # --------------------------------------------------------------------------------------------
-# Problems side by side (worst_case_stacked): the same steps per problem as one by one.
+# Problems side by side (apgd_stacked): the same steps per problem as one by one.
 # --------------------------------------------------------------------------------------------
 
 

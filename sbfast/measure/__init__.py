@@ -6,6 +6,7 @@
 | ``results`` | ``MeasureResult``: value, per-batch values, settings; strict JSON |
 | ``perturbation`` | the flat-parameter view, perturbation sets and projections |
 | ``worst_case`` | ``worst_case_sharpness``: APGD, l2 / linf, adaptive (the paper's sharpness) |
+| ``apgd``, ``apgd_stacked`` | the ascent: one problem at a time, or several side by side (vmapped) |
 | ``average_case`` | ``average_sharpness``: Gaussian / uniform noise scaled by rho and abs(w) |
 | ``hvp``, ``curvature`` | ``hessian_trace`` (Hutchinson), ``hessian_eigenvalues`` (power / Lanczos) |
 | ``fisher_trace`` | ``fisher_trace``: mean per-sample squared gradient norm |

@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .apgd import Ascent, apgd_checkpoints, one_problem
+from .apgd_stacked import stacked_problems
 from .batches import as_batches, check_model, measuring
 from .perturbation import (
     FlatModel,
@@ -47,11 +49,9 @@ from .perturbation import (
     check_positive_int,
     check_rho,
     project,
-    project_,
     weighted_norm,
 )
 from .results import MeasureResult
-from .worst_case_stacked import stacked_problems
 
 __all__ = ["INITS", "STACK_BY_DEVICE", "apgd_checkpoints", "worst_case_sharpness"]
 
@@ -75,18 +75,6 @@ def _groups(problems: list[tuple], chunk: int) -> list[list[tuple]]:
     return out
 
 
-def apgd_checkpoints(n_iters: int) -> list[int]:
-    """The iterations at which APGD may halve its step, computed with the release's floating-point
-    operations in its order (for 20: [5, 9, 12, 15, 16, 18, 19, 20]; exact arithmetic would give 14
-    for the 15). A checkpoint >= n_iters is never reached."""
-    p = [0.0, 0.22]
-    w = [0, math.ceil(n_iters * 0.22)]
-    while w[-1] < n_iters and w[-1] != w[-2]:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-        w.append(math.ceil(p[-1] * n_iters))
-    return w[1:]
-
-
 def _initial_delta(
     init: str, flat: FlatModel, c: Scale | None, rho: float, norm: str, generator: torch.Generator | None
 ) -> Tensor:
@@ -101,81 +89,6 @@ def _initial_delta(
     if flat.mask is not None:
         delta = delta * flat.mask
     return project(delta, c, rho, norm)
-
-
-def _one_problem(
-    flat: FlatModel,
-    x: Tensor,
-    y: Tensor,
-    delta: Tensor,
-    c: Scale | None,
-    *,
-    rho: float,
-    norm: str,
-    n_iters: int,
-    step: float,
-    checkpoints: list[int],
-    init_loss: float,
-    init_err: float,
-    restart_from_best: bool,
-) -> tuple[float, float, Tensor]:
-    """APGD on one batch from ``delta``; returns the worst loss, its error and its delta.
-
-    Every [P] vector lives in one of eight buffers allocated here and rewritten in place (a fresh
-    [P] tensor per step would cost page faults larger than the pass that fills it). The gradient
-    at the worst point is kept (written to its own buffer), so a halving step that restarts from
-    the worst point reuses it instead of a forward and backward there."""
-    w0 = flat.w0
-    delta = delta.clone()
-    prev = delta.clone()
-    free = torch.empty_like(w0)  # the next z; rotates with delta and prev
-    work = torch.empty_like(w0)  # scratch: linf's signs, the projection's denominators
-    grad, worst_grad = torch.empty_like(w0), torch.empty_like(w0)
-    worst_loss, worst_err, worst_delta = init_loss, init_err, delta.clone()
-    prev_step, prev_worst, prev_cp, n_upd = step, init_loss, 0, 0
-    point = torch.add(w0, delta)  # where the next gradient is taken
-    leaves, loss, _ = flat.graph(point, x, y)
-    graph_at_worst, from_worst = True, False  # the pending graph is at the worst point; reuse worst_grad
-    for i in range(n_iters):
-        if from_worst:
-            g = worst_grad
-        else:
-            g = flat.gradient(leaves, loss, out=worst_grad if graph_at_worst else grad)
-        with torch.no_grad():
-            # each line one fused pass over the flat buffers
-            d = g if norm == "l2" else torch.sign(g, out=work)
-            value = step / (float(g.norm()) + 1e-12) if norm == "l2" else step
-            if c is not None:
-                z = torch.addcmul(delta, d, c.c, value=value, out=free)
-            else:
-                z = torch.add(delta, d, alpha=value, out=free)
-            project_(z, c, rho, norm, work, zero_fixed=False)  # z = 0 where c = 0: delta starts so
-            torch.lerp(prev, z, 0.75, out=z)  # 0.75 z + 0.25 prev in one pass
-            delta, prev, free = z, delta, prev
-            torch.add(w0, delta, out=point)
-        last = i == n_iters - 1
-        if last:
-            cur_loss, cur_err = flat.evaluate(point, x, y)
-        else:
-            leaves, loss, cur_err = flat.graph(point, x, y)
-            cur_loss = float(loss.detach())
-        graph_at_worst, from_worst = cur_loss > worst_loss, False
-        if graph_at_worst:
-            worst_loss, worst_err = cur_loss, cur_err
-            worst_delta.copy_(delta)
-            n_upd += 1
-        if i in checkpoints:
-            cond1 = n_upd < 0.75 * (i - prev_cp)
-            cond2 = prev_step == step and prev_worst == worst_loss
-            prev_step, prev_worst, prev_cp, n_upd = step, worst_loss, i, 0
-            if cond1 or cond2:
-                step *= 0.5
-                if restart_from_best:
-                    delta.copy_(worst_delta)
-                    prev.copy_(worst_delta)
-                # the next gradient at the worst point: the pending graph's, or the one kept
-                from_worst = not graph_at_worst
-    return worst_loss, worst_err, worst_delta
 
 
 def worst_case_sharpness(
@@ -217,7 +130,7 @@ def worst_case_sharpness(
         restart_from_best: at a step halving, also move the iterate back to the worst point
             (APGD's restart; the release moves only the model's parameters).
         stack: solve up to ``chunk`` problems (batches and restarts of one shape) side by side,
-            one vmapped forward + backward for all (:mod:`worst_case_stacked`; the same steps per
+            one vmapped forward + backward for all (:mod:`apgd_stacked`; the same steps per
             problem). None: per device (``STACK_BY_DEVICE``: CUDA stacks, the CPU does not).
 
     Returns:
@@ -259,14 +172,7 @@ def worst_case_sharpness(
         starts = flat.starting_points(data)
         if stack is None:
             stack = STACK_BY_DEVICE.get(device.type, False)
-        settings = dict(
-            rho=rho,
-            norm=norm,
-            n_iters=n_iters,
-            step=2 * rho * step_multiplier,
-            checkpoints=checkpoints,
-            restart_from_best=restart_from_best,
-        )
+        ascent = Ascent(rho, norm, n_iters, 2 * rho * step_multiplier, tuple(checkpoints), bool(restart_from_best))
         # every (batch, restart) problem, in the order the sequential loop draws their deltas
         problems = [(b, x, y, l0, e0) for b, ((x, y), (l0, e0)) in enumerate(zip(data, starts, strict=True))]
         problems = [p for p in problems for _ in range(restarts)]
@@ -280,14 +186,14 @@ def worst_case_sharpness(
                     torch.stack([p[2] for p in group]),
                     deltas,
                     c,
+                    ascent,
                     init_losses=[p[3] for p in group],
                     init_errs=[p[4] for p in group],
-                    **settings,
                 )
         else:
             for _, x, y, l0, e0 in problems:
                 delta = _initial_delta(init, flat, c, rho, norm, generator)
-                found.append(_one_problem(flat, x, y, delta, c, init_loss=l0, init_err=e0, **settings))
+                found.append(one_problem(flat, x, y, delta, c, ascent, l0, e0))
         for b, (l0, e0) in enumerate(starts):
             best = (l0, e0, torch.zeros_like(flat.w0))
             for candidate in found[b * restarts : (b + 1) * restarts]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,23 +58,36 @@ def _project(delta: list[Tensor], w0: list[Tensor], rho: float, norm: str, adapt
         return delta
     if not adaptive:
         return [d * (rho / n) for d in delta]
-    lmbd, limit, lo, hi = 0.1, 10.0, 0.0, 10.0
-    new, tmp = n, delta
-    while abs(new - rho) > 1e-5:
-        tmp = [
+
+    def candidate(lmbd: float) -> list[Tensor]:
+        return [
             torch.where(
                 w != 0, d / (1 + 2 * lmbd / torch.where(w != 0, w.abs(), torch.ones_like(w)) ** 2), torch.zeros_like(d)
             )
             for d, w in zip(delta, w0, strict=True)
         ]
-        new = wnorm(tmp)
+
+    lmbd = release_bisection(lambda lam: wnorm(candidate(lam)), n, rho)
+    return delta if lmbd is None else candidate(lmbd)
+
+
+def release_bisection(norm_at: Callable[[float], float], start: float, rho: float) -> float | None:
+    """The release's bisection for the ellipsoid's multiplier, one lambda at a time: start 0.1 in
+    [0, 10], the upper limit doubled when reached, until the weighted norm ``norm_at(lambda)`` is
+    within 1e-5 of rho. ``start`` is the norm of the point itself (lambda 0). Returns the lambda
+    it stops at, or None when the loop does not start (``start`` within 1e-5 of rho)."""
+    lmbd, limit, lo, hi = 0.1, 10.0, 0.0, 10.0
+    new, tried = start, None
+    while abs(new - rho) > 1e-5:
+        tried = lmbd
+        new = norm_at(lmbd)
         if new > rho:
             lmbd, lo = (lmbd + hi) / 2, lmbd
         else:
             lmbd, hi = (lo + lmbd) / 2, lmbd
         if limit - hi < 1e-2:
             limit, hi = limit * 2, hi * 2
-    return tmp
+    return tried
 
 
 def reference_worst_case_sharpness(

@@ -2,7 +2,7 @@
 together, one vmapped forward + backward per iteration for all of them.
 
 The problems are independent and each follows exactly the steps of
-:func:`sbfast.measure.worst_case._one_problem` (the same step sizes, projections, momentum,
+:func:`sbfast.measure.apgd.one_problem` (the same step sizes, projections, momentum,
 checkpoints and halvings, decided per problem on the host from one read of the K losses per
 iteration). What is shared is the model's pass: ``torch.func.vmap`` of ``grad_and_value`` over
 the K points [K, P] and batches [K, b, ...] (convolutions with per-problem weights become one
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
+from .apgd import Ascent, StepSchedule
 from .perturbation import FlatModel, Scale, project_
 
 __all__ = ["stacked_problems"]
@@ -45,21 +46,16 @@ def stacked_problems(
     ys: Tensor,
     deltas: Tensor,
     c: Scale | None,
-    *,
-    rho: float,
-    norm: str,
-    n_iters: int,
-    step: float,
-    checkpoints: list[int],
+    ascent: Ascent,
     init_losses: list[float],
     init_errs: list[float],
-    restart_from_best: bool,
 ) -> list[tuple[float, float, Tensor]]:
     """APGD on K problems at once: batch k is ``(xs[k] [b, ...], ys[k] [b])`` from ``deltas[k]``
     ([K, P]), starting loss and error ``init_losses[k]``, ``init_errs[k]``. Returns per problem
-    the worst loss, its error and its delta [P] (as :func:`worst_case._one_problem` does)."""
+    the worst loss, its error and its delta [P] (as :func:`sbfast.measure.apgd.one_problem` does)."""
     k_count = deltas.shape[0]
     w0 = flat.w0
+    rho, norm, checkpoints = ascent.rho, ascent.norm, ascent.checkpoints
     loss_and_grad = vmap(grad_and_value(_loss_fn(flat), has_aux=True))
     delta = deltas.clone()
     prev = delta.clone()
@@ -69,25 +65,25 @@ def stacked_problems(
     worst_grad = torch.empty_like(delta)
     point = torch.add(w0, delta)
     memories: list[dict[float, float]] = [{} for _ in range(k_count)]
-    steps = [step] * k_count
+    schedules = [StepSchedule(ascent.step, loss) for loss in init_losses]
     worst_loss, worst_err = list(init_losses), list(init_errs)
-    prev_step, prev_worst = list(steps), list(init_losses)
-    prev_cp, n_upd = [0] * k_count, [0] * k_count
     from_worst = [False] * k_count
     g, _ = loss_and_grad(point, xs, ys)
     worst_grad.copy_(_masked(flat, g))  # every problem's pending point is its worst so far
     g = worst_grad.clone()
-    for i in range(n_iters):
+    for i in range(ascent.n_iters):
         with torch.no_grad():
             for k in range(k_count):
                 if from_worst[k]:
                     g[k].copy_(worst_grad[k])
             if norm == "l2":
                 norms = torch.linalg.vector_norm(g, dim=1).tolist()
-                value = torch.tensor([s / (n + 1e-12) for s, n in zip(steps, norms, strict=True)], dtype=w0.dtype)
+                value = torch.tensor(
+                    [s.step / (n + 1e-12) for s, n in zip(schedules, norms, strict=True)], dtype=w0.dtype
+                )
                 d = g
             else:
-                value = torch.tensor(steps, dtype=w0.dtype)
+                value = torch.tensor([s.step for s in schedules], dtype=w0.dtype)
                 d = torch.sign(g)
             value = value.to(w0.device)[:, None]
             if c is not None:
@@ -99,7 +95,7 @@ def stacked_problems(
             torch.lerp(prev, z, 0.75, out=z)
             delta, prev, free = z, delta, prev
             torch.add(w0, delta, out=point)
-        last = i == n_iters - 1
+        last = i == ascent.n_iters - 1
         if last:
             with torch.no_grad():
                 logits = vmap(flat.logits)(point, xs)
@@ -118,15 +114,10 @@ def stacked_problems(
                 worst_delta[k].copy_(delta[k])
                 if not last:
                     worst_grad[k].copy_(g[k])
-                n_upd[k] += 1
-            if i in checkpoints:
-                cond1 = n_upd[k] < 0.75 * (i - prev_cp[k])
-                cond2 = prev_step[k] == steps[k] and prev_worst[k] == worst_loss[k]
-                prev_step[k], prev_worst[k], prev_cp[k], n_upd[k] = steps[k], worst_loss[k], i, 0
-                if cond1 or cond2:
-                    steps[k] *= 0.5
-                    if restart_from_best:
-                        delta[k].copy_(worst_delta[k])
-                        prev[k].copy_(worst_delta[k])
-                    from_worst[k] = not at_worst
+                schedules[k].improved()
+            if i in checkpoints and schedules[k].halves_at(i, worst_loss[k]):
+                if ascent.restart_from_best:
+                    delta[k].copy_(worst_delta[k])
+                    prev[k].copy_(worst_delta[k])
+                from_worst[k] = not at_worst
     return [(worst_loss[k], worst_err[k], worst_delta[k].clone()) for k in range(k_count)]
