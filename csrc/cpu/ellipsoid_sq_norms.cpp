@@ -91,14 +91,13 @@ at::Tensor ellipsoid_sq_norms(const at::Tensor& z, const at::Tensor& inv_scale, 
   const int64_t n = zc.numel();
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partials(static_cast<size_t>(chunks * k_count), 0.0);
-  const std::vector<double> lams(lambdas.begin(), lambdas.end());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, zc.scalar_type(), "ellipsoid_sq_norms_cpu", [&] {
     const scalar_t* zp = zc.const_data_ptr<scalar_t>();
     const scalar_t* sp = sc.const_data_ptr<scalar_t>();
     at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
       for (int64_t c = first; c < last; ++c) {
         const int64_t begin = c * kChunk;
-        chunk_sums<scalar_t>(zp + begin, sp + begin, std::min(n, begin + kChunk) - begin, lams.data(), k_count,
+        chunk_sums<scalar_t>(zp + begin, sp + begin, std::min(n, begin + kChunk) - begin, lambdas.data(), k_count,
                              partials.data() + c * k_count);
       }
     });

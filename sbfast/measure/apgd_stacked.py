@@ -69,8 +69,8 @@ def stacked_problems(
     worst_loss, worst_err = list(init_losses), list(init_errs)
     from_worst = [False] * k_count
     g, _ = loss_and_grad(point, xs, ys)
-    worst_grad.copy_(_masked(flat, g))  # every problem's pending point is its worst so far
-    g = worst_grad.clone()
+    g = _masked(flat, g)
+    worst_grad.copy_(g)  # every problem's pending point is its worst so far
     for i in range(ascent.n_iters):
         with torch.no_grad():
             for k in range(k_count):
