@@ -143,6 +143,7 @@ def test_the_model_leaves_as_it_came_also_after_an_error():
     model[1].weight.requires_grad_(False)
     stats = model[1].running_mean.clone()
     worst_case_sharpness(model, _batches(torch.float64), rho=0.5, n_iters=4)
+    worst_case_sharpness(model, _batches(torch.float64), rho=0.5, n_iters=4, stack=True)
     average_sharpness(model, _batches(torch.float64), rho=0.5, n_draws=3)
     bad = [(torch.full((2, 3, 4, 4), float("nan"), dtype=torch.float64), torch.tensor([0, 1]))]
     with pytest.raises(ValueError, match="batch 0"):
