@@ -11,7 +11,8 @@ Cases (the release's protocol: batches of 5 training samples):
 * hessian_trace, 20 batches of 5, 3 probes, no early stop: reference = pyhessian's data-loader
   trace (``pyhessian.hessian(..., dataloader=batches).trace``), the class the release meant to
   call (the plain twin's batch loop, the same algorithm, when pyhessian is not installed);
-  target >= 5x.
+  target >= 5x. Faces: the default (second-order forward, ``hvp_mode="auto"`` picks it for a
+  ResNet) and the double backward through the kept gradient graph.
 * fisher_trace, 20 batches of 5: reference = vmap(grad) per batch of 5 (the release's
   ``test_fisher``; here ``sbfast.reference.fisher_scores``).
 * ntk_logdet, 20 batches of 5: reference = one backward per sample over the kept graph (the
@@ -113,7 +114,12 @@ def _trace_case(device: torch.device) -> BenchCase:
         op="hessian_trace",
         shape=f"resnet18 w{WIDTH}, {BATCHES} batches of 5, {PROBES} probes",
         reference=ref,
-        faces={"sbfast hessian_trace": lambda: hessian_trace(model, batches, max_iter=PROBES, tol=1e-300)},
+        faces={
+            "sbfast hessian_trace": lambda: hessian_trace(model, batches, max_iter=PROBES, tol=1e-300),
+            "sbfast hessian_trace, double backward": lambda: hessian_trace(
+                model, batches, max_iter=PROBES, tol=1e-300, hvp_mode="backward"
+            ),
+        },
         samples=5 * BATCHES,
         notes=f"{note} at the same probes, no early stop (target >= 5x)",
     )

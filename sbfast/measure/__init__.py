@@ -9,6 +9,7 @@
 | ``apgd``, ``apgd_stacked`` | the ascent: one problem at a time, or several side by side (vmapped) |
 | ``average_case`` | ``average_sharpness``: Gaussian / uniform noise scaled by rho and abs(w) |
 | ``hvp``, ``curvature`` | ``hessian_trace`` (Hutchinson), ``hessian_eigenvalues`` (power / Lanczos) |
+| ``taylor`` | v^T H v by second-order forward mode (the trace's default where the model has rules) |
 | ``fisher_trace`` | ``fisher_trace``: mean per-sample squared gradient norm |
 | ``ntk`` | ``ntk_gram``, ``ntk_logdet``: the release's NTK mode |
 | ``predictions`` | ``predictions``: every member's logits and probabilities, once per data set |

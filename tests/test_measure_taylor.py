@@ -1,0 +1,189 @@
+"""The second-order forward mode (sbfast.measure.taylor) against the exact Hessian
+(torch.autograd.functional.hessian, float64) and the double backward: every rule, every model
+of sbfast.models that it covers, k directions at once, chunks, a parameter handed over frozen (the measures take every parameter); models it does
+not cover are named (NoTaylorRule) and hessian_trace then takes the double backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbfast.measure import hessian_trace, measuring
+from sbfast.measure.hvp import HessianOperator
+from sbfast.measure.taylor import NoTaylorRule, TaylorCurvature
+from sbfast.models import create_model
+from sbfast.reference import measures_curvature as R
+
+F64 = torch.float64
+
+
+class EveryRule(nn.Module):
+    """One of each function with a rule, in the ways models call them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.frozen = nn.Conv2d(4, 4, 1, bias=False)
+        self.frozen.weight.requires_grad_(False)
+        self.c1d = nn.Conv1d(4, 3, 2)
+        self.bn1d = nn.BatchNorm1d(3)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.seq = nn.Linear(3, 5)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.bn1(self.c1(x)))  # [N, 4, 6, 6]
+        h = F.max_pool2d(h, 2, ceil_mode=True) + F.avg_pool2d(h, 2)  # [N, 4, 3, 3]
+        r = self.bn2(self.c2(h))  # [N, 4, 2, 2]
+        r = F.adaptive_avg_pool2d(r, 2)
+        r = r - self.frozen(r)
+        r += F.relu(r)
+        s = r.view(r.size(0), 4, -1)  # [N, 4, 4]
+        s = self.bn1d(self.c1d(s))  # [N, 3, 3]
+        s = F.max_pool1d(torch.relu(s), 2, stride=1)  # [N, 3, 2]
+        t = self.seq(self.drop(s.reshape(-1, 2, 3)))  # [N, 2, 5]
+        return self.fc(torch.flatten(t.unsqueeze(1), 1).squeeze(1))
+
+
+def _busy_norms(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g, dtype=F64))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g, dtype=F64) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g, dtype=F64) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g, dtype=F64))
+    return model
+
+
+def _model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    torch.manual_seed(0)
+    if name == "every_rule":
+        return _busy_norms(EveryRule().to(F64)).eval(), (2, 6, 6)
+    kw = {"width": 4} if name.startswith("resnet18") else {}
+    shape = {"resnet18_imagenet": (3, 32, 32), "resnet18_tiny": (3, 16, 16), "cnn": (1, 8, 8), "mlp": (64,)}
+    if name == "cnn":
+        kw["in_channels"] = 1
+    model = create_model(name, 3, **kw).to(F64)
+    return _busy_norms(model).eval(), shape.get(name, (3, 8, 8))
+
+
+def _batches(shape, sizes, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, *shape, generator=g, dtype=F64), torch.randint(0, 3, (s,), generator=g)) for s in sizes]
+
+
+def _quadratic_forms(model, batches, v, chunk_size=1024):  # v [k, P]
+    with measuring(model):
+        op = HessianOperator(model, batches, chunk_size=chunk_size)
+        taylor = TaylorCurvature(model, op.params, op.chunks, op.n_samples)(v)
+        backward = (v * op(v)).sum(1)
+    return taylor, backward, op
+
+
+@pytest.mark.parametrize("sizes,chunk", [([1], 1024), ([7], 1024), ([5, 1, 7], 1024), ([5, 1, 7], 3)])
+def test_every_rule_equals_the_exact_hessian(sizes, chunk):
+    model, shape = _model("every_rule")
+    batches = _batches(shape, sizes)
+    with measuring(model):
+        h = R.exact_hessian(model, batches)  # every parameter, also one handed over frozen
+    v = torch.randn(3, h.shape[0], dtype=F64, generator=torch.Generator().manual_seed(4))
+    taylor, backward, op = _quadratic_forms(model, batches, v, chunk)
+    assert op.size == h.shape[0]
+    exact = torch.einsum("kp,pq,kq->k", v, h, v)
+    torch.testing.assert_close(taylor, exact, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(taylor, backward, rtol=1e-10, atol=1e-12)
+    one = TaylorCurvature(model, op.params, op.chunks, op.n_samples)
+    with measuring(model):
+        assert float(one(v[1])) == pytest.approx(float(exact[1]), rel=1e-10)  # [P] -> a scalar
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet18_imagenet", "resnet18_tiny", "wrn40_2", "cnn", "mlp"])
+def test_models_equal_the_double_backward(name):
+    model, shape = _model(name)
+    batches = _batches(shape, [3, 1])
+    size = sum(p.numel() for p in model.parameters())
+    v = torch.randn(2, size, dtype=F64, generator=torch.Generator().manual_seed(7))
+    taylor, backward, _ = _quadratic_forms(model, batches, v)
+    torch.testing.assert_close(taylor, backward, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_close_to_float64():
+    model, shape = _model("resnet18")
+    batches = _batches(shape, [4])
+    size = sum(p.numel() for p in model.parameters())
+    v = torch.randn(2, size, dtype=F64, generator=torch.Generator().manual_seed(8))
+    want, _, _ = _quadratic_forms(model, batches, v)
+    m32 = copy.deepcopy(model).float()
+    b32 = [(x.float(), y) for x, y in batches]
+    got, back32, _ = _quadratic_forms(m32, b32, v.float())
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    # no worse than the double backward in the same dtype, within 2x
+    assert (got - want).abs().max() <= 2 * (back32.double() - want).abs().max() + 1e-4
+
+
+def _tanh_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+
+
+def test_a_function_without_a_rule_is_named():
+    model = _tanh_model()
+    batches = _batches((4,), [5])
+    with measuring(model):
+        op = HessianOperator(model, batches)
+        with pytest.raises(NoTaylorRule, match="tanh"):
+            TaylorCurvature(model, op.params, op.chunks, op.n_samples)(torch.ones(op.size, dtype=F64))
+    with pytest.raises(ValueError, match="hvp_mode='taylor' cannot follow this model") as info:
+        hessian_trace(model, batches, max_iter=3, hvp_mode="taylor")
+    assert "\n" not in str(info.value)
+
+
+def test_trace_auto_takes_taylor_where_it_can_and_the_same_numbers():
+    model, shape = _model("cnn")
+    batches = _batches(shape, [5, 7])
+    kw = {"max_iter": 6, "tol": 1e-12}
+    auto = hessian_trace(model, batches, generator=torch.Generator().manual_seed(3), **kw)
+    back = hessian_trace(model, batches, generator=torch.Generator().manual_seed(3), hvp_mode="backward", **kw)
+    assert auto.extra["products"] == "taylor" and back.extra["products"] == "backward"
+    assert auto.settings["hvp_mode"] == "auto"
+    torch.testing.assert_close(
+        torch.tensor(auto.extra["samples"]), torch.tensor(back.extra["samples"]), rtol=1e-10, atol=1e-12
+    )
+    other = hessian_trace(_tanh_model(), _batches((4,), [5]), max_iter=3)
+    assert other.extra["products"] == "backward"
+
+
+def test_model_restored_after_an_interrupt_in_the_forward_mode(monkeypatch):
+    model, shape = _model("cnn")
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    state = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    calls = {"n": 0}
+    real = TaylorCurvature.__call__
+
+    def failing(self, v):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, v)
+
+    monkeypatch.setattr(TaylorCurvature, "__call__", failing)
+    with pytest.raises(KeyboardInterrupt):
+        hessian_trace(model, _batches(shape, [5]), max_iter=5, tol=1e-12)
+    assert model.training and all(m.training for m in model.modules())
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, state[k]), k
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g) and p.requires_grad
