@@ -187,3 +187,42 @@ def test_model_restored_after_an_interrupt_in_the_forward_mode(monkeypatch):
         assert torch.equal(t, state[k]), k
     for p, g in zip(model.parameters(), grads, strict=True):
         assert torch.equal(p.grad, g) and p.requires_grad
+
+
+class _InPlaceOnAView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        F.relu(h.view(-1), inplace=True)  # changes h through a view
+        return self.out(h)
+
+
+def test_in_place_on_a_view_is_refused_and_the_trace_still_exact():
+    torch.manual_seed(0)
+    model = _InPlaceOnAView().to(F64)
+    batches = _batches((4,), [5])
+    with measuring(model):
+        op = HessianOperator(model, batches)
+        with pytest.raises(NoTaylorRule, match="in-place relu on a view"):
+            TaylorCurvature(model, op.params, op.chunks, op.n_samples)(torch.ones(op.size, dtype=F64))
+    r = hessian_trace(model, batches, max_iter=4, tol=1e-12)
+    assert r.extra["products"] == "backward"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_equals_cpu():
+    model, shape = _model("resnet18")
+    batches = _batches(shape, [4, 3])
+    v = torch.randn(
+        2, sum(p.numel() for p in model.parameters()), dtype=F64, generator=torch.Generator().manual_seed(9)
+    )
+    cpu, _, _ = _quadratic_forms(model, batches, v)
+    dev = copy.deepcopy(model).cuda()
+    gpu, back, _ = _quadratic_forms(dev, [(x.cuda(), y.cuda()) for x, y in batches], v.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gpu, back, rtol=1e-9, atol=1e-9)

@@ -225,6 +225,13 @@ _LINEAR = {
 }
 
 
+def _in_place(func: Callable, args: tuple, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    if name.endswith("_") and not name.endswith("__") or name.startswith("__i"):
+        return True
+    return bool(kwargs.get("inplace", args[1] if func is F.relu and len(args) > 1 else False))
+
+
 class _Follow(TorchFunctionMode):
     def __init__(self, rules: _Rules) -> None:
         super().__init__()
@@ -234,6 +241,9 @@ class _Follow(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         rules = self.rules
         varying = any(isinstance(t, Tensor) and t in rules.table for t in tree_leaves((args, kwargs)))
+        if varying and _in_place(func, args, kwargs) and isinstance(args[0], Tensor) and args[0]._is_view():
+            # the primal would change under another tensor's name, its derivatives would not
+            raise NoTaylorRule(f"in-place {getattr(func, '__name__', func)} on a view")
         out = func(*args, **kwargs)
         if not varying or not any(isinstance(t, Tensor) for t in tree_leaves(out)):
             return out
