@@ -62,9 +62,14 @@ def _scaled(a: Tensor | None, s: float) -> Tensor | None:
     return a if s == 1 else a * s
 
 
+def _stack(parts: list[Tensor]) -> Tensor:
+    """[k] tensors -> [k, ...]; one direction without a copy."""
+    return parts[0].unsqueeze(0) if len(parts) == 1 else torch.stack(parts)
+
+
 def _each(fn: Callable[[Tensor], Tensor], d: Tensor | None) -> Tensor | None:
     """A function of one sample-shaped tensor, applied to each of the k derivative parts."""
-    return None if d is None else torch.stack([fn(d[j]) for j in range(d.shape[0])])
+    return None if d is None else _stack([fn(d[j]) for j in range(d.shape[0])])
 
 
 class _Rules:
@@ -106,9 +111,10 @@ class _Rules:
         d2 = None if x2 is None else call(x2.flatten(0, 1), w).unflatten(0, (k, n))
         if v_w is not None:
             xf = fmt(x)
-            d1 = _plus(d1, torch.stack([call(xf, v_w[j]) for j in range(k)]))
+            d1 = _plus(d1, _stack([call(xf, v_w[j]) for j in range(k)]))
             if x1 is not None:
-                d2 = _plus(d2, 2 * torch.stack([call(x1[j], v_w[j]) for j in range(k)]))
+                quad = _stack([call(x1[j], v_w[j]) for j in range(k)])
+                d2 = quad.mul_(2) if d2 is None else d2.add_(quad, alpha=2)
         if v_b is not None:
             if func is F.linear:  # out [..., C_out]
                 vb = v_b.reshape(self.k, *([1] * (out.dim() - 1)), -1)
@@ -137,9 +143,10 @@ class _Rules:
         d2 = None if x2 is None else x2 * scale
         if v_g is not None:
             dscale = v_g.reshape(self.k, *shape) * inv_s  # [k, 1, C, 1, ...]
-            d1 = _plus(d1, dscale * (x - mean.reshape(shape)))
+            centred = x - mean.reshape(shape)
+            d1 = dscale * centred if d1 is None else d1.addcmul_(dscale, centred)
             if x1 is not None:
-                d2 = _plus(d2, 2 * dscale * x1)
+                d2 = 2 * dscale * x1 if d2 is None else d2.addcmul_(dscale, x1, value=2)
         if v_b is not None:
             vb = v_b.reshape(self.k, *shape)
             d1 = vb.expand(self.k, *out.shape) if d1 is None else d1 + vb
