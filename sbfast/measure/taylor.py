@@ -185,15 +185,18 @@ class _Rules:
     def add(self, out: Tensor, args: tuple, kwargs: dict, sign: float) -> Parts:
         a, b = args[0], args[1]
         alpha = kwargs.get("alpha", 1)
-        a1, a2 = self.parts(a)
-        b1, b2 = self.parts(b)
         s = sign * alpha
-        d1, d2 = _plus(a1, _scaled(b1, s)), _plus(a2, _scaled(b2, s))
+
+        def aligned(t: Any, d: Tensor | None) -> Tensor | None:
+            # [k, *t.shape] -> [k, 1.., *t.shape]: t broadcasts against the result from the right
+            return None if d is None else d.reshape(self.k, *([1] * (out.dim() - t.dim())), *t.shape)
 
         def full(d: Tensor | None) -> Tensor | None:  # broadcast to the result's shape
             return None if d is None else d.expand(self.k, *out.shape) if d.shape[1:] != out.shape else d
 
-        return full(d1), full(d2)
+        (a1, a2), (b1, b2) = self.parts(a), self.parts(b)
+        a1, a2, b1, b2 = aligned(a, a1), aligned(a, a2), aligned(b, b1), aligned(b, b2)
+        return full(_plus(a1, _scaled(b1, s))), full(_plus(a2, _scaled(b2, s)))
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
