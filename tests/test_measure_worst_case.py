@@ -266,3 +266,33 @@ def test_a_batch_without_a_finite_starting_loss_is_refused_before_any_measuring(
             average_sharpness(model, batches, rho=0.5, n_draws=4, generator=g)
     assert "\n" not in str(info.value)
     assert torch.equal(g.get_state(), before)
+
+
+class _Tied(nn.Module):
+    """One weight registered in two modules (named_parameters lists it once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+        self.mid = nn.Linear(5, 5)
+        self.again = nn.Linear(5, 5)
+        self.again.weight = self.mid.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.again(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_a_tied_weight_moves_as_one_in_every_place(stack):
+    torch.manual_seed(4)
+    model, data = _Tied().double(), _batches(torch.float64)
+    ids = [id(p) for p in model.parameters()]
+    assert len(ids) == 5  # the tied weight once
+    ref = reference_worst_case_sharpness(model, data, rho=0.5, n_iters=8)
+    got = worst_case_sharpness(model, data, rho=0.5, n_iters=8, stack=stack)
+    torch.testing.assert_close(torch.tensor(got.per_batch), torch.tensor(ref[2]), rtol=1e-9, atol=1e-11)
+    g = torch.Generator().manual_seed(9)
+    noise = [draw_noise(model, 4, "l2", g) for _ in data]
+    avg = average_sharpness(model, data, rho=0.2, n_draws=4, noise=noise, stack=stack)
+    assert math.isclose(avg.value, reference_average_sharpness(model, data, noise, rho=0.2)[0], rel_tol=1e-9)
+    assert [id(p) for p in model.parameters()] == ids and model.again.weight is model.mid.weight
