@@ -16,6 +16,7 @@ from torch import nn
 from sbfast.measure import hessian_eigenvalues, hessian_trace, measuring
 from sbfast.measure.curvature import rademacher
 from sbfast.measure.hvp import HessianOperator
+from sbfast.measure.taylor import TaylorCurvature
 from sbfast.reference import measures_curvature as R
 
 F64 = torch.float64
@@ -249,13 +250,20 @@ def test_bad_input_one_line_and_model_untouched(call, message):
     _assert_same(model, snap)
 
 
-def test_model_restored_after_an_error_mid_measure(monkeypatch):
-    model = _cnn()
+def _relu_cnn() -> nn.Module:
+    m = _cnn()
+    m[2] = nn.ReLU()  # every function with a second-order forward rule: the trace takes that way
+    return m
+
+
+@pytest.mark.parametrize(("make", "way"), [(_cnn, HessianOperator), (_relu_cnn, TaylorCurvature)])
+def test_model_restored_after_an_error_mid_measure(monkeypatch, make, way):
+    model = make()
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     snap = _snapshot(model)
     calls = {"n": 0}
-    real = HessianOperator.__call__
+    real = way.__call__
 
     def failing(self, v):
         calls["n"] += 1
@@ -263,7 +271,7 @@ def test_model_restored_after_an_error_mid_measure(monkeypatch):
             raise KeyboardInterrupt
         return real(self, v)
 
-    monkeypatch.setattr(HessianOperator, "__call__", failing)
+    monkeypatch.setattr(way, "__call__", failing)
     with pytest.raises(KeyboardInterrupt):
         hessian_trace(model, _batches(model, [5, 7]), max_iter=10, tol=1e-12)
     _assert_same(model, snap)
