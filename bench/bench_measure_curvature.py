@@ -8,7 +8,7 @@ Cases (the release's protocol: batches of 5 training samples):
   <= 2.5x a gradient). Faces: double backward through the kept gradient graph (what the
   measures use when the samples fit one chunk), double backward with the graph built for the
   product, forward-over-reverse (jvp of grad).
-* hessian_trace, 20 batches of 5, 3 probes, no early stop: reference = pyhessian's data-loader
+* hessian_trace, 20 batches of 5, 3 and 10 probes, no early stop: reference = pyhessian's data-loader
   trace (``pyhessian.hessian(..., dataloader=batches).trace``), the class the release meant to
   call (the plain twin's batch loop, the same algorithm, when pyhessian is not installed);
   target >= 5x. Faces: the default (second-order forward, ``hvp_mode="auto"`` picks it for a
@@ -40,7 +40,7 @@ WIDTH = 8
 CLASSES = 10
 HVP_SAMPLES = 200
 BATCHES = 20  # of 5, the release's batch size
-PROBES = 3
+PROBES = (3, 10)  # the trace at few probes (the recorded forward's first probe weighs) and more
 
 
 def _setup(device: torch.device, n_batches: int, batch: int = 5):
@@ -101,23 +101,23 @@ def _hvp_case(device: torch.device) -> BenchCase:
     )
 
 
-def _trace_case(device: torch.device) -> BenchCase:
+def _trace_case(device: torch.device, probes: int) -> BenchCase:
     model, batches = _setup(device, BATCHES)
-    ref = _pyhessian_trace(model, batches, PROBES) if device.type == "cpu" else None
+    ref = _pyhessian_trace(model, batches, probes) if device.type == "cpu" else None
     note = "reference = pyhessian data-loader trace"
     if ref is None:
         size = sum(p.numel() for p in model.parameters())
-        probes = [torch.ones(size, device=device) for _ in range(PROBES)]
-        ref = lambda: twin.hutchinson_trace(model, batches, probes)  # noqa: E731
+        vectors = [torch.ones(size, device=device) for _ in range(probes)]
+        ref = lambda: twin.hutchinson_trace(model, batches, vectors)  # noqa: E731
         note = "reference = the plain twin's batch loop (pyhessian not installed)"
     return BenchCase(
         op="hessian_trace",
-        shape=f"resnet18 w{WIDTH}, {BATCHES} batches of 5, {PROBES} probes",
+        shape=f"resnet18 w{WIDTH}, {BATCHES} batches of 5, {probes} probes",
         reference=ref,
         faces={
-            "sbfast hessian_trace": lambda: hessian_trace(model, batches, max_iter=PROBES, tol=1e-300),
+            "sbfast hessian_trace": lambda: hessian_trace(model, batches, max_iter=probes, tol=1e-300),
             "sbfast hessian_trace, double backward": lambda: hessian_trace(
-                model, batches, max_iter=PROBES, tol=1e-300, hvp_mode="backward"
+                model, batches, max_iter=probes, tol=1e-300, hvp_mode="backward"
             ),
         },
         samples=5 * BATCHES,
@@ -156,7 +156,7 @@ def _ntk_case(device: torch.device) -> BenchCase:
 
 
 def cases(device: torch.device) -> list[BenchCase]:
-    return [_hvp_case(device), _trace_case(device), _fisher_case(device), _ntk_case(device)]
+    return [_hvp_case(device), *(_trace_case(device, p) for p in PROBES), _fisher_case(device), _ntk_case(device)]
 
 
 def main() -> int:

@@ -202,3 +202,57 @@ def test_cuda_equals_cpu():
     gpu, back, _ = _quadratic_forms(dev, [(x.cuda(), y.cuda()) for x, y in batches], v.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(gpu, back, rtol=1e-9, atol=1e-9)
+
+
+class _TwoPaths(nn.Module):
+    """Two functions by as many torch calls, chosen by ``other`` (a kept forward of one does
+    not fit the other)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+        self.other = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if self.other:
+            return self.b(F.relu(h - 1.0))
+        return self.b(F.relu(h)) + 0.0
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18", "resnet18_tiny"])
+def test_later_calls_replay_the_kept_forward_and_equal_fresh_ones(name):
+    """One chunk: the recorded forward is replayed by every later call (the in-place ReLUs of
+    resnet18_tiny keep nothing, so it recomputes)."""
+    model, shape = _model(name)
+    batches = _batches(shape, [4, 3])
+    size = sum(p.numel() for p in model.parameters())
+    v = torch.randn(4, size, dtype=F64, generator=torch.Generator().manual_seed(12))
+    with measuring(model):
+        op = HessianOperator(model, batches)
+        kept = TaylorCurvature(model, op.params, op.chunks, op.n_samples)
+        op.check_start(kept.record)
+        replayed = torch.stack([kept(v[j]) for j in range(4)])
+        fresh = torch.stack([TaylorCurvature(model, op.params, op.chunks, op.n_samples)(v[j]) for j in range(4)])
+        backward = (v * op(v)).sum(1)
+    torch.testing.assert_close(replayed, fresh, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(replayed, backward, rtol=1e-10, atol=1e-10)
+
+
+def test_a_forward_that_changes_is_recorded_again():
+    torch.manual_seed(0)
+    model = _TwoPaths().to(F64)
+    batches = _batches((4,), [5])
+    size = sum(p.numel() for p in model.parameters())
+    v = torch.randn(size, dtype=F64, generator=torch.Generator().manual_seed(13))
+    with measuring(model):
+        op = HessianOperator(model, batches)
+        kept = TaylorCurvature(model, op.params, op.chunks, op.n_samples)
+        op.check_start(kept.record)
+        for other in (True, False, True):
+            model.other = other
+            want = TaylorCurvature(model, op.params, op.chunks, op.n_samples)(v)
+            assert float(kept(v)) == pytest.approx(float(want), rel=1e-13)
+            assert float(kept(v)) == pytest.approx(float(torch.dot(v, op(v))), rel=1e-10)
+            op.release()  # the backward's kept graph is of the other path

@@ -24,7 +24,7 @@ double backward is not supported.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,10 @@ class HessianOperator:
         chunk_size: most samples per forward.
         mode: "backward" (double backward, graph kept when there is one chunk) or "jvp"
             (forward-over-reverse, vmapped over the probes).
+        check_start: check the starting point now (else the caller calls :meth:`check_start`).
     Attributes:
         size: P, the number of parameter entries; vectors are [P] or [k, P] in ``dtype``.
-        loss: L(w) at the model's parameters (a float, computed at construction).
+        loss: L(w) at the model's parameters (a float, computed by the starting-point check).
     Raises:
         ValueError: a batch whose loss is not finite at the starting point (named by position).
     """
@@ -84,6 +85,7 @@ class HessianOperator:
         *,
         chunk_size: int = DEFAULT_CHUNK,
         mode: str = "backward",
+        check_start: bool = True,
     ) -> None:
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, got {mode!r}")
@@ -103,12 +105,25 @@ class HessianOperator:
         # k probes: one backward each on CPU (vmap over the backward, is_grads_batched, measured
         # 2.3x slower per probe here); batched on CUDA, where batches of 5 are launch-bound
         self.batched_probes = self.device.type == "cuda"
-        # the starting point: every batch's loss must be finite (one forward, no graph)
+        self._spans = spans
+        self._sizes = [int(b[1].shape[0]) for b in batches]
+        self.loss = math.nan
+        if check_start:
+            self.check_start()
+
+    def check_start(self, forward: Callable[[Tensor], Tensor] | None = None) -> None:
+        """The starting point: every batch's loss must be finite (one forward per chunk, no
+        graph, by ``forward`` (x -> logits; default the model)); sets ``loss``.
+
+        Raises:
+            ValueError: the first batch whose loss is not finite, by position.
+        """
+        forward = forward or self.model
         total = 0.0
         with torch.no_grad():
-            for (x, y), (first, count) in zip(self.chunks, spans, strict=True):
-                per_sample = F.cross_entropy(model(x), y, reduction="none").double()
-                sizes = [int(b[1].shape[0]) for b in batches[first : first + count]]
+            for (x, y), (first, count) in zip(self.chunks, self._spans, strict=True):
+                per_sample = F.cross_entropy(forward(x), y, reduction="none").double()
+                sizes = self._sizes[first : first + count]
                 for j, part in enumerate(per_sample.split(sizes)):
                     s = float(part.mean())
                     if not math.isfinite(s):
