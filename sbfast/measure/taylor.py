@@ -365,11 +365,11 @@ class TaylorCurvature:
         k = vb.shape[0]
         total = torch.zeros(k, dtype=torch.float64, device=vb.device)
         with torch.no_grad():
-            for c, (x, y) in enumerate(self.chunks):
-                total += self._chunk(c, x, y, vb) / self.n_samples
+            for x, y in self.chunks:
+                total += self._chunk(x, y, vb) / self.n_samples
         return total[0] if single else total
 
-    def _chunk(self, c: int, x: Tensor, y: Tensor, vb: Tensor) -> Tensor:
+    def _chunk(self, x: Tensor, y: Tensor, vb: Tensor) -> Tensor:
         """sum over the chunk's samples of d^2/dt^2 CE at t = 0, [k] float64."""
         k = vb.shape[0]
         table = WeakTensorKeyDictionary()
@@ -384,7 +384,7 @@ class TaylorCurvature:
                 z = self.model(x)
         except _TapeMismatch:
             self._tape = None  # the forward took another path this time: record it again
-            return self._chunk(c, x, y, vb)
+            return self._chunk(x, y, vb)
         if len(self.chunks) == 1 and tape is None and follow.tape.keep:
             self._tape = follow.tape
         z1, z2 = rules.parts(z)
