@@ -203,6 +203,13 @@ def test_lookahead_bisection_stops_where_the_sequential_loop_does(dtype):
         want = _sequential_multiplier(z, scale, rho)
         for depth in (1, 2, 5, 24):
             assert ellipsoid_multiplier(z, scale, rho, speculation=depth) == want, (trial, depth)
+            # predicted from a nearby z's norms (APGD's case): the first pass looks around the
+            # predicted stop and settles the early levels by monotonicity
+            for shift in (0.999, 0.97, 1.5):
+                memory: dict[float, float] = {}
+                ellipsoid_multiplier(z * shift, scale, rho, memory=memory)
+                got = ellipsoid_multiplier(z, scale, rho, speculation=depth, memory=memory)
+                assert got == want, (trial, depth, shift)
         stops.add(want is None)
     assert stops == {True, False}  # both inside and outside cases were met
 

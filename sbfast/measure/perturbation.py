@@ -272,17 +272,44 @@ def _predicted_norm(known: dict[float, float], lmbd: float) -> float:
     return 1 / h if h > 0 else math.inf
 
 
+def _known_or_bounded(known: dict[float, float], lmbd: float, rho: float) -> float | None:
+    """The weighted norm at ``lmbd`` where it is known, else a stand-in that decides the same way
+    when the norms known on either side already do, else None.
+
+    The computed norm cannot grow with lambda (each term a / (1 + lambda b)^2 is monotone, IEEE
+    rounding is monotone and every lambda's sum has one fixed order), so a known norm above
+    rho + 2 tol at a larger lambda, or below rho - 2 tol at a smaller one, settles the level
+    without a pass: not the stop, and on that side of rho."""
+    if lmbd in known:
+        return known[lmbd]
+    above = [n for lam, n in known.items() if lam > lmbd]
+    below = [n for lam, n in known.items() if lam < lmbd]
+    if above and max(above) > rho + 2 * _TOLERANCE:
+        return math.inf
+    if below and min(below) < rho - 2 * _TOLERANCE:
+        return -math.inf
+    return None
+
+
 def _predicted_path(state: _Bisection, known: dict[float, float], rho: float, length: int) -> list[_Bisection]:
     """The walk from ``state`` as the norms ``known`` predict it, up to a predicted stop or ``length``
-    states (known norms are used as they are)."""
+    states (known norms, and levels the known norms settle, are used as they are)."""
     path, node = [], state
     while len(path) < length:
         path.append(node)
-        new = known[node.lmbd] if node.lmbd in known else _predicted_norm(known, node.lmbd)
+        new = _known_or_bounded(known, node.lmbd, rho)
+        if new is None:
+            new = _predicted_norm(known, node.lmbd)
         if abs(new - rho) <= _TOLERANCE:
             break
         node = node.after(new > rho)
     return path
+
+
+# Where the first pass of a projection with predictions looks beside the predicted stop
+# (relative offsets): points that settle the walk's early levels by monotonicity, so the pass
+# needs the predicted path only near its end.
+_RING = (0.1, 0.01, 1e-3, 1e-4, 1e-5)
 
 
 def ellipsoid_multiplier(
@@ -299,14 +326,20 @@ def ellipsoid_multiplier(
     (:func:`_predicted_norm`), computes the true norms of every lambda on the predicted path at
     once (up to ``speculation`` of them), and walks it with the true norms, up to the first
     prediction that was wrong. The decisions are always the true norms', so the lambdas tried and
-    the stop are the sequential loop's; a good prediction only saves passes (2-3 per projection)."""
+    the stop are the sequential loop's; a good prediction only saves passes (2-3 per projection).
+    A level that the known norms settle by monotonicity (:func:`_known_or_bounded`) needs no
+    lambda of its own, so with predictions the first pass looks around the predicted stop
+    (``_RING``) and later passes measure only the unsettled levels near the stop."""
     speculation = speculation or SPECULATION.get(z.device.type, 24)
     root = _Bisection(0.1, 0.0, 10.0, 10.0)
     memory = scale.last_norms if memory is None else memory
     if memory:
         # the last projection's norms predict this one's walk (APGD's z moves little per step)
-        first = [0.0] + [n.lmbd for n in _predicted_path(root, memory, rho, speculation)]
-        first = sorted(set(first))
+        path = _predicted_path(root, memory, rho, speculation)
+        stop = path[-1].lmbd
+        near = [n.lmbd for n in path if abs(n.lmbd - stop) <= _RING[-1] * stop]
+        ring = [stop * (1 + sign * r) for r in _RING for sign in (-1, 1)]
+        first = sorted({0.0, *near, *ring})
     else:
         first = _GRID
     values = ops.ellipsoid_sq_norms(z, scale.inv, first).tolist()
@@ -319,11 +352,12 @@ def ellipsoid_multiplier(
     state = root
     while True:
         path = _predicted_path(state, known, rho, speculation)
-        todo = sorted({n.lmbd for n in path if n.lmbd not in known})
+        todo = sorted({n.lmbd for n in path if _known_or_bounded(known, n.lmbd, rho) is None})
         if todo:
             known.update(zip(todo, (v**0.5 for v in ops.ellipsoid_sq_norms(z, scale.inv, todo).tolist()), strict=True))
         for k, node in enumerate(path):
-            new = known[node.lmbd]
+            new = _known_or_bounded(known, node.lmbd, rho)
+            assert new is not None  # every level of the path is known or settled now
             if abs(new - rho) <= _TOLERANCE:
                 return node.lmbd
             state = node.after(new > rho)
