@@ -276,10 +276,12 @@ def _known_or_bounded(known: dict[float, float], lmbd: float, rho: float) -> flo
     """The weighted norm at ``lmbd`` where it is known, else a stand-in that decides the same way
     when the norms known on either side already do, else None.
 
-    The computed norm cannot grow with lambda (each term a / (1 + lambda b)^2 is monotone, IEEE
-    rounding is monotone and every lambda's sum has one fixed order), so a known norm above
-    rho + 2 tol at a larger lambda, or below rho - 2 tol at a smaller one, settles the level
-    without a pass: not the stop, and on that side of rho."""
+    The norm cannot grow with lambda (each term a / (1 + lambda b)^2 is monotone, and so is IEEE
+    rounding: on CPU each lambda's sum has one fixed order, so the computed norm is monotone too),
+    so a known norm above rho + 2 tol at a larger lambda, or below rho - 2 tol at a smaller one,
+    settles the level without a pass: not the stop, and on that side of rho. The margin of tol
+    beyond the stop's own also absorbs the last-bit differences a GPU reduction may give one
+    lambda in passes of different lengths."""
     if lmbd in known:
         return known[lmbd]
     above = [n for lam, n in known.items() if lam > lmbd]
