@@ -18,39 +18,15 @@ kernel is the bit-exact one.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from sbfast.kernels.indexing import block_offsets
 from sbfast.kernels.launch import launch
+from sbfast.kernels.scalars import f64_from_bits, float64_bits, round_to_storage
 
 BLOCK = 1024
 READY_BLOCK = 1024  # momentum flags per program of the flag update
-
-
-def _bits(x: float) -> int:
-    """The float64 ``x`` as the signed int64 with the same bits (undone in-kernel by bitcast)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-@triton.jit
-def _f64_from_bits(bits):
-    return bits.to(tl.int64).to(tl.float64, bitcast=True)
-
-
-@triton.jit
-def _round(x, dtype, BF16: tl.constexpr):
-    """x (float32/float64) to the storage dtype, rounding to nearest even. bfloat16 is rounded
-    by hand: the Triton interpreter truncates float32 -> bfloat16 (the GPU path does not), and
-    the tests run the interpreter."""
-    if BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -79,7 +55,7 @@ def _perturb_kernel(
         direction = g
     perturbed = w + direction * s
     # s == 0 (rho = 0 or a skipped step): keep w bit for bit, even where g is infinite
-    out = tl.where(s != 0, _round(perturbed, w_raw.dtype, BF16), w_raw)
+    out = tl.where(s != 0, round_to_storage(perturbed, w_raw.dtype, BF16), w_raw)
     tl.store(w_ptr + offsets, out, mask=mask)
 
 
@@ -120,23 +96,23 @@ def _restore_sgd_kernel(
         if HAS_NORMAL:
             g = g + tl.load(gn_ptr + offsets, mask=mask, other=0.0).to(acc)
             if WRITE_SUM:
-                tl.store(g_ptr + offsets, _round(g, src_raw.dtype, BF16), mask=mask)
+                tl.store(g_ptr + offsets, round_to_storage(g, src_raw.dtype, BF16), mask=mask)
         g = g * tl.load(inv_ptr).to(acc)
         d = g
         if HAS_WD:
-            d = tl.fma(w0, _f64_from_bits(wd_bits).to(acc), g)
+            d = tl.fma(w0, f64_from_bits(wd_bits).to(acc), g)
         if HAS_MOMENTUM:
-            momentum = _f64_from_bits(momentum_bits).to(acc)
+            momentum = f64_from_bits(momentum_bits).to(acc)
             buf_old = tl.load(buf_ptr + offsets, mask=mask, other=0.0).to(acc)
             first = tl.load(ready_ptr) == 0
-            b = tl.where(first, d, tl.fma(d, _f64_from_bits(omd_bits).to(acc), buf_old * momentum))
-            tl.store(buf_ptr + offsets, _round(b, src_raw.dtype, BF16), mask=mask)
+            b = tl.where(first, d, tl.fma(d, f64_from_bits(omd_bits).to(acc), buf_old * momentum))
+            tl.store(buf_ptr + offsets, round_to_storage(b, src_raw.dtype, BF16), mask=mask)
             if NESTEROV:
                 d = tl.fma(b, momentum, d)
             else:
                 d = b
         neg_lr = -(tl.load(lr_ptr).to(tl.float64)).to(acc)
-        tl.store(w_ptr + offsets, _round(tl.fma(d, neg_lr, w0), src_raw.dtype, BF16), mask=mask)
+        tl.store(w_ptr + offsets, round_to_storage(tl.fma(d, neg_lr, w0), src_raw.dtype, BF16), mask=mask)
 
 
 @triton.jit
@@ -206,9 +182,9 @@ def sam_restore_sgd_(
             skip,
             inv_scale,
             n,
-            _bits(weight_decay),
-            _bits(momentum),
-            _bits(1.0 - dampening),
+            float64_bits(weight_decay),
+            float64_bits(momentum),
+            float64_bits(1.0 - dampening),
             HAS_NORMAL=normal_grad is not None,
             WRITE_SUM=bool(write_grad_sum) and normal_grad is not None,
             HAS_WD=weight_decay != 0,

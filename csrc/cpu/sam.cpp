@@ -48,15 +48,7 @@
 #include "../checks.h"
 #include "../sbfast_math.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define SBFAST_X86_DISPATCH 1
-#define SBFAST_TARGET_V3 __attribute__((target("avx2,fma")))
-#define SBFAST_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define SBFAST_X86_DISPATCH 0
-#define SBFAST_TARGET_V3
-#define SBFAST_ALWAYS_INLINE inline
-#endif
+#include "x86_features.h"
 
 namespace sbfast {
 namespace cpu {
@@ -83,15 +75,6 @@ void parallel_chunks(int64_t n, const F& f) {
   for (int64_t c = 0; c < chunks; ++c) {
     f(c * kGrain, std::min(n, (c + 1) * kGrain));
   }
-}
-
-bool cpu_has_fma() {
-#if SBFAST_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
 }
 
 // float for float32/bfloat16/float16 storage (torch's opmath type), double for float64.
