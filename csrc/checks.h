@@ -87,6 +87,32 @@ inline void global_sq_norm_inputs(at::TensorList tensors, c10::DeviceType device
   }
 }
 
+// ellipsoid_momentum_step_: z, point, two_inv2, prev and w0 contiguous floating runs of one
+// dtype, length and device (z and point two buffers); lmbd finite >= 0, momentum in [0, 1].
+inline void ellipsoid_momentum_step_inputs(const at::Tensor& z, const at::Tensor& point, const at::Tensor& two_inv2,
+                                           const at::Tensor& prev, const at::Tensor& w0, double lmbd, double momentum,
+                                           c10::DeviceType device_type, const char* op) {
+  on_device(z, device_type, op, "z");
+  strided(z, op, "z");
+  floating(z, op, "z");
+  contiguous(z, op, "z");
+  const char* names[] = {"point", "two_inv2", "prev", "w0"};
+  const at::Tensor* tensors[] = {&point, &two_inv2, &prev, &w0};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& t = *tensors[i];
+    same_device(t, z, op, names[i], "z");
+    strided(t, op, names[i]);
+    dtype_is(t, z.scalar_type(), op, names[i]);
+    TORCH_CHECK(t.numel() == z.numel(), op, ": ", names[i], " has ", t.numel(), " elements, z has ", z.numel());
+    contiguous(t, op, names[i]);
+  }
+  TORCH_CHECK(z.numel() == 0 || point.data_ptr() != z.data_ptr(), op,
+              ": point and z are the same memory; expected two buffers");
+  TORCH_CHECK(lmbd >= 0 && lmbd <= std::numeric_limits<double>::max(), op, ": lmbd ", lmbd,
+              ", expected a finite number >= 0");
+  TORCH_CHECK(momentum >= 0 && momentum <= 1, op, ": momentum ", momentum, ", expected a number in [0, 1]");
+}
+
 // ellipsoid_sq_norms: z and inv_scale floating, of one shape, dtype and device (any strides: the
 // kernels read contiguous copies); 1 to 64 finite lambdas >= 0.
 constexpr int64_t kMaxEllipsoidLambdas = 64;

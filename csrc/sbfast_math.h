@@ -313,5 +313,22 @@ SBFAST_HD acc_t ellipsoid_term(acc_t a, acc_t b, acc_t lambda) {
   return a / mul_rn(d, d);
 }
 
+// ---- the APGD step after an ellipsoid projection (csrc/cpu/ellipsoid_momentum_step.cpp, .cu) --
+//
+// u = z / (1 + lambda t) with t = 2 / c^2 (lambda = 0: u = z, not divided, so an infinite t
+// of a tiny c cannot turn it into NaN), then v = lerp(prev, u, m) rounded as torch's lerp
+// rounds it: one fma from the nearer end, fma(m, u - prev, prev) for m < 0.5, else
+// fma(m - 1, u - prev, u). The product and the sum of the denominator round once each, as
+// torch.mul(t, lambda).add_(1) does.
+template <typename acc_t>
+SBFAST_HD acc_t ellipsoid_projected(acc_t z, acc_t t, acc_t lambda) {
+  return lambda == acc_t(0) ? z : z / add_rn(mul_rn(t, lambda), acc_t(1));
+}
+template <typename acc_t>
+SBFAST_HD acc_t momentum_lerp(acc_t prev, acc_t u, acc_t m) {
+  const acc_t diff = u - prev;
+  return m < acc_t(0.5) ? fma_rn(m, diff, prev) : fma_rn(m - acc_t(1), diff, u);
+}
+
 }  // namespace math
 }  // namespace sbfast

@@ -107,6 +107,41 @@ def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequen
             raise ValueError(f"{op}: lambdas[{k}] = {lam!r}, expected a finite number >= 0")
 
 
+def ellipsoid_momentum_step_(
+    z: torch.Tensor,
+    point: torch.Tensor,
+    two_inv2: torch.Tensor,
+    prev: torch.Tensor,
+    w0: torch.Tensor,
+    lmbd: float,
+    momentum: float,
+) -> None:
+    """z, point, two_inv2, prev, w0 contiguous floating tensors of one dtype, length and device,
+    point not z itself; lmbd a finite number >= 0, momentum in [0, 1]."""
+    op = "ellipsoid_momentum_step_"
+    _tensor(op, "z", z)
+    _floating(op, "z", z)
+    _contiguous(op, "z", z)
+    for name, t in (("point", point), ("two_inv2", two_inv2), ("prev", prev), ("w0", w0)):
+        if t is None:
+            raise TypeError(f"{op}: {name} is a required tensor")
+        _tensor(op, name, t)
+        if t.dtype != z.dtype or t.device != z.device or t.numel() != z.numel():
+            raise ValueError(
+                f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; expected {z.dtype} [{z.numel()}] "
+                f"on {z.device}, like z"
+            )
+        _contiguous(op, name, t)
+    if point.numel() and point.data_ptr() == z.data_ptr():
+        raise ValueError(f"{op}: point and z are the same memory; expected two buffers (z is the new delta)")
+    for name, v, hi in (("lmbd", lmbd, None), ("momentum", momentum, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{op}: {name} = {v!r} ({type(v).__name__}), expected a float")
+        if not math.isfinite(v) or v < 0 or (hi is not None and v > hi):
+            span = "in [0, 1]" if hi is not None else ">= 0"
+            raise ValueError(f"{op}: {name} = {v!r}, expected a finite number {span}")
+
+
 # ---- per-sample gradient norms ----------------------------------------------------------
 
 
@@ -315,6 +350,7 @@ def sam_restore_sgd_(
 CHECKS = {
     "global_sq_norm": global_sq_norm,
     "ellipsoid_sq_norms": ellipsoid_sq_norms,
+    "ellipsoid_momentum_step_": ellipsoid_momentum_step_,
     "per_sample_grad_sq_norm_direct": per_sample_grad_sq_norm_direct,
     "per_sample_grad_sq_norm_gram": per_sample_grad_sq_norm_gram,
     "per_sample_conv_grad_sq_norm": per_sample_conv_grad_sq_norm,

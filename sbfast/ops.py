@@ -48,6 +48,31 @@ def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequen
     return registry.op_for("ellipsoid_sq_norms", z.device)(z, inv_scale, [float(v) for v in lambdas])
 
 
+def ellipsoid_momentum_step_(
+    z: torch.Tensor,
+    point: torch.Tensor,
+    two_inv2: torch.Tensor,
+    prev: torch.Tensor,
+    w0: torch.Tensor,
+    lmbd: float,
+    momentum: float,
+) -> None:
+    """The APGD step after projecting z onto the ellipsoid ``||u / c|| <= rho``, in one pass and
+    in place: ``u = z / (1 + lmbd two_inv2)`` (lmbd = 0: z is inside and stays), then
+    ``z <- lerp(prev, u, momentum)`` and ``point <- w0 + z``.
+
+    Args:
+        z: [P] the ascent's candidate, overwritten with the new delta.
+        point: [P] written with w0 + the new delta (another buffer than z).
+        two_inv2: [P] 2 / c^2, 0 where c = 0; prev, w0: [P] the last delta and the centre.
+            All five contiguous, one floating dtype and device.
+        lmbd: the multiplier from ``ellipsoid_multiplier`` (0 when z is inside), finite >= 0.
+        momentum: the weight of u, in [0, 1] (APGD's 0.75).
+    """
+    op_checks.ellipsoid_momentum_step_(z, point, two_inv2, prev, w0, lmbd, momentum)
+    registry.op_for("ellipsoid_momentum_step_", z.device)(z, point, two_inv2, prev, w0, float(lmbd), float(momentum))
+
+
 # ---- per-sample squared norms of a layer's weight gradient ------------------------------------
 
 

@@ -14,6 +14,11 @@ at::Tensor global_sq_norm(at::TensorList tensors);
 // dtype); float64 if z is float64, else float32.
 at::Tensor ellipsoid_sq_norms(const at::Tensor& z, const at::Tensor& inv_scale, at::ArrayRef<double> lambdas);
 
+// In place over contiguous runs of one dtype and length: u = z / (1 + lmbd two_inv2) (lmbd = 0:
+// u = z), z = lerp(prev, u, momentum), point = w0 + z (APGD's step after its projection).
+void ellipsoid_momentum_step_(const at::Tensor& z, const at::Tensor& point, const at::Tensor& two_inv2,
+                              const at::Tensor& prev, const at::Tensor& w0, double lmbd, double momentum);
+
 // Bool [M, N]: per row of floating scores [M, N], the k smallest (0 <= k <= N), ties
 // by ascending index (a stable sort's first k; -0.0 == +0.0, NaN largest).
 at::Tensor ksmallest_mask(const at::Tensor& scores, int64_t k);

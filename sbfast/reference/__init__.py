@@ -10,13 +10,14 @@ it imports torch and :mod:`sbfast.common`, never the fast paths or the trainer.
 | ``scores`` | ``fisher_scores`` (vmap of per-sample gradients), ``sam_loss_gap_scores`` |
 | ``selection`` | ``select_sam_masks`` and its two stages ``ksmallest_mask``, ``sharpbalance_masks`` |
 | ``training`` | ``mixed_step``, ``train_member_epoch`` (one member's epoch, the release's loop) |
-| ``op_twins`` | twins of the element-level ops (norms, SAM passes, ``ellipsoid_sq_norms``) |
+| ``op_twins`` | twins of the element-level ops (norms, SAM passes, the ellipsoid's norms and step) |
 
 The slow end-to-end trainer built from these pieces is ``sbfast.train.train_ensemble_reference``.
 """
 
 from sbfast.common import VARIANTS
 from sbfast.reference.op_twins import (
+    ellipsoid_momentum_step_,
     ellipsoid_sq_norms,
     global_sq_norm,
     per_sample_conv_grad_sq_norm,
@@ -33,6 +34,7 @@ from sbfast.reference.training import mixed_step, train_member_epoch
 __all__ = [
     "SAM",
     "VARIANTS",
+    "ellipsoid_momentum_step_",
     "ellipsoid_sq_norms",
     "fisher_scores",
     "global_sq_norm",

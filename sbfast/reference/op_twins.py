@@ -1,6 +1,7 @@
 """Plain-PyTorch twins of the element-level ops: ``global_sq_norm``, the per-sample gradient
 norms behind the fast Fisher scores, the fused optimizer's two passes ``sam_perturb_`` and
-``sam_restore_sgd_``, and ``ellipsoid_sq_norms`` behind the sharpness measure's projection.
+``sam_restore_sgd_``, and ``ellipsoid_sq_norms`` / ``ellipsoid_momentum_step_`` behind the sharpness
+measure's projection and its momentum step.
 
 Each is the meaning of its op and the CPU implementation where ``sbfast._C`` was not built. The SAM
 passes run, line for line, the torch ops that ``SAM.first_step`` / ``SAM.second_step`` +
@@ -56,6 +57,39 @@ def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequen
     a = (zs * s).square()
     b = 2 * s.square()
     return torch.stack([(a / (1 + lam * b).square()).sum() for lam in lambdas])
+
+
+def ellipsoid_momentum_step_(
+    z: torch.Tensor,
+    point: torch.Tensor,
+    two_inv2: torch.Tensor,
+    prev: torch.Tensor,
+    w0: torch.Tensor,
+    lmbd: float,
+    momentum: float,
+) -> None:
+    """One APGD step after its ellipsoid projection, in place, with t = ``two_inv2`` (2 / c^2, 0
+    where c = 0) and m = ``momentum``:
+
+        u = z / (1 + lmbd t)          (lmbd = 0: u = z, z already inside the set)
+        z <- lerp(prev, u, m) = prev + m (u - prev)
+        point <- w0 + z
+
+    the ops the measure ran one pass each before this op (``torch.mul``, ``add``, ``div``,
+    ``torch.lerp``, ``torch.add``), so in float32/float64 the C++ CPU kernel gives their bits;
+    bfloat16/float16 compute in float32 and round z and point once each.
+
+    Args:
+        z, point, two_inv2, prev, w0: [P] floating, one dtype, contiguous (z, point written).
+        lmbd: the projection's multiplier, finite >= 0; momentum: in [0, 1].
+    """
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    u = z.to(acc)
+    if lmbd != 0:
+        u = u / torch.mul(two_inv2.to(acc), lmbd).add_(1)
+    v = torch.lerp(prev.to(acc), u, momentum)
+    z.copy_(v)
+    point.copy_(torch.add(w0.to(acc), z.to(acc)))
 
 
 def _per_sample_acc_dtype(a: torch.Tensor, g: torch.Tensor) -> torch.dtype:
