@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .perturbation import FlatModel, Scale, project_
+from .perturbation import FlatModel, Scale, momentum_step_
 
-__all__ = ["Ascent", "StepSchedule", "apgd_checkpoints", "one_problem"]
+__all__ = ["MOMENTUM", "Ascent", "StepSchedule", "apgd_checkpoints", "one_problem"]
+
+MOMENTUM = 0.75  # the weight of the projected step against the last delta (the release's alpha)
 
 
 def apgd_checkpoints(n_iters: int) -> list[int]:
@@ -109,10 +111,9 @@ def one_problem(
                 z = torch.addcmul(delta, d, c.c, value=value, out=free)
             else:
                 z = torch.add(delta, d, alpha=value, out=free)
-            project_(z, c, rho, norm, work, zero_fixed=False)  # z = 0 where c = 0: delta starts so
-            torch.lerp(prev, z, 0.75, out=z)  # 0.75 z + 0.25 prev in one pass
+            # z = 0 where c = 0 (delta starts so); 0.75 projected z + 0.25 prev, and w0 + delta
+            momentum_step_(z, prev, point, w0, c, rho, norm, MOMENTUM, work)
             delta, prev, free = z, delta, prev
-            torch.add(w0, delta, out=point)
         last = i == ascent.n_iters - 1
         if last:
             cur_loss, cur_err = flat.evaluate(point, x, y)

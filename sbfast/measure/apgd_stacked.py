@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from .apgd import Ascent, StepSchedule
-from .perturbation import FlatModel, Scale, project_
+from .apgd import MOMENTUM, Ascent, StepSchedule
+from .perturbation import FlatModel, Scale, momentum_step_
 
 __all__ = ["stacked_problems"]
 
@@ -91,10 +91,8 @@ def stacked_problems(
             else:
                 z = torch.mul(d, value, out=free).add_(delta)
             for k in range(k_count):
-                project_(z[k], c, rho, norm, work, zero_fixed=False, memory=memories[k])
-            torch.lerp(prev, z, 0.75, out=z)
+                momentum_step_(z[k], prev[k], point[k], w0, c, rho, norm, MOMENTUM, work, memory=memories[k])
             delta, prev, free = z, delta, prev
-            torch.add(w0, delta, out=point)
         last = i == ascent.n_iters - 1
         if last:
             with torch.no_grad():

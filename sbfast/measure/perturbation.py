@@ -410,6 +410,35 @@ def project_(
     return _ellipsoid_(z, scale, rho, work if work is not None else torch.empty_like(z), zero_fixed, memory)
 
 
+def momentum_step_(
+    z: Tensor,
+    prev: Tensor,
+    point: Tensor,
+    w0: Tensor,
+    c: Scale | None,
+    rho: float,
+    norm: str,
+    momentum: float,
+    work: Tensor,
+    memory: dict[float, float] | None = None,
+) -> Tensor:
+    """APGD's step from its ascent candidate z [P], in place: z <- lerp(prev, project(z), momentum)
+    and point <- w0 + z (prev, w0, ``work``: [P] like z; point another [P] buffer). Returns z.
+    z must be 0 where c = 0 already (APGD's steps scale by c).
+
+    The adaptive l2 set (an ellipsoid) takes one fused pass, :func:`sbfast.ops.ellipsoid_momentum_step_`,
+    after its bisection has found the multiplier; on the CPU it gives the bits of the separate
+    divide, lerp and add. The other sets project, then lerp and add."""
+    if norm == "l2" and c is not None:
+        lmbd = ellipsoid_multiplier(z, c, rho, memory=memory)
+        ops.ellipsoid_momentum_step_(z, point, c.two_inv2, prev, w0, 0.0 if lmbd is None else lmbd, momentum)
+        return z
+    project_(z, c, rho, norm, work, zero_fixed=False, memory=memory)
+    torch.lerp(prev, z, momentum, out=z)
+    torch.add(w0, z, out=point)
+    return z
+
+
 def project(z: Tensor, c: Scale | Tensor | None, rho: float, norm: str) -> Tensor:
     """z [P] projected onto the perturbation set of radius rho (c = |w0| when adaptive, else None),
     as a new tensor."""
