@@ -125,13 +125,7 @@ def ellipsoid_momentum_step_(
     for name, t in (("point", point), ("two_inv2", two_inv2), ("prev", prev), ("w0", w0)):
         if t is None:
             raise TypeError(f"{op}: {name} is a required tensor")
-        _tensor(op, name, t)
-        if t.dtype != z.dtype or t.device != z.device or t.numel() != z.numel():
-            raise ValueError(
-                f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; expected {z.dtype} [{z.numel()}] "
-                f"on {z.device}, like z"
-            )
-        _contiguous(op, name, t)
+        _like_param(op, name, t, z, "z")
     if point.numel() and point.data_ptr() == z.data_ptr():
         raise ValueError(f"{op}: point and z are the same memory; expected two buffers (z is the new delta)")
     for name, v, hi in (("lmbd", lmbd, None), ("momentum", momentum, 1.0)):
@@ -264,7 +258,7 @@ def _sam_param(op: str, param: torch.Tensor) -> None:
     _contiguous(op, "param", param)
 
 
-def _like_param(op: str, name: str, t: torch.Tensor | None, param: torch.Tensor) -> None:
+def _like_param(op: str, name: str, t: torch.Tensor | None, param: torch.Tensor, param_name: str = "param") -> None:
     """A flat run read or written beside param: dense, contiguous, param's dtype, length, device."""
     if t is None:
         return
@@ -272,7 +266,7 @@ def _like_param(op: str, name: str, t: torch.Tensor | None, param: torch.Tensor)
     if t.dtype != param.dtype or t.device != param.device or t.numel() != param.numel():
         raise ValueError(
             f"{op}: {name} is {t.dtype} [{t.numel()}] on {t.device}; expected {param.dtype} "
-            f"[{param.numel()}] on {param.device}, like param"
+            f"[{param.numel()}] on {param.device}, like {param_name}"
         )
     _contiguous(op, name, t)
 
