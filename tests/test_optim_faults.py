@@ -117,6 +117,27 @@ def test_first_step_without_a_backward_is_refused_like_the_reference(nonfinite):
     assert not _same(_values(model), before)
 
 
+def test_a_step_that_leaves_the_gradient_sum_in_grad_counts_as_a_backward():
+    """normal_step(zero_grad=True), then second_step(zero_grad=False) with no SAM pass: the fused
+    update writes g' + g_n into .grad (the reference leaves that there too), so a first_step that
+    follows takes it like the reference, instead of refusing it as the zeros of zero_grad."""
+    model = _mlp()
+    x, y = _data()
+    opt = SharpBalanceSAM(model.parameters(), **RELEASE)
+    ref_model = copy.deepcopy(model)
+    ref = reference.SAM(ref_model.parameters(), torch.optim.SGD, **RELEASE)
+    for o, m in ((opt, model), (ref, ref_model)):
+        o.zero_grad()
+        _backward(m, x, y)
+        o.normal_step(zero_grad=True)
+        o.second_step(zero_grad=False)
+    assert _same([p.grad for p in model.parameters()], [p.grad for p in ref_model.parameters()])
+    assert any(bool(p.grad.any()) for p in model.parameters())
+    opt.first_step(zero_grad=True)
+    ref.first_step(zero_grad=True)
+    assert _same(_values(model), _values(ref_model))
+
+
 def test_mark_gradients_ready_takes_zero_gradients_on_purpose(no_host_sync):
     model = _mlp()
     opt = SharpBalanceSAM(model.parameters(), **RELEASE, nonfinite="skip")

@@ -563,6 +563,11 @@ class SharpBalanceSAM(torch.optim.Optimizer):
                 restored = "parameters restored to w, " if not third else ""
                 raise ValueError(f"SharpBalanceSAM.{phase}: a gradient is not finite; {restored}no update taken")
         self._sgd(runs, grad_scaler, lambda r: restore_args(layout, r, cur, nb, zero_grad), lrs)
+        if not zero_grad and any(r.key.grad and r.key.normal for r in runs):
+            # the fused pass wrote g' + g_n into .grad through a kernel, which bumps no version
+            # counter: without this a first_step that follows would take the sum for the zeros
+            # zero_grad left and refuse it
+            self._st.zeroed_at[cur] = None
         if third:
             if nb is not None and not zero_grad:
                 # reference: p.grad = g_n afterwards; g_n's buffer becomes the current one (no copy)
