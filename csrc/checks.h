@@ -61,14 +61,16 @@ inline void one_element(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.numel() == 1, op, ": ", name, " must hold one element, got shape ", t.sizes());
 }
 
-// A flat run that a pass reads or writes beside `param`: same device, dtype and length,
-// dense and contiguous.
-inline void like_param(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == param.device(), op, ": ", name, " is on ", t.device(), ", param on ", param.device());
+// A flat run that a pass reads or writes beside `param` (named `param_name` in the messages):
+// same device, dtype and length, dense and contiguous.
+inline void like_param(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name,
+                       const char* param_name = "param") {
+  TORCH_CHECK(t.device() == param.device(), op, ": ", name, " is on ", t.device(), ", ", param_name, " on ",
+              param.device());
   strided(t, op, name);
-  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
-              ", param has ", param.scalar_type());
-  TORCH_CHECK(t.numel() == param.numel(), op, ": ", name, " has ", t.numel(), " elements, param has ",
+  TORCH_CHECK(t.scalar_type() == param.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", ",
+              param_name, " has ", param.scalar_type());
+  TORCH_CHECK(t.numel() == param.numel(), op, ": ", name, " has ", t.numel(), " elements, ", param_name, " has ",
               param.numel());
   contiguous(t, op, name);
 }
@@ -96,16 +98,10 @@ inline void ellipsoid_momentum_step_inputs(const at::Tensor& z, const at::Tensor
   strided(z, op, "z");
   floating(z, op, "z");
   contiguous(z, op, "z");
-  const char* names[] = {"point", "two_inv2", "prev", "w0"};
-  const at::Tensor* tensors[] = {&point, &two_inv2, &prev, &w0};
-  for (int i = 0; i < 4; ++i) {
-    const at::Tensor& t = *tensors[i];
-    same_device(t, z, op, names[i], "z");
-    strided(t, op, names[i]);
-    dtype_is(t, z.scalar_type(), op, names[i]);
-    TORCH_CHECK(t.numel() == z.numel(), op, ": ", names[i], " has ", t.numel(), " elements, z has ", z.numel());
-    contiguous(t, op, names[i]);
-  }
+  like_param(point, z, op, "point", "z");
+  like_param(two_inv2, z, op, "two_inv2", "z");
+  like_param(prev, z, op, "prev", "z");
+  like_param(w0, z, op, "w0", "z");
   TORCH_CHECK(z.numel() == 0 || point.data_ptr() != z.data_ptr(), op,
               ": point and z are the same memory; expected two buffers");
   TORCH_CHECK(lmbd >= 0 && lmbd <= std::numeric_limits<double>::max(), op, ": lmbd ", lmbd,

@@ -55,6 +55,14 @@ def _contiguous(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def _nonnegative_real(op: str, name: str, v: object, at_most_one: bool = False) -> None:
+    """A Python int or float (not a bool), finite and >= 0 (and <= 1 with ``at_most_one``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{op}: {name} = {v!r} ({type(v).__name__}), expected a float")
+    if not math.isfinite(v) or v < 0 or (at_most_one and v > 1):
+        raise ValueError(f"{op}: {name} = {v!r}, expected a finite number {'in [0, 1]' if at_most_one else '>= 0'}")
+
+
 def _int(op: str, name: str, v: object) -> int:
     if isinstance(v, bool) or not hasattr(v, "__index__"):
         raise TypeError(f"{op}: {name} = {v!r} ({type(v).__name__}), expected an int")
@@ -101,10 +109,7 @@ def ellipsoid_sq_norms(z: torch.Tensor, inv_scale: torch.Tensor, lambdas: Sequen
     if not 1 <= len(lambdas) <= MAX_ELLIPSOID_LAMBDAS:
         raise ValueError(f"{op}: {len(lambdas)} lambdas, expected 1 to {MAX_ELLIPSOID_LAMBDAS}")
     for k, lam in enumerate(lambdas):
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)):
-            raise TypeError(f"{op}: lambdas[{k}] = {lam!r} ({type(lam).__name__}), expected a float")
-        if not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"{op}: lambdas[{k}] = {lam!r}, expected a finite number >= 0")
+        _nonnegative_real(op, f"lambdas[{k}]", lam)
 
 
 def ellipsoid_momentum_step_(
@@ -128,12 +133,8 @@ def ellipsoid_momentum_step_(
         _like_param(op, name, t, z, "z")
     if point.numel() and point.data_ptr() == z.data_ptr():
         raise ValueError(f"{op}: point and z are the same memory; expected two buffers (z is the new delta)")
-    for name, v, hi in (("lmbd", lmbd, None), ("momentum", momentum, 1.0)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{op}: {name} = {v!r} ({type(v).__name__}), expected a float")
-        if not math.isfinite(v) or v < 0 or (hi is not None and v > hi):
-            span = "in [0, 1]" if hi is not None else ">= 0"
-            raise ValueError(f"{op}: {name} = {v!r}, expected a finite number {span}")
+    _nonnegative_real(op, "lmbd", lmbd)
+    _nonnegative_real(op, "momentum", momentum, at_most_one=True)
 
 
 # ---- per-sample gradient norms ----------------------------------------------------------
