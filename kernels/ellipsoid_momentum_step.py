@@ -9,8 +9,8 @@ Math, per element, with t = two_inv2 (2 / c^2, 0 where c = 0) and m = momentum:
 One program per BLOCK elements of contiguous runs; bfloat16/float16 compute in float32 and
 round z and point once each, float64 computes in float64. The division is IEEE (``div_rn``),
 as in the C++ kernels; Triton may contract lmbd t + 1 into an fma on the GPU, so its results
-can differ from the C++ kernels' in the last bit. lmbd and momentum travel as the int64 bits of their float64 values (a
-Python float reaches Triton as float32).
+can differ from the C++ kernels' in the last bit. lmbd and momentum travel as the int64 bits
+of their float64 values (a Python float reaches Triton as float32).
 """
 
 from __future__ import annotations
